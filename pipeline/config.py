@@ -1,0 +1,186 @@
+"""The one typed configuration object, loaded from YAML and validated before any study runs.
+
+Each stage owns one section.  Every field carries its allowed range (or choices) in ``metadata`` so
+that a wrong key, a wrong type or an out-of-range value stops the run with one message naming the key
+and what is allowed.  ``configs/default.yaml`` documents every key; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, choices: tuple | None = None, doc: str = ""):
+    """A config field with its allowed range / choices and a one-line meaning."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoadingConfig:
+    min_slices: int = _f(5, 1, 10000, doc="series with fewer slices are not analysed")
+    spacing_tolerance: float = _f(0.1, 0.0, 1.0, doc="allowed relative deviation of slice gaps from their median")
+    max_files: int = _f(200000, 1, 10_000_000, doc="refuse to scan more files than this per run")
+
+
+@dataclass
+class RolesConfig:
+    sagittal_min_cosine: float = _f(0.8, 0.0, 1.0, doc="|slice normal . LR axis| above which a series counts as sagittal")
+    t1_max_tr_ms: float = _f(1000.0, 100.0, 5000.0, doc="TR below which a spin-echo series is T1-weighted")
+    t1_max_te_ms: float = _f(30.0, 1.0, 200.0, doc="TE below which a spin-echo series is T1-weighted")
+    t2_min_te_ms: float = _f(60.0, 10.0, 300.0, doc="TE above which a long-TR series is T2-weighted")
+    stir_max_ti_ms: float = _f(250.0, 50.0, 1000.0, doc="TI at or below which an inversion-recovery series nulls fat (STIR/TIRM)")
+    accept_t2_fatsat_as_stir: bool = _f(True, doc="use a fat-saturated T2 series as the fluid-sensitive series when no STIR")
+
+
+@dataclass
+class SegmentationConfig:
+    min_body_volume_ml: float = _f(4.0, 0.1, 200.0, doc="connected components smaller than this are not vertebral bodies")
+    max_body_volume_ml: float = _f(150.0, 1.0, 1000.0, doc="components larger than this are split or discarded")
+
+
+@dataclass
+class MeasurementConfig:
+    endplate_band_mm: float = _f(8.0, 1.0, 30.0, doc="thickness of the superior / inferior endplate zone, measured from the endplate")
+    endplate_band_max_fraction: float = _f(0.4, 0.05, 0.5, doc="band never exceeds this fraction of the local body height")
+    core_margin_fraction: float = _f(0.3, 0.05, 0.45, doc="the reference core leaves this fraction of the height free at each endplate")
+    height_zone_fraction: float = _f(0.15, 0.05, 0.4, doc="anterior / posterior height is taken over this fraction of the AP depth")
+
+
+@dataclass
+class ClassificationConfig:
+    t1_low: float = _f(0.8, 0.1, 1.0, doc="T1 ratio below this is 'low' (Modic I, III)")
+    t1_high: float = _f(1.2, 1.0, 5.0, doc="T1 ratio above this is 'high' (Modic II)")
+    fluid_high: float = _f(1.5, 1.0, 10.0, doc="STIR (or T2) ratio above this is 'high' (edema, Modic I)")
+    fluid_low: float = _f(0.8, 0.1, 1.0, doc="STIR ratio below this is 'low' (Modic II, III)")
+    min_zone_fraction: float = _f(0.1, 0.0, 1.0, doc="fraction of an endplate band that must show a type for it to count")
+
+
+@dataclass
+class ReportConfig:
+    pseudonymise_key: str = _f("", doc="HMAC key: when set, patient and study identifiers are replaced by keyed hashes")
+    keep_identifiers: bool = _f(False, doc="write original patient / study identifiers (off by default)")
+
+
+@dataclass
+class BatchConfig:
+    jobs: int = _f(1, 1, 256, doc="worker processes")
+    study_timeout_s: float = _f(600.0, 1.0, 86400.0, doc="a study running longer than this is abandoned with TIMEOUT")
+
+
+@dataclass
+class Config:
+    loading: LoadingConfig = field(default_factory=LoadingConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable hash of everything that changes results (identity options and job count excluded)."""
+        d = self.to_dict()
+        d.pop("batch", None)
+        d["report"] = {k: v for k, v in d["report"].items() if k not in ("pseudonymise_key",)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (inner,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(inner is Any or _type_ok(v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _build_section(cls: type, raw: Any, where: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where}' must be a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}.{key}'; allowed keys: {', '.join(sorted(fields))}")
+        f = fields[key]
+        ann = hints[key]
+        if dataclasses.is_dataclass(ann):
+            kwargs[key] = _build_section(ann, value, f"{where}.{key}")
+            continue
+        if not _type_ok(value, ann):
+            raise ConfigError(
+                f"config key '{where}.{key}' must be of type {_type_name(ann)}, got {value!r} ({type(value).__name__})"
+            )
+        lo, hi, choices = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key '{where}.{key}' = {value!r} is not allowed; allowed values: {list(choices)}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ConfigError(f"config key '{where}.{key}' = {value!r} is out of range; allowed: {lo} to {hi}")
+        if ann is float:
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """Validate a plain mapping (as read from YAML) and build the typed config."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must hold a mapping of sections (loading, roles, ...)")
+    hints = typing.get_type_hints(Config)
+    allowed = {f.name for f in dataclasses.fields(Config)}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"unknown config section '{key}'; allowed sections: {', '.join(sorted(allowed))}")
+    return Config(**{name: _build_section(hints[name], raw.get(name), name) for name in allowed})
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read a YAML file (or the built-in defaults when ``path`` is None) into a validated Config."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    return config_from_dict(raw)

@@ -1,0 +1,42 @@
+"""Per-study failures carry a stable reason code and a sentence a researcher can act on."""
+
+from __future__ import annotations
+
+# Every code a study can fail with.  The README lists them; tests check that each raised code is here.
+REASON_CODES: dict[str, str] = {
+    "NO_DICOM_FILES": "no readable DICOM image files were found for the study",
+    "NO_SAGITTAL_T1": "no sagittal T1-weighted series was identified",
+    "NO_SAGITTAL_T2": "no sagittal T2-weighted series was identified",
+    "NO_SAGITTAL_SERIES": "the study holds no sagittal series (axial- or coronal-only)",
+    "SLICE_SPACING_INCONSISTENT": "slice positions are not evenly spaced (missing or duplicated slice)",
+    "GEOMETRY_MISSING": "a required geometry tag (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) is absent",
+    "GEOMETRY_INCONSISTENT": "slices of one series disagree in orientation, size or pixel spacing",
+    "PIXEL_DATA_UNREADABLE": "pixel data could not be decoded",
+    "TOO_FEW_SLICES": "the series has too few slices to analyse",
+    "IMAGE_EMPTY": "the image holds no signal (all voxels equal)",
+    "SEGMENTATION_FAILED": "no vertebral bodies could be segmented",
+    "NO_LUMBAR_LEVELS": "the field of view does not appear to show the lumbar spine",
+    "REFERENCE_MARROW_UNAVAILABLE": "no normal-marrow reference could be built, ratios are undefined",
+    "INTERNAL_ERROR": "an unexpected error occurred; see batch.log for the traceback",
+    "WORKER_CRASHED": "the worker process processing the study died (crash or out-of-memory kill)",
+    "TIMEOUT": "the study exceeded the per-study time limit",
+}
+
+
+class StudyError(Exception):
+    """A study cannot be analysed.  ``code`` is one of REASON_CODES, ``message`` says why in words."""
+
+    def __init__(self, code: str, message: str, *, details: dict | None = None):
+        if code not in REASON_CODES:
+            raise ValueError(f"unknown reason code {code!r}")
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the run stops before any study (exit code 2)."""
