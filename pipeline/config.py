@@ -94,6 +94,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_dict_public(self) -> dict[str, Any]:
+        """The config as written into outputs: the pseudonymisation key is a secret and never leaves the run."""
+        d = self.to_dict()
+        d["report"]["pseudonymise_key"] = "<set>" if d["report"]["pseudonymise_key"] else ""
+        return d
+
     def hash(self) -> str:
         """Stable hash of everything that changes results (identity options and job count excluded)."""
         d = self.to_dict()

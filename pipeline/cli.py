@@ -1,0 +1,265 @@
+"""Command line: ``modicscan run | validate | phantom | segment | evaluate-segmentation | summarize | bench``.
+
+Exit codes (dcm2niix style, see README): 0 all studies analysed, 1 internal error, 2 usage or config
+error, 3 partial (some studies failed, the others are written), 4 no studies found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .batch import EXIT_INTERNAL, EXIT_NO_STUDIES, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+from .errors import ConfigError
+
+log = logging.getLogger("modicscan")
+
+
+def setup_logging(log_file: Path | None = None, verbose: bool = False) -> None:
+    """Logs go to stderr and, for a run, to ``out/batch.log``."""
+    log.handlers.clear()
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    err.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.addHandler(err)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(fmt)
+        fh.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.addHandler(fh)
+
+
+def _load_config(path: str | None, overrides: dict[str, dict]) -> object:
+    from .config import config_from_dict
+
+    raw: dict = {}
+    if path:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (loading, roles, ...)")
+    for section, values in overrides.items():
+        sec = raw.setdefault(section, {}) or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        sec.update(values)
+        raw[section] = sec
+    return config_from_dict(raw)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modicscan")
+def main() -> None:
+    """modicscan: lumbar spine MRI -> per-vertebra marrow edema and Modic type (research use only)."""
+
+
+@main.command()
+@click.argument("input_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (one sub-folder per study, named by a hashed study key).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (see configs/default.yaml); keys not given keep their defaults.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=None, help="Worker processes (default: config batch.jobs).")
+@click.option("--force", is_flag=True, help="Re-analyse studies whose report exists for the same input and config.")
+@click.option("--pseudonymise", "pseudonymise_key", default=None, metavar="KEY",
+              help="Replace patient and study identifiers with keyed hashes (HMAC-SHA256 under KEY), stable across runs.")
+@click.option("--keep-identifiers", is_flag=True, help="Write original patient identifiers into the reports (off by default).")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local: process pool on this machine; dask: a dask.distributed cluster (LocalCluster if no --dask-scheduler).")
+@click.option("--dask-scheduler", default=None, metavar="tcp://HOST:PORT", help="Address of a running dask scheduler (implies --executor dask).")
+@click.option("--shard", default=None, metavar="i/N", help="Only shard i of N (0-based), chosen by study key: for SLURM job arrays.")
+@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of external vertebral label images (NIfTI) to use instead of our segmentation.")
+@click.option("--overlays", type=click.Choice(["all", "flagged", "none"]), default="flagged", show_default=True,
+              help="Per-level QC pictures besides overview.png: for every level, flagged levels only, or none.")
+@click.option("--zone-masks", is_flag=True, help="Also write the endplate / core zone label image per study.")
+@click.option("--dicom-out", is_flag=True, help="Also write a DICOM SR (TID 1500) and a DICOM SEG per study.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | None, force: bool,
+        pseudonymise_key: str | None, keep_identifiers: bool, executor: str, dask_scheduler: str | None,
+        shard: str | None, masks_dir: Path | None, overlays: str, zone_masks: bool, dicom_out: bool,
+        no_progress: bool, verbose: bool) -> None:
+    """Analyse every study found under INPUT_DIR (any depth) and write reports to OUT."""
+    from .batch import run_batch
+
+    overrides: dict[str, dict] = {}
+    if pseudonymise_key is not None:
+        overrides.setdefault("report", {})["pseudonymise_key"] = pseudonymise_key
+    if keep_identifiers:
+        overrides.setdefault("report", {})["keep_identifiers"] = True
+    if jobs is not None:
+        overrides.setdefault("batch", {})["jobs"] = jobs
+    try:
+        cfg = _load_config(config_path, overrides)
+        if cfg.report.pseudonymise_key and cfg.report.keep_identifiers:
+            raise ConfigError("--pseudonymise and --keep-identifiers exclude each other")
+    except ConfigError as exc:
+        click.echo(f"modicscan: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    shard_ix = None
+    if shard is not None:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            if n < 1 or not 0 <= i < n:
+                raise ValueError
+            shard_ix = (i, n)
+        except ValueError:
+            click.echo(f"modicscan: --shard must be i/N with 0 <= i < N, got {shard!r}", err=True)
+            sys.exit(EXIT_USAGE)
+    from .executors import get_executor
+
+    if dask_scheduler:
+        executor = "dask"
+    try:
+        runner = get_executor(executor, dask_scheduler)
+    except (ValueError, ImportError) as exc:
+        click.echo(f"modicscan: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    options = {"masks_dir": str(masks_dir) if masks_dir else None, "overlays": overlays, "zone_masks": zone_masks,
+               "dicom_out": dicom_out, "write_masks": True}
+    setup_logging(out_dir / "batch.log", verbose)
+    log.info("modicscan %s: run %s -> %s (jobs=%d, executor %s, config %s)", __version__, input_dir, out_dir,
+             cfg.batch.jobs, executor, cfg.hash())
+    try:
+        result = run_batch(input_dir, out_dir, cfg, jobs=cfg.batch.jobs, force=force, progress=not no_progress,
+                           options=options, executor=runner, shard=shard_ix)
+    except Exception:  # noqa: BLE001 - the batch machinery itself failed: exit 1 with the traceback in the log
+        log.exception("internal error")
+        sys.exit(EXIT_INTERNAL)
+    counts: dict[str, int] = {}
+    for o in result.outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    click.echo(
+        f"modicscan: {counts.get('analysed', 0)} analysed, {counts.get('failed', 0)} failed, "
+        f"{counts.get('skipped', 0)} already done; details in {result.batch_json}",
+        err=True,
+    )
+    if result.exit_code == EXIT_NO_STUDIES:
+        click.echo(f"modicscan: no DICOM studies found under {input_dir}", err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def validate(out_dir: Path) -> None:
+    """Check every report.json / error.json under OUT_DIR against the shipped JSON Schemas."""
+    from .report import schema_errors
+
+    paths = sorted(list(out_dir.rglob("report.json")) + list(out_dir.rglob("error.json")))
+    if not paths:
+        click.echo(f"no report.json or error.json under {out_dir}", err=True)
+        sys.exit(EXIT_NO_STUDIES)
+    bad = 0
+    for p in paths:
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+            errs = schema_errors(obj)
+        except ValueError as exc:
+            errs = [f"not valid JSON: {exc}"]
+        if errs:
+            bad += 1
+            click.echo(f"INVALID {p}")
+            for e in errs[:10]:
+                click.echo(f"    {e}")
+        else:
+            click.echo(f"ok      {p}")
+    click.echo(f"{len(paths) - bad} of {len(paths)} records valid", err=True)
+    sys.exit(EXIT_PARTIAL if bad else EXIT_OK)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Scenario / random seed.")
+@click.option("--matrix", type=click.IntRange(32, 2048), default=256, show_default=True, help="In-plane matrix size.")
+@click.option("--slices", "n_slices", type=click.IntRange(3, 512), default=15, show_default=True)
+@click.option("--sample-set", is_flag=True, help="Regenerate exactly the committed sample_data/ set into OUT_DIR.")
+def phantom(out_dir: Path, seed: int, matrix: int, n_slices: int, sample_set: bool) -> None:
+    """Write a synthetic lumbar study (DICOM T1/T2/STIR + truth) with planted findings."""
+    from . import phantom as ph
+
+    if sample_set:
+        ph.make_sample_data(out_dir)
+        click.echo(f"sample set written to {out_dir}")
+        return
+    truth = ph.make_study(out_dir, seed, matrix=matrix, n_slices=n_slices)
+    click.echo(json.dumps({"study": truth.get("study_name", ""), "findings": truth.get("findings", [])}, indent=1))
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Label image to write (NIfTI, .nii.gz), on the input's grid.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+def segment(input_path: Path, out_path: Path, config_path: str | None) -> None:
+    """Segment and label the vertebral bodies of one series (DICOM folder or NIfTI file)."""
+    from .errors import StudyError
+    from .segment import segment_path
+
+    try:
+        cfg = _load_config(config_path, {})
+    except ConfigError as exc:
+        click.echo(f"modicscan: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        seg = segment_path(input_path, out_path, cfg.segmentation)
+    except StudyError as exc:
+        click.echo(f"modicscan: {exc.code}: {exc.message}", err=True)
+        sys.exit(EXIT_PARTIAL)
+    click.echo(json.dumps({
+        "output": str(out_path),
+        "bodies": [{"level": b.level, "value": b.value, "volume_mm3": round(b.volume_mm3, 1)} for b in seg.bodies],
+        "labelling_confidence": seg.labelling_confidence,
+        "flags": seg.flags,
+    }, indent=1))
+
+
+@main.command("evaluate-segmentation")
+@click.argument("cases_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--no-png", is_flag=True, help="Skip the per-case PNGs.")
+@click.option("--limit", type=click.IntRange(1, None), default=None, help="Only the first N cases.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png: bool, limit: int | None,
+                              config_path: str | None) -> None:
+    """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
+    from .evaluate import evaluate_segmentation
+
+    try:
+        cfg = _load_config(config_path, {})
+    except ConfigError as exc:
+        click.echo(f"modicscan: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    summary = evaluate_segmentation(cases_csv, out_dir, jobs=jobs, cfg=cfg.segmentation, write_png=not no_png, limit=limit)
+    click.echo(json.dumps(summary, indent=1))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def summarize(out_dir: Path) -> None:
+    """Rebuild the cohort outputs of OUT_DIR from its reports."""
+    from . import cohort
+
+    path = cohort.write_cohort(out_dir)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
