@@ -1,0 +1,239 @@
+"""Stage 5: Modic type per endplate, edema per vertebra, review flags — rules from the config.
+
+Voxel rules (ratios to the study's own normal marrow, thresholds in ``ClassificationConfig``):
+
+=========  ==========  =========================  ===========
+type       T1          T2                         STIR
+=========  ==========  =========================  ===========
+Modic I    < t1_low    (high)                     > fluid_high
+Modic II   > t1_high   >= t2_iso_min (no STIR)    < fluid_low
+Modic III  < t1_low    < t2_low                   < fluid_low
+edema      <= t1_high  > fluid_high (no STIR)     > fluid_high
+=========  ==========  =========================  ===========
+
+Each voxel is assigned to the nearer endplate of its column; an endplate gets a type when at least
+``min_zone_fraction`` of its band shows it (two types -> "I/II" or "II/III"). Extent is measured over
+the voxels of the assigned type(s) in that endplate's half of the body, so a change deeper than the band
+is reported at its real depth. Edema through most of a body is diffuse (fracture-like), not a Modic
+band: its endplates are then typed from the non-edema types only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ClassificationConfig
+from .measure import ZONE_INFERIOR, ZONE_SUPERIOR, StudyMeasurements
+
+CLASS_NONE, CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III, CLASS_EDEMA = 0, 1, 2, 3, 4
+_TYPE_NAMES = {CLASS_MODIC_I: "I", CLASS_MODIC_II: "II", CLASS_MODIC_III: "III"}
+REVIEW_NOTE = "for review, not a diagnosis"
+
+
+@dataclass
+class StudyFindings:
+    vertebrae: list[dict]
+    discs: list[dict]
+    reference: dict
+    flags: list[dict]
+    warnings: list[str]
+    zone_map: np.ndarray
+    class_map: np.ndarray  # uint8: 0 none, 1 Modic I, 2 Modic II, 3 Modic III, 4 edema outside Modic bands
+    fluid_role: str
+    notes: list[str] = field(default_factory=list)
+
+
+def voxel_classes(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per body voxel: Modic class (0-3) and an edema mask. Undefined ratios classify nothing."""
+    n = meas.vox_index.size
+    r1 = meas.vox_ratio.get("T1")
+    r2 = meas.vox_ratio.get("T2")
+    rs = meas.vox_ratio.get("STIR") if fluid_role == "STIR" else None
+    fluid = rs if fluid_role == "STIR" else r2
+    cls = np.zeros(n, dtype=np.uint8)
+    edema = np.zeros(n, dtype=bool)
+    if r1 is None or fluid is None:
+        return cls, edema
+    t1_low, t1_high = r1 < cfg.t1_low, r1 > cfg.t1_high
+    fluid_high = fluid > cfg.fluid_high
+    if rs is not None:
+        fluid_low = rs < cfg.fluid_low
+        m2 = t1_high & fluid_low
+    else:
+        # Without STIR, Modic II is T1 high with T2 iso-high (fat is not suppressed).
+        fluid_low = (r2 < cfg.t2_low) if r2 is not None else np.zeros(n, dtype=bool)
+        m2 = t1_high & ((r2 >= cfg.t2_iso_min) if r2 is not None else True)
+    t2_low = (r2 < cfg.t2_low) if r2 is not None else np.zeros(n, dtype=bool)
+    m1 = t1_low & fluid_high
+    m3 = t1_low & t2_low & fluid_low
+    cls[m3] = CLASS_MODIC_III
+    cls[m2] = CLASS_MODIC_II
+    cls[m1] = CLASS_MODIC_I
+    edema = fluid_high & ~t1_high
+    return cls, edema
+
+
+def _confidence_from_fraction(frac: float, threshold: float, present: bool, n_vox: int) -> float:
+    """How far the deciding fraction is from its threshold, damped for tiny zones."""
+    if threshold <= 0:
+        c = 0.9
+    elif present:
+        c = min(1.0, 0.5 + 0.5 * (frac - threshold) / max(threshold * 2.0, 1e-6))
+    else:
+        c = min(1.0, 0.5 + 0.5 * (threshold - frac) / threshold)
+    if n_vox < 50:
+        c *= max(0.3, n_vox / 50.0)
+    return float(np.clip(c, 0.0, 1.0))
+
+
+def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str) -> StudyFindings:
+    n = len(meas.levels)
+    body = meas.vox_body
+    zone = meas.vox_zone
+    cls, edema = voxel_classes(meas, cfg, fluid_role)
+    warnings: list[str] = []
+    if fluid_role != "STIR":
+        warnings.append("no STIR / fat-saturated series: edema and Modic I are judged from T2 with lower confidence")
+    if meas.vox_ratio.get("T1") is None or meas.vox_ratio.get(fluid_role) is None:
+        warnings.append("normal-marrow reference undefined on T1 or the fluid series: no Modic type or edema could be judged")
+
+    # Which endplate a voxel belongs to: the nearer one (its half of the body's column).
+    side = np.where(meas.vox_depth_sup_mm <= meas.vox_depth_inf_mm, 0, 1)  # 0 superior, 1 inferior
+    depth = np.where(side == 0, meas.vox_depth_sup_mm, meas.vox_depth_inf_mm) + np.float32(meas.spacing[0] / 2)
+    ep_group = body * 2 + side
+    # The cortical endplate and rim are dark on every sequence (like sclerosis) and blur into the marrow:
+    # voxels within cortex_exclusion_mm of the body surface are not typed.
+    inner = (depth >= cfg.cortex_exclusion_mm) & (meas.vox_rim_mm >= cfg.cortex_exclusion_mm)
+    cls[~inner] = CLASS_NONE
+    in_band = (((zone == ZONE_SUPERIOR) & (side == 0)) | ((zone == ZONE_INFERIOR) & (side == 1))) & inner
+
+    band_n = np.bincount(ep_group[in_band], minlength=2 * n)
+    frac = np.zeros((2 * n, 4))
+    for c in (CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III):
+        frac[:, c] = np.bincount(ep_group[in_band & (cls == c)], minlength=2 * n) / np.maximum(band_n, 1)
+
+    body_n = np.maximum(meas.body_voxels, 1)
+    edema_n = np.bincount(body[edema], minlength=n)
+    edema_frac = edema_n / body_n
+    edema_in_band = np.bincount(body[edema & (zone >= ZONE_SUPERIOR)], minlength=n)
+    diffuse = edema_frac * 100.0 >= cfg.diffuse_edema_volume_pct
+    median_col_h = _group_median(meas.vox_col_height_mm, body, n)
+
+    class_map = np.zeros(meas.shape, dtype=np.uint8)
+    cm_flat = class_map.reshape(-1)
+
+    vertebrae = []
+    for b in range(n):  # loop over bodies (<= ~10); all voxel work above is vectorised
+        rec = dict(meas.vertebrae[b])
+        endplates = {}
+        for s, name in ((0, "superior"), (1, "inferior")):
+            g = b * 2 + s
+            fr = frac[g]
+            candidates = [c for c in (CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III) if fr[c] >= cfg.min_zone_fraction]
+            if diffuse[b]:
+                # Whole-body edema is not an endplate band: do not call it Modic I.
+                candidates = [c for c in candidates if c != CLASS_MODIC_I]
+            mtype = _type_name(candidates, fr)
+            chosen = [c for c in candidates if _TYPE_NAMES[c] in mtype.split("/")] if mtype != "0" else []
+            sel = (ep_group == g) & np.isin(cls, chosen) if chosen else np.zeros(body.size, dtype=bool)
+            if chosen:
+                cm_flat[meas.vox_index[sel]] = cls[sel]
+                ext_h = float(np.percentile(depth[sel], 90) / max(median_col_h[b], 1e-6) * 100.0)
+                ext_v = float(sel.sum() / body_n[b] * 100.0)
+                decisive = min(fr[c] for c in chosen)
+                conf = _confidence_from_fraction(decisive, cfg.min_zone_fraction, True, int(band_n[g]))
+                if fluid_role != "STIR" and CLASS_MODIC_I in chosen:
+                    conf *= 0.8
+            else:
+                ext_h = ext_v = 0.0
+                conf = _confidence_from_fraction(float(fr[1:].max()), cfg.min_zone_fraction, False, int(band_n[g]))
+            if band_n[g] == 0:
+                conf = 0.0
+            endplates[name] = {
+                "modic_type": mtype,
+                "extent_height_pct": round(min(ext_h, 100.0), 2),
+                "extent_volume_pct": round(min(ext_v, 100.0), 2),
+                "type_fractions": {"I": round(float(fr[1]), 4), "II": round(float(fr[2]), 4), "III": round(float(fr[3]), 4)},
+                "confidence": round(conf, 3),
+                "n_voxels": int(band_n[g]),
+            }
+        present = bool(edema_frac[b] >= cfg.edema_min_fraction and meas.vox_ratio.get(fluid_role) is not None)
+        e_sel = edema & (body == b)
+        if present:
+            rows = meas.vox_depth_sup_mm[e_sel]
+            ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / max(median_col_h[b], 1e-6) * 100)
+            adjacent = bool(edema_in_band[b] / max(edema_n[b], 1) >= cfg.edema_adjacent_fraction)
+            free = e_sel & (cm_flat[meas.vox_index] == 0)
+            cm_flat[meas.vox_index[free]] = CLASS_EDEMA
+        else:
+            ext_h, adjacent = 0.0, False
+        e_conf = _confidence_from_fraction(float(edema_frac[b]), cfg.edema_min_fraction, present, int(body_n[b]))
+        if fluid_role != "STIR":
+            e_conf *= 0.7
+        rec["edema"] = {
+            "present": present,
+            "source": fluid_role,
+            "extent_volume_pct": round(float(min(edema_frac[b] * 100.0, 100.0)) if present else 0.0, 2),
+            "extent_height_pct": round(min(ext_h, 100.0), 2),
+            "adjacent_to_endplate": adjacent,
+            "confidence": round(e_conf, 3),
+        }
+        rec["endplates"] = endplates
+        vertebrae.append(rec)
+
+    discs = [dict(d) for d in meas.discs]
+    for d in discs:
+        d["bright"] = bool(d["t2_ratio_to_discs"] is not None and d["t2_ratio_to_discs"] >= cfg.disc_bright_ratio)
+    flags = review_flags(vertebrae, discs, cfg)
+    return StudyFindings(vertebrae=vertebrae, discs=discs, reference=dict(meas.reference), flags=flags,
+                         warnings=warnings, zone_map=meas.zone_map, class_map=class_map, fluid_role=fluid_role)
+
+
+def _group_median(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
+    from .measure import group_quantiles
+
+    q = group_quantiles(values.astype(np.float32), groups, n, qs=(0.5,))[:, 0]
+    return np.nan_to_num(q, nan=1.0)
+
+
+def _type_name(candidates: list[int], fr: np.ndarray) -> str:
+    if not candidates:
+        return "0"
+    if len(candidates) == 1:
+        return _TYPE_NAMES[candidates[0]]
+    s = set(candidates)
+    if s == {CLASS_MODIC_I, CLASS_MODIC_II}:
+        return "I/II"
+    if s == {CLASS_MODIC_II, CLASS_MODIC_III}:
+        return "II/III"
+    # I with III (or all three): report the dominant type; mixed I/III is not a recognised category.
+    return _TYPE_NAMES[max(candidates, key=lambda c: fr[c])]
+
+
+def review_flags(vertebrae: list[dict], discs: list[dict], cfg: ClassificationConfig) -> list[dict]:
+    """Patterns an expert should look at. Worded as flags for review, never as a diagnosis."""
+    flags = []
+    by_level = {v["level"]: v for v in vertebrae}
+    for v in vertebrae:
+        if not v["edema"]["present"]:
+            continue
+        ratios = [r for r in v["height_ratios"].values() if r is not None]
+        if ratios and min(ratios) <= cfg.fracture_height_ratio:
+            loss = (1 - min(ratios)) * 100
+            flags.append({"code": "POSSIBLE_ACUTE_FRACTURE", "levels": [v["level"]],
+                          "message": f"{v['level']}: edema with {loss:.0f} % height loss suggests a possible acute fracture ({REVIEW_NOTE})"})
+        if not v["edema"]["adjacent_to_endplate"]:
+            flags.append({"code": "ATYPICAL_EDEMA", "levels": [v["level"]],
+                          "message": f"{v['level']}: marrow edema not adjacent to an endplate ({REVIEW_NOTE})"})
+    for d in discs:
+        up, lo = by_level.get(d["upper"]), by_level.get(d["lower"])
+        if up is None or lo is None or not d["bright"]:
+            continue
+        up_edema = up["edema"]["present"] or up["endplates"]["inferior"]["modic_type"] in ("I", "I/II")
+        lo_edema = lo["edema"]["present"] or lo["endplates"]["superior"]["modic_type"] in ("I", "I/II")
+        if up_edema and lo_edema:
+            flags.append({"code": "POSSIBLE_INFECTION", "levels": [d["upper"], d["lower"]],
+                          "message": f"{d['level']}: edema on both sides of a bright disc suggests possible infection ({REVIEW_NOTE})"})
+    return flags
