@@ -1,0 +1,129 @@
+"""End to end: phantom studies in, validated reports out; planted findings found at the right level."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.report import schema_errors
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    res = CliRunner().invoke(main, ["run", str(SAMPLE), "-o", str(out), "--no-progress"], catch_exceptions=False)
+    return res, out
+
+
+def _reports(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/report.json"))]
+
+
+def _truth() -> dict[str, dict]:
+    """Study UID -> truth findings of every committed sample study."""
+    out = {}
+    for f in sorted(SAMPLE.glob("*/truth/findings.json")):
+        t = json.loads(f.read_text())
+        out[t["study_uid"]] = t
+    return out
+
+
+def test_sample_run_exits_zero_and_writes_valid_reports(sample_run):
+    res, out = sample_run
+    assert res.exit_code == 0, res.output
+    reports = _reports(out)
+    assert len(reports) == len(_truth()) >= 4
+    for rep in reports:
+        assert schema_errors(rep) == []
+        assert "not a medical device" in rep["disclaimer"]
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["counts"] == {"analysed": len(reports)}
+    assert batch["finished"] and batch["exit_code"] == 0
+    assert (out / "cohort.csv").read_text().count("\n") == 1 + sum(2 * len(r["vertebrae"]) for r in reports)
+    runner = CliRunner().invoke(main, ["validate", str(out)])
+    assert runner.exit_code == 0, runner.output
+
+
+def test_sample_run_finds_every_planted_finding_at_its_level(sample_run):
+    _, out = sample_run
+    truth = _truth()
+    for rep in _reports(out):
+        t = truth[rep["study"]["study_uid"]]
+        found = {v["level"]: v for v in rep["vertebrae"]}
+        for lv in ("L1", "L2", "L3", "L4", "L5", "S1"):
+            assert lv in found, f"{t['study_name']}: level {lv} not found ({list(found)})"
+        for lv, tv in t["vertebrae"].items():
+            if lv not in ("L1", "L2", "L3", "L4", "L5", "S1"):
+                continue
+            for side in ("superior", "inferior"):
+                if lv == "S1" and side == "inferior":
+                    continue
+                expected = tv["endplates"][side]["modic"]
+                got = found[lv]["endplates"][side]["modic_type"]
+                assert got == expected, f"{t['study_name']} {lv} {side}: expected Modic {expected}, got {got}"
+            if tv.get("whole_body_edema"):
+                assert found[lv]["edema"]["present"], f"{t['study_name']} {lv}: planted edema not found"
+        want_flags = {(f["flag"], f["level"]) for f in t["pattern_flags"]}
+        got_flags = {(f["code"], lv) for f in rep["flags"] for lv in f["levels"]}
+        assert want_flags <= got_flags, f"{t['study_name']}: flags {want_flags - got_flags} missing"
+
+
+def test_rerun_resumes_and_force_recomputes(sample_run, tmp_path):
+    _, out = sample_run
+    res = CliRunner().invoke(main, ["run", str(SAMPLE), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["counts"] == {"skipped": len(_truth())}
+
+
+def _copy_study(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "DICOM", dst / "DICOM")
+    return dst
+
+
+def test_bad_studies_fail_alone_with_reasons_and_exit_partial(tmp_path):
+    from pipeline import phantom
+
+    batch_in = tmp_path / "in"
+    _copy_study(SAMPLE / "phantom_seed0003", batch_in / "good")
+    # a study without T1, and an axial-only study, from the phantom generator
+    phantom.make_study(tmp_path / "gen", 11, series=("T2", "STIR"), matrix=128, study_name="no_t1")
+    phantom.make_study(tmp_path / "gen", 12, orientation="axial", matrix=128, study_name="axial")
+    _copy_study(tmp_path / "gen" / "no_t1", batch_in / "no_t1")
+    _copy_study(tmp_path / "gen" / "axial", batch_in / "axial")
+    # a folder holding only a corrupt (truncated) file and a text file
+    bad = batch_in / "corrupt"
+    bad.mkdir()
+    some = sorted((SAMPLE / "phantom_seed0000" / "DICOM").rglob("*.dcm"))[0]
+    (bad / "IM_0001.dcm").write_bytes(some.read_bytes()[:300])
+    (bad / "notes.txt").write_text("not an image")
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(batch_in), "-o", str(out), "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 3, res.output
+    batch = json.loads((out / "batch.json").read_text())
+    by_folder = {s["source_folder"].split("/")[0]: s for s in batch["studies"]}
+    assert by_folder["good"]["status"] == "analysed"
+    assert by_folder["no_t1"]["code"] == "NO_SAGITTAL_T1"
+    assert by_folder["axial"]["code"] == "NO_SAGITTAL_SERIES"
+    assert by_folder["corrupt"]["code"] == "NO_DICOM_FILES"
+    for s in batch["studies"]:
+        if s["status"] == "failed":
+            assert len(s["message"]) > 20
+    # each failed study has exactly one record: error.json, valid; the good one has report.json only
+    for s in batch["studies"]:
+        folder = out / s["key"]
+        if s["status"] == "analysed":
+            assert (folder / "report.json").exists() and not (folder / "error.json").exists()
+        elif not s["source_folder"].startswith("corrupt"):
+            err = json.loads((folder / "error.json").read_text())
+            assert schema_errors(err) == [] and err["error"]["code"] == s["code"]
+            assert not (folder / "report.json").exists()
+    assert not list(out.rglob("*.tmp"))
