@@ -193,7 +193,7 @@ def _classify_file(path: Path):
         if sop == "1.2.840.10008.1.3.10":
             return None, "DICOMDIR"
         if "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
-            return None, "MISSING_UIDS"
+            return None, "INCOMPLETE_HEADER"  # truncated, or no Study/Series UID
         # With stop_before_pixels the PixelData element itself is absent; Rows/Columns tell an image.
         if "Rows" not in ds or "Columns" not in ds or (sop and not sop.startswith(_IMAGE_SOP_PREFIXES)):
             return None, "NO_PIXEL_DATA"
