@@ -44,7 +44,8 @@ EXIT_NO_STUDIES = 4
 # Failures worth retrying on a rerun even without --force: they depend on the machine, not the input.
 TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT"}
 
-SEGMENTATION_METHOD = "modicscan.segment (classical, no learned weights downloaded)"
+SEGMENTATION_METHOD = ("modicscan.segment: gradient-boosted pixel classifier (shipped model) on T2, T1 and STIR, "
+                       "watershed split at the discs, levels counted up from the sacrum")
 
 
 @dataclass
@@ -198,7 +199,8 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
         seg = segmentation_from_masks(Path(masks_dir), task, reference)
         seg_method = "external label image (--masks)"
     else:
-        seg = segment.segment_vertebrae(reference.data, reference.spacing, cfg.segmentation)
+        extra = [volumes[r].data for r in ("T1", "STIR") if r in volumes]
+        seg = segment.segment_vertebrae(reference.data, reference.spacing, cfg.segmentation, extra_images=extra)
         seg_method = SEGMENTATION_METHOD
     if not seg.bodies:
         raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found in the sagittal T2 series")
@@ -233,6 +235,7 @@ def process_study(task: StudyTask) -> StudyOutcome:
     done = already_done(task, task.config.hash())
     if done is not None:
         return done
+    _test_hooks(task)
     try:
         report, artefacts = analyse_study(task)
         t = time.perf_counter()
@@ -261,6 +264,22 @@ def process_study(task: StudyTask) -> StudyOutcome:
         write_failure(task, "INTERNAL_ERROR", msg, {"exception": type(exc).__name__})
         return StudyOutcome(task.key, "failed", "INTERNAL_ERROR", msg, time.perf_counter() - start, task.source_folder,
                             n_files=task.n_files)
+
+
+def _test_hooks(task: StudyTask) -> None:
+    """Deliberate crashes for the crash-isolation tests; inert unless MODICSCAN_TEST_HOOKS=1."""
+    if os.environ.get("MODICSCAN_TEST_HOOKS") != "1":
+        return
+    crash = task.options.get("_test_crash", {}).get(task.source_folder.split("/")[0]) if isinstance(
+        task.options.get("_test_crash"), dict) else None
+    if crash == "segfault":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif crash == "exit":
+        os._exit(137)
+    elif crash == "sleep":
+        time.sleep(3600)
 
 
 def write_extra_outputs(task: StudyTask, report: dict, artefacts: dict[str, Any]) -> None:
@@ -403,7 +422,7 @@ def run_batch(
     except Exception:  # noqa: BLE001 - the per-study records are the results; the table can be rebuilt
         log.exception("could not write the cohort table; rebuild with `modicscan summarize %s`", out_root)
 
-    n_failed = sum(o.status == "failed" or (o.status == "skipped" and o.code) for o in outcomes)
+    n_failed = sum(o.status == "failed" or (o.status == "skipped" and bool(o.code)) for o in outcomes)
     if not tasks and not outcomes:
         code = EXIT_NO_STUDIES
     elif interrupted:

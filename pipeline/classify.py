@@ -132,6 +132,9 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
             g = b * 2 + s
             fr = frac[g]
             candidates = [c for c in (CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III) if fr[c] >= cfg.min_zone_fraction]
+            if name == "inferior" and meas.levels[b] == "S1":
+                # S1's inferior side is fused sacrum, not a free endplate: it is measured but not typed.
+                candidates = []
             if diffuse[b]:
                 # Whole-body edema is not an endplate band: do not call it Modic I.
                 candidates = [c for c in candidates if c != CLASS_MODIC_I]
@@ -220,7 +223,9 @@ def review_flags(vertebrae: list[dict], discs: list[dict], cfg: ClassificationCo
         if not v["edema"]["present"]:
             continue
         ratios = [r for r in v["height_ratios"].values() if r is not None]
-        if ratios and min(ratios) <= cfg.fracture_height_ratio:
+        # Edema through much of the body (not a Modic band) with height loss; S1's wedge shape is normal anatomy.
+        diffuse = v["edema"]["extent_volume_pct"] >= cfg.diffuse_edema_volume_pct
+        if ratios and min(ratios) <= cfg.fracture_height_ratio and diffuse and v["level"] != "S1":
             loss = (1 - min(ratios)) * 100
             flags.append({"code": "POSSIBLE_ACUTE_FRACTURE", "levels": [v["level"]],
                           "message": f"{v['level']}: edema with {loss:.0f} % height loss suggests a possible acute fracture ({REVIEW_NOTE})"})

@@ -261,5 +261,14 @@ def summarize(out_dir: Path) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Speed / memory benchmark on generated phantoms (options: see `python -m pipeline.bench --help`)."""
+    from .bench import main as bench_main
+
+    sys.exit(bench_main(list(ctx.args)))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -50,6 +50,11 @@ class RolesConfig:
 class SegmentationConfig:
     min_body_volume_ml: float = _f(4.0, 0.1, 200.0, doc="connected components smaller than this are not vertebral bodies")
     max_body_volume_ml: float = _f(150.0, 1.0, 1000.0, doc="components larger than this are split or discarded")
+    probability_threshold: float = _f(0.5, 0.05, 0.95, doc="voxels with body probability above this form the body mask")
+    max_off_axis_mm: float = _f(25.0, 5.0, 100.0, doc="components farther than this from the spinal column line are dropped")
+    complete_max_mm: float = _f(10.0, 0.0, 20.0, doc="a body shorter than its neighbours next to an abnormally wide gap is extended by at most this")
+    sacral_tilt_deg: float = _f(30.0, 5.0, 60.0, doc="a lowest lumbar body tilted more than this is flagged as possibly transitional")
+    major_body_fraction: float = _f(0.45, 0.1, 1.0, doc="components smaller than this fraction of a typical body are fragments, not levels")
 
 
 @dataclass
@@ -66,11 +71,11 @@ class ClassificationConfig:
     t1_high: float = _f(1.2, 1.0, 5.0, doc="T1 ratio above this is 'high' (Modic II)")
     fluid_high: float = _f(1.5, 1.0, 10.0, doc="STIR (or T2) ratio above this is 'high' (edema, Modic I)")
     fluid_low: float = _f(0.8, 0.1, 1.0, doc="STIR ratio below this is 'low' (Modic II, III)")
-    min_zone_fraction: float = _f(0.2, 0.0, 1.0, doc="fraction of an endplate band that must show a type for it to count")
+    min_zone_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of an endplate band that must show a type for it to count")
     cortex_exclusion_mm: float = _f(2.0, 0.0, 10.0, doc="voxels this close to the body surface (cortex, partial volume) are not typed")
     t2_low: float = _f(0.8, 0.1, 1.0, doc="T2 ratio below this is 'low' (Modic III)")
     t2_iso_min: float = _f(0.9, 0.1, 1.5, doc="T2 ratio at or above this is 'iso-high' (Modic II when no STIR)")
-    edema_min_fraction: float = _f(0.05, 0.0, 1.0, doc="fraction of a body's voxels that must be fluid-bright for edema")
+    edema_min_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of a body's voxels that must be fluid-bright for edema")
     diffuse_edema_volume_pct: float = _f(50.0, 10.0, 100.0, doc="edema above this % of the body is diffuse, not an endplate (Modic) change")
     edema_adjacent_fraction: float = _f(0.3, 0.0, 1.0, doc="edema counts as endplate-adjacent when this fraction of it lies in the endplate bands")
     fracture_height_ratio: float = _f(0.8, 0.3, 1.0, doc="a height ratio at or below this (>= 20 % height loss) with edema flags a possible acute fracture")

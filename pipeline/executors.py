@@ -1,28 +1,207 @@
-"""How studies are handed to workers. Each executor takes (tasks, jobs) and yields StudyOutcomes as they finish."""
+"""How studies are handed to workers. Each executor takes (tasks, jobs) and yields StudyOutcomes as they finish.
+
+* ``iter_local`` — this machine. One study at a time per worker; with ``jobs > 1`` a small supervised pool
+  of long-lived worker processes. Unlike ``concurrent.futures.ProcessPoolExecutor`` (which breaks the whole
+  pool when one worker dies), a worker that segfaults or is OOM-killed costs only the study it held: that
+  study gets ``error.json`` with ``WORKER_CRASHED`` and a fresh worker takes its place. A study running
+  longer than ``batch.study_timeout_s`` is stopped the same way with ``TIMEOUT``.
+* ``iter_dask`` — a dask.distributed cluster (``--dask-scheduler`` address, or a LocalCluster), same
+  per-study function, same records; a task whose worker dies is not retried (``allowed-failures: 0``)
+  and is recorded as ``WORKER_CRASHED``.
+"""
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing.connection import wait
 
-from .batch import StudyOutcome, StudyTask, process_study
+from .batch import StudyOutcome, StudyTask, process_study, write_failure
+
+log = logging.getLogger("modicscan")
 
 Executor = Callable[[list[StudyTask], int], Iterable[StudyOutcome]]
 
+# Each worker runs one study at a time on one core: BLAS / OpenMP threads would only compete.
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _single_thread_env() -> None:
+    for var in _THREAD_VARS:
+        os.environ.setdefault(var, "1")
+
+
+def _worker_main(conn) -> None:
+    _single_thread_env()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if task is None:
+            return
+        try:
+            outcome = process_study(task)
+        except KeyboardInterrupt:
+            return
+        conn.send(outcome)
+
+
+def _crash_outcome(task: StudyTask, code: str, message: str, seconds: float) -> StudyOutcome:
+    try:
+        write_failure(task, code, message)
+    except Exception:  # noqa: BLE001 - the outcome still reaches batch.json
+        log.exception("could not write error.json for study %s", task.key)
+    log.error("study %s (%s): %s", task.key, task.source_folder, message)
+    return StudyOutcome(task.key, "failed", code, message, seconds, task.source_folder, n_files=task.n_files)
+
+
+class _Worker:
+    def __init__(self, ctx):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.task: StudyTask | None = None
+        self.started = 0.0
+
+    def give(self, task: StudyTask) -> None:
+        self.task, self.started = task, time.monotonic()
+        self.conn.send(task)
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+
 
 def iter_local(tasks: list[StudyTask], jobs: int) -> Iterator[StudyOutcome]:
-    """Run tasks in this process (jobs == 1) or in a process pool, yielding outcomes as they finish."""
+    """Run tasks here (``jobs == 1``) or in a supervised pool of ``jobs`` processes, yielding outcomes as they finish."""
     if jobs <= 1 or len(tasks) <= 1:
         for t in tasks:
             yield process_study(t)
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(process_study, t): t for t in tasks}
-        for fut in as_completed(futures):
-            yield fut.result()
+    ctx = mp.get_context("forkserver")
+    pending = list(reversed(tasks))
+    workers = [_Worker(ctx) for _ in range(min(jobs, len(tasks)))]
+    try:
+        for w in workers:
+            if pending:
+                w.give(pending.pop())
+        while any(w.task is not None for w in workers):
+            busy = [w for w in workers if w.task is not None]
+            timeout_s = min(w.task.config.batch.study_timeout_s for w in busy)
+            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=1.0)
+            now = time.monotonic()
+            for i, w in enumerate(workers):
+                if w.task is None:
+                    continue
+                outcome = None
+                if w.conn in ready:
+                    try:
+                        outcome = w.conn.recv()
+                    except (EOFError, OSError):
+                        outcome = None
+                if outcome is None and (w.proc.sentinel in ready or not w.proc.is_alive()):
+                    code = w.proc.exitcode
+                    w.kill()
+                    outcome = _crash_outcome(
+                        w.task, "WORKER_CRASHED",
+                        f"the worker process died while analysing this study (exit code {code}; e.g. a crash in a "
+                        "decoder or an out-of-memory kill); the other studies were not affected",
+                        now - w.started)
+                    workers[i] = w = _Worker(ctx)
+                elif outcome is None and now - w.started > timeout_s:
+                    w.kill()
+                    outcome = _crash_outcome(w.task, "TIMEOUT", f"the study took longer than {timeout_s:g} s and "
+                                             "was stopped (config batch.study_timeout_s)", now - w.started)
+                    workers[i] = w = _Worker(ctx)
+                if outcome is not None:
+                    w.task = None
+                    yield outcome
+                    if pending:
+                        w.give(pending.pop())
+    finally:
+        for w in workers:
+            w.stop()
+        for w in workers:
+            w.proc.join(timeout=2)
+            w.kill()
+
+
+# ---------------------------------------------------------------------------------------------- dask
+def _dask_process(task: StudyTask) -> StudyOutcome:
+    _single_thread_env()
+    return process_study(task)
+
+
+def make_dask_executor(scheduler: str | None = None) -> Executor:
+    def iter_dask(tasks: list[StudyTask], jobs: int) -> Iterator[StudyOutcome]:
+        import dask
+        from distributed import Client, LocalCluster, as_completed
+        from distributed.client import FutureCancelledError
+
+        try:
+            from distributed.scheduler import KilledWorker
+        except ImportError:  # pragma: no cover - moved in some versions
+            from distributed import KilledWorker  # type: ignore[no-redef]
+
+        if not tasks:
+            return
+        settings = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}
+        with dask.config.set(settings):
+            cluster = None
+            if scheduler:
+                client = Client(scheduler)
+            else:
+                cluster = LocalCluster(n_workers=max(1, jobs), threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR)
+                client = Client(cluster)
+            try:
+                futures = {}
+                for t in tasks:
+                    # pure=False: a rerun with --force must really run again
+                    fut = client.submit(_dask_process, t, key=f"modicscan-{t.key}-{time.time_ns()}", pure=False)
+                    futures[fut] = t
+                for fut in as_completed(futures):
+                    t = futures[fut]
+                    try:
+                        yield fut.result()
+                    except KilledWorker:
+                        yield _crash_outcome(t, "WORKER_CRASHED", "the dask worker analysing this study died (crash "
+                                             "or out-of-memory kill); the other studies were not affected", 0.0)
+                    except FutureCancelledError:
+                        yield _crash_outcome(t, "WORKER_CRASHED", "the dask task of this study was cancelled", 0.0)
+                    except Exception as exc:  # noqa: BLE001 - process_study never raises for bad input
+                        yield _crash_outcome(t, "INTERNAL_ERROR", f"dask task failed: {type(exc).__name__}: {exc}", 0.0)
+            finally:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+
+    return iter_dask
 
 
 def get_executor(kind: str = "local", scheduler: str | None = None) -> Executor:
     if kind == "local":
         return iter_local
+    if kind == "dask":
+        import distributed  # noqa: F401 - fail early with a clear ImportError
+
+        return make_dask_executor(scheduler)
     raise ValueError(f"unknown executor {kind!r}; choose 'local' or 'dask'")

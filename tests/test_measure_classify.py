@@ -184,7 +184,7 @@ def test_infection_flag_bilateral_edema_and_bright_disc():
 
 def test_atypical_edema_in_the_core_only():
     def core_edema(labels, imgs):
-        imgs["STIR"][64:69, 12:34, 2:7] = 70.0  # the middle 5 mm of the 20 mm L3 body
+        imgs["STIR"][64:69, 6:40, 1:8] = 70.0  # the middle 5 mm of the 20 mm L3 body
 
     seg, imgs = make_case(core_edema)
     _, f = run(seg, imgs)

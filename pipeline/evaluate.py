@@ -1,0 +1,193 @@
+"""Segmentation evaluation against expert masks: ``modicscan evaluate-segmentation CASES.csv -o results/``.
+
+Metric (the project's target, see ../shared/data/README.md): per-body Dice — each annotated body is matched
+to the predicted body with the largest overlap; Dice of that pair; a missed body scores 0; mean over all
+annotated bodies of all cases. Predicted bodies with no annotated counterpart are counted as "extra"
+(they may be real unannotated vertebrae). HD95: 95th percentile of the symmetric surface distance (mm).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .config import SegmentationConfig
+from .report import write_bytes_atomic, write_json_atomic
+
+
+def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float | None:
+    """95th percentile of the symmetric surface distance between two masks (mm)."""
+    if not a.any() or not b.any():
+        return None
+    sa = a & ~ndimage.binary_erosion(a)
+    sb = b & ~ndimage.binary_erosion(b)
+    da = ndimage.distance_transform_edt(~sa, sampling=spacing)
+    db = ndimage.distance_transform_edt(~sb, sampling=spacing)
+    d = np.concatenate([db[sa], da[sb]])
+    return float(np.percentile(d, 95))
+
+
+def per_body_scores(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[list[dict], int]:
+    """Per annotated body: matched predicted label, Dice, HD95. Returns (rows, number of extra predicted bodies)."""
+    t_ids = np.unique(truth)
+    t_ids = t_ids[t_ids > 0]
+    p_ids = np.unique(pred)
+    p_ids = p_ids[p_ids > 0]
+    # Overlap table of all (truth, pred) pairs in one bincount.
+    both = (truth > 0) & (pred > 0)
+    pmax = int(pred.max()) + 1
+    pair = truth[both].astype(np.int64) * pmax + pred[both]
+    overlap = np.bincount(pair, minlength=(int(truth.max()) + 1) * pmax).reshape(-1, pmax)
+    t_size = np.bincount(truth.ravel(), minlength=int(truth.max()) + 1)
+    p_size = np.bincount(pred.ravel(), minlength=pmax)
+    rows, matched = [], set()
+    for t in t_ids:  # loop over annotated bodies (<= ~10)
+        ov = overlap[t]
+        p = int(np.argmax(ov)) if ov.max() > 0 else 0
+        if p == 0:
+            rows.append({"truth_label": int(t), "pred_label": None, "dice": 0.0, "hd95_mm": None, "detected": False})
+            continue
+        matched.add(p)
+        dice = 2.0 * ov[p] / (t_size[t] + p_size[p])
+        rows.append({"truth_label": int(t), "pred_label": p, "dice": float(dice),
+                     "hd95_mm": hd95(truth == t, pred == p, spacing), "detected": bool(dice > 0.1)})
+    extra = [int(p) for p in p_ids if p not in matched and overlap[:, p].sum() == 0]
+    return rows, len(extra)
+
+
+def _eval_case(args) -> dict:
+    row, out_dir, model_path, cfg, write_png = args
+    from . import segment
+    from .io import load_nifti
+
+    if model_path:
+        import joblib
+
+        segment.load_model.cache_clear()
+        segment.MODEL_PATH = Path(model_path)
+        joblib.load(model_path)  # fail early on a bad path
+    img = load_nifti(row["image_path"])
+    truth = load_nifti(row["labels_path"]).data.astype(np.int32)
+    note = ""
+    if truth.shape != img.data.shape:
+        # e.g. vb2-02: the label file has one slice more than its image; score on the common grid.
+        common = tuple(min(a, b) for a, b in zip(truth.shape, img.data.shape, strict=True))
+        note = f"label grid {truth.shape} != image grid {img.data.shape}; scored on the common {common}"
+        truth = truth[: common[0], : common[1], : common[2]]
+    t = time.perf_counter()
+    try:
+        seg = segment.segment_vertebrae(img.data, img.spacing, cfg)
+        pred = seg.labels.astype(np.int32)
+        err = None
+    except Exception as exc:  # noqa: BLE001 - a failed case scores 0 and says why
+        pred = np.zeros_like(truth)
+        err = f"{type(exc).__name__}: {exc}"
+    err = "; ".join(x for x in (err, note) if x) or None
+    secs = time.perf_counter() - t
+    pred = pred[: truth.shape[0], : truth.shape[1], : truth.shape[2]]
+    bodies, n_extra = per_body_scores(truth, pred, img.spacing)
+    if write_png:
+        _png(img.data, truth, pred, Path(out_dir) / "png" / f"{row['case']}.png", row["case"],
+             np.mean([b["dice"] for b in bodies]) if bodies else 0.0)
+    return {"case": row["case"], "source": row["source"], "seconds": secs, "bodies": bodies, "extra": n_extra,
+            "error": err}
+
+
+def _png(image, truth, pred, path: Path, title: str, dice: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = np.nonzero(truth.any(axis=(0, 1)))[0]
+    k = int(np.median(ks)) if ks.size else image.shape[2] // 2
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=80)
+    ax.imshow(image[:, :, k], cmap="gray")
+    ax.contour(truth[:, :, k] > 0, levels=[0.5], colors="lime", linewidths=0.8)
+    ax.contour(pred[:, :, k] > 0, levels=[0.5], colors="red", linewidths=0.8)
+    ax.set_title(f"{title}  mean Dice {dice:.3f}  (green expert, red ours)", fontsize=8)
+    ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
+                  write_png: bool = True, model_path: Path | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [(r, str(out_dir), str(model_path) if model_path else None, cfg or SegmentationConfig(), write_png) for r in rows]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as ex:
+            results = list(ex.map(_eval_case, args))
+    else:
+        results = [_eval_case(a) for a in args]
+    per_body, per_case = [], []
+    for res in results:
+        dices = [b["dice"] for b in res["bodies"]]
+        hds = [b["hd95_mm"] for b in res["bodies"] if b["hd95_mm"] is not None]
+        per_case.append({"case": res["case"], "source": res["source"], "n_bodies": len(dices),
+                         "mean_dice": float(np.mean(dices)) if dices else 0.0,
+                         "min_dice": float(np.min(dices)) if dices else 0.0,
+                         "missed": sum(not b["detected"] for b in res["bodies"]), "extra": res["extra"],
+                         "hd95_mm_median": float(np.median(hds)) if hds else None,
+                         "seconds": round(res["seconds"], 3), "error": res["error"] or ""})
+        for b in res["bodies"]:
+            per_body.append({"case": res["case"], "source": res["source"], **b})
+    _write_csv(out_dir / "per_case.csv", per_case)
+    _write_csv(out_dir / "per_body.csv", per_body)
+    dices = np.array([b["dice"] for b in per_body]) if per_body else np.zeros(0)
+    sources = sorted({c["source"] for c in per_case})
+    summary = {
+        "metric": "per-body Dice (largest-overlap match; missed body = 0), mean over all annotated bodies",
+        "n_cases": len(per_case), "n_annotated_bodies": int(dices.size),
+        "mean_body_dice": round(float(dices.mean()), 4) if dices.size else 0.0,
+        "per_source": {s: round(float(np.mean([b["dice"] for b in per_body if b["source"] == s])), 4) for s in sources},
+        "case_mean_dice": {"mean": round(float(np.mean([c["mean_dice"] for c in per_case])), 4) if per_case else None,
+                           "worst": min(per_case, key=lambda c: c["mean_dice"])["case"] if per_case else None,
+                           "worst_value": round(min(c["mean_dice"] for c in per_case), 4) if per_case else None},
+        "detected": int(sum(b["detected"] for b in per_body)),
+        "missed": int(sum(not b["detected"] for b in per_body)),
+        "missed_pct": round(100.0 * sum(not b["detected"] for b in per_body) / max(len(per_body), 1), 2),
+        "extra_predicted_bodies": int(sum(c["extra"] for c in per_case)),
+        "hd95_mm_median": round(float(np.median([b["hd95_mm"] for b in per_body if b["hd95_mm"] is not None])), 2)
+        if any(b["hd95_mm"] is not None for b in per_body) else None,
+        "runtime_s_median": round(float(np.median([c["seconds"] for c in per_case])), 3) if per_case else None,
+        "worst_cases": sorted(per_case, key=lambda c: c["mean_dice"])[:5],
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import io as _io
+
+    buf = _io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
+                          write_png: bool = True, limit: int | None = None) -> dict:
+    from .train_segmenter import read_cases
+
+    rows = read_cases(Path(cases_csv))
+    if limit:
+        rows = rows[:limit]
+    return evaluate_rows(rows, Path(out_dir), jobs=jobs, cfg=cfg, write_png=write_png)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(json.dumps(evaluate_segmentation(Path(sys.argv[1]), Path(sys.argv[2])), indent=1))

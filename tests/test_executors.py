@@ -1,0 +1,73 @@
+"""Parallel execution: crash isolation in the local pool and on Dask, identical outputs, sharding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.batch import make_tasks, run_batch, select_shard
+from pipeline.config import Config
+from pipeline.executors import get_executor
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+VOLATILE = ("generated_at", "timings_s")
+
+
+@pytest.fixture(scope="module")
+def three_studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("in")
+    for name, seed in (("a", 0), ("b", 1), ("c", 3)):
+        shutil.copytree(SAMPLE / f"phantom_seed000{seed}" / "DICOM", root / name / "DICOM")
+    return root
+
+
+def _stable_reports(out: Path) -> dict[str, dict]:
+    reps = {}
+    for p in sorted(out.glob("*/report.json")):
+        r = json.loads(p.read_text())
+        for k in VOLATILE:
+            r.pop(k, None)
+        reps[p.parent.name] = r
+    return reps
+
+
+@pytest.mark.parametrize("executor", ["local", "dask"])
+def test_a_crashing_study_costs_only_itself(three_studies, tmp_path, monkeypatch, executor):
+    monkeypatch.setenv("MODICSCAN_TEST_HOOKS", "1")
+    out = tmp_path / "out"
+    res = run_batch(three_studies, out, Config(), jobs=2, progress=False,
+                    options={"_test_crash": {"b": "segfault"}}, executor=get_executor(executor))
+    assert res.exit_code == 3
+    by_folder = {o.source_folder.split("/")[0]: o for o in res.outcomes}
+    assert by_folder["b"].status == "failed" and by_folder["b"].code == "WORKER_CRASHED"
+    assert by_folder["a"].status == "analysed" and by_folder["c"].status == "analysed"
+    err = json.loads((out / by_folder["b"].key / "error.json").read_text())
+    assert err["error"]["code"] == "WORKER_CRASHED"
+    # A rerun without the crash retries the crashed study (transient) and skips the others.
+    monkeypatch.delenv("MODICSCAN_TEST_HOOKS")
+    res2 = run_batch(three_studies, out, Config(), jobs=2, progress=False, executor=get_executor(executor))
+    status = {o.source_folder.split("/")[0]: o.status for o in res2.outcomes}
+    assert status == {"a": "skipped", "b": "analysed", "c": "skipped"} and res2.exit_code == 0
+
+
+def test_dask_and_local_reports_are_identical(three_studies, tmp_path):
+    local = run_batch(three_studies, tmp_path / "local", Config(), jobs=2, progress=False, executor=get_executor("local"))
+    dask = run_batch(three_studies, tmp_path / "dask", Config(), jobs=2, progress=False, executor=get_executor("dask"))
+    assert local.exit_code == dask.exit_code == 0
+    a, b = _stable_reports(tmp_path / "local"), _stable_reports(tmp_path / "dask")
+    assert len(a) == 3 and a == b
+
+
+def test_shards_are_disjoint_and_complete(three_studies, tmp_path):
+    from pipeline import io
+
+    cfg = Config()
+    tasks = make_tasks(three_studies, tmp_path, cfg, io.discover(three_studies))
+    parts = [select_shard(tasks, i, 2) for i in range(2)]
+    keys = [t.key for p in parts for t in p]
+    assert sorted(keys) == sorted(t.key for t in tasks) and len(set(keys)) == len(keys)
+    with pytest.raises(ValueError):
+        select_shard(tasks, 2, 2)
