@@ -43,7 +43,11 @@ def test_a_crashing_study_costs_only_itself(three_studies, tmp_path, monkeypatch
     assert res.exit_code == 3
     by_folder = {o.source_folder.split("/")[0]: o for o in res.outcomes}
     assert by_folder["b"].status == "failed" and by_folder["b"].code == "WORKER_CRASHED"
-    assert by_folder["a"].status == "analysed" and by_folder["c"].status == "analysed"
+    # Dask may recompute a finished task whose result sat on the worker that died: it then finds its own
+    # report (resume) and says "skipped". Either way the study has its complete report.
+    for name in ("a", "c"):
+        assert by_folder[name].status in ("analysed", "skipped") and by_folder[name].code is None
+        assert (out / by_folder[name].key / "report.json").exists()
     err = json.loads((out / by_folder["b"].key / "error.json").read_text())
     assert err["error"]["code"] == "WORKER_CRASHED"
     # A rerun without the crash retries the crashed study (transient) and skips the others.
