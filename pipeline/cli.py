@@ -123,6 +123,9 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         except ValueError:
             click.echo(f"modicscan: --shard must be i/N with 0 <= i < N, got {shard!r}", err=True)
             sys.exit(EXIT_USAGE)
+    if dicom_out:
+        click.echo("modicscan: --dicom-out (DICOM SR / SEG export) is not available in this version", err=True)
+        sys.exit(EXIT_USAGE)
     from .executors import get_executor
 
     if dask_scheduler:

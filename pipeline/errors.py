@@ -17,6 +17,8 @@ REASON_CODES: dict[str, str] = {
     "SEGMENTATION_FAILED": "no vertebral bodies could be segmented",
     "NO_LUMBAR_LEVELS": "the field of view does not appear to show the lumbar spine",
     "REFERENCE_MARROW_UNAVAILABLE": "no normal-marrow reference could be built, ratios are undefined",
+    "EXTERNAL_MASK_MISSING": "--masks was given but no label image for the study was found",
+    "EXTERNAL_MASK_MISMATCH": "the external label image is empty on the study's grid or uses unknown label values",
     "INTERNAL_ERROR": "an unexpected error occurred; see batch.log for the traceback",
     "WORKER_CRASHED": "the worker process processing the study died (crash or out-of-memory kill)",
     "TIMEOUT": "the study exceeded the per-study time limit",

@@ -159,3 +159,47 @@ def test_bad_studies_fail_alone_with_reasons_and_exit_partial(tmp_path):
             assert schema_errors(err) == [] and err["error"]["code"] == s["code"]
             assert not (folder / "report.json").exists()
     assert not list(out.rglob("*.tmp"))
+
+
+def test_external_masks_replace_our_segmentation_and_find_every_planted_type(tmp_path):
+    """With the expert (here: phantom truth) masks plugged in via --masks, every planted type is found."""
+    from pipeline.report import study_key
+
+    src = SAMPLE / "phantom_seed0002"
+    t = json.loads((src / "truth" / "findings.json").read_text())
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    shutil.copy(src / "truth" / "labels.nii.gz", masks / f"{study_key(t['study_uid'])}.nii.gz")
+    inp = _copy_study(src, tmp_path / "in" / "s")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(inp.parent), "-o", str(out), "--no-progress", "--masks", str(masks),
+                                    "--zone-masks"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (rep,) = _reports(out)
+    assert rep["segmentation"]["method"].startswith("external")
+    found = {v["level"]: v for v in rep["vertebrae"]}
+    for lv, tv in t["vertebrae"].items():
+        if lv in ("L1", "L2", "L3", "L4", "L5"):
+            for side in ("superior", "inferior"):
+                assert found[lv]["endplates"][side]["modic_type"] == tv["endplates"][side]["modic"], (lv, side)
+    assert {(f["code"], tuple(f["levels"])) for f in rep["flags"]} == {("POSSIBLE_ACUTE_FRACTURE", ("L1",))}
+    import nibabel as nib
+    import numpy as np
+
+    folder = out / rep["study"]["key"]
+    zones = np.asarray(nib.load(folder / "zones.nii.gz").dataobj)
+    labels = np.asarray(nib.load(folder / "vertebrae.nii.gz").dataobj)
+    assert set(np.unique(zones[zones > 0] // 10)) <= set(np.unique(labels[labels > 0]))
+    assert (labels[zones > 0] == zones[zones > 0] // 10).all()
+    assert (folder / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_external_mask_is_a_clear_per_study_error(tmp_path):
+    inp = _copy_study(SAMPLE / "phantom_seed0003", tmp_path / "in" / "s")
+    (tmp_path / "masks").mkdir()
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(inp.parent), "-o", str(out), "--no-progress", "--masks",
+                                    str(tmp_path / "masks")], catch_exceptions=False)
+    assert res.exit_code == 3
+    (s,) = json.loads((out / "batch.json").read_text())["studies"]
+    assert s["code"] == "EXTERNAL_MASK_MISSING"
