@@ -362,6 +362,11 @@ def run_batch(
     input_root = Path(input_root).resolve()
     out_root = Path(out_root).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
+    from .report import remove_stale_temp_files
+
+    stale = remove_stale_temp_files(out_root)
+    if stale:
+        log.info("removed %d temp file(s) left by an interrupted earlier run", stale)
     started = time.time()
     t0 = time.perf_counter()
     discovery = io.discover(input_root, cfg.loading)

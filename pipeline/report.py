@@ -92,7 +92,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write via a temp file in the same folder + fsync + os.replace: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid is in the temp name so a later run can remove temp files of killed writers.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -105,6 +106,30 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_stale_temp_files(folder: str | Path) -> int:
+    """Delete temp files left by writers that were killed mid-write (their pid no longer runs)."""
+    import re
+
+    n = 0
+    pat = re.compile(r"^\..+?\.(\d+)\.(?:[^.]+\.)?tmp(?:\..*)?$")
+    for p in Path(folder).rglob(".*tmp*"):
+        m = pat.match(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -86,3 +86,18 @@ def test_keyed_hash_is_hmac_sha256():
 
     assert keyed_hash("x", "k", 64) == hmac.new(b"k", b"x", hashlib.sha256).hexdigest()
     assert len(keyed_hash("x", "k")) == 16
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    import os
+
+    from pipeline.report import remove_stale_temp_files
+
+    dead = tmp_path / ".report.json.999999.x1y2.tmp"  # pid 999999: almost surely not a running process
+    dead_nii = tmp_path / ".vertebrae.nii.gz.999998.tmp.nii.gz"
+    alive = tmp_path / f".report.json.{os.getpid()}.x1y2.tmp"
+    keep = tmp_path / "report.json"
+    for p in (dead, dead_nii, alive, keep):
+        p.write_text("x")
+    assert remove_stale_temp_files(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, keep.name])

@@ -1,0 +1,46 @@
+"""SIGKILL in the middle of a batch, then rerun: one complete record per study, no temp files, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.report import schema_errors
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def test_kill_mid_batch_then_resume(tmp_path):
+    inp = tmp_path / "in"
+    for name in ("phantom_seed0000", "phantom_seed0001", "phantom_seed0002", "phantom_seed0003"):
+        shutil.copytree(SAMPLE / name / "DICOM", inp / name / "DICOM")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(inp), "-o", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    killed_with_done = None
+    while time.time() < deadline and proc.poll() is None:
+        done = list(out.glob("*/report.json"))
+        if done:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_with_done = len(done)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert killed_with_done is not None and killed_with_done < 4, "the batch finished before it could be killed"
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["counts"].get("skipped", 0) >= killed_with_done
+    assert batch["counts"].get("skipped", 0) + batch["counts"].get("analysed", 0) == 4
+    for folder in (p for p in out.iterdir() if p.is_dir()):
+        records = [n for n in ("report.json", "error.json") if (folder / n).exists()]
+        assert records == ["report.json"], (folder, records)
+        assert schema_errors(json.loads((folder / "report.json").read_text())) == []
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
