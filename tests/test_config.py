@@ -1,0 +1,52 @@
+"""Config: the YAML mirrors the defaults, every key is documented, bad values stop the run before any study."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_equals_builtin_defaults_and_documents_every_key():
+    assert load_config(REPO / "configs" / "default.yaml") == Config()
+    text = (REPO / "configs" / "default.yaml").read_text()
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no doc"
+            line = re.search(rf"^\s+{f.name}:.*$", text, re.M)
+            assert line and "#" in line.group(0), f"{section.name}.{f.name} is not commented in default.yaml"
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("classification:\n  t1_lowww: 0.7\n", "classification.t1_lowww"),
+    ("classification:\n  t1_low: high\n", "classification.t1_low"),
+    ("classification:\n  t1_low: 7.0\n", "out of range"),
+    ("colour: red\n", "unknown config section 'colour'"),
+    ("roles: [1, 2]\n", "roles"),
+    ("batch:\n  jobs: 1.5\n", "batch.jobs"),
+])
+def test_bad_config_stops_before_any_study_with_one_clear_message(tmp_path, yaml_text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(REPO / "sample_data"), "-o", str(out), "--config", str(cfg)])
+    assert res.exit_code == 2
+    assert needle in res.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_usage_errors_exit_2_and_empty_input_exits_4(tmp_path):
+    assert CliRunner().invoke(main, ["run", str(tmp_path), "-o", str(tmp_path / "o"), "--shard", "3/2"]).exit_code == 2
+    assert CliRunner().invoke(main, ["run", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]).exit_code == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["run", str(empty), "-o", str(tmp_path / "o2"), "--no-progress"])
+    assert res.exit_code == 4
