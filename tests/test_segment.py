@@ -105,4 +105,5 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
     assert (tmp_path / "per_body.csv").read_text().count("\n") == 1 + 19
 
 
-DICE_FLOOR = 0.5
+# A regression floor for these three cases (0.54 measured on 2026-11-25), not the project target (0.92).
+DICE_FLOOR = 0.45
