@@ -164,18 +164,23 @@ def complete_heights(lab: np.ndarray, ids: np.ndarray, spacing_work, max_mm: flo
         return lab
     tops, bots, heights = np.zeros(n), np.zeros(n), np.zeros(n)
     for x, lid in enumerate(ids):  # loop over bodies
+        # top / bottom / height: medians over the central half (AP) of the body's central slice, so that
+        # lordotic tilt does not blur them
         m = lab == lid
-        rows = np.nonzero(m.any(axis=(1, 2)))[0]
-        tops[x], bots[x] = rows.min(), rows.max()
-        # height = median column height over the central half (AP) of the central slice
         kc = int(np.argmax(m.sum(axis=(0, 1))))
-        col = m[:, :, kc].sum(axis=0)
-        js = np.nonzero(col)[0]
+        sl = m[:, :, kc]
+        js = np.nonzero(sl.any(axis=0))[0]
         lo, hi = js.min(), js.max()
         q = max(1, (hi - lo) // 4)
-        heights[x] = float(np.median(col[lo + q: hi - q + 1])) if hi - lo > 2 else float(col.max())
+        cols = sl[:, lo + q: hi - q + 1] if hi - lo > 2 else sl[:, lo: hi + 1]
+        cols = cols[:, cols.any(axis=0)]
+        top_j = np.argmax(cols, axis=0)
+        bot_j = cols.shape[0] - 1 - np.argmax(cols[::-1], axis=0)
+        tops[x], bots[x] = np.median(top_j), np.median(bot_j)
+        heights[x] = float(np.median(cols.sum(axis=0)))
     gaps = tops[1:] - bots[:-1] - 1
-    med_h, med_gap = float(np.median(heights[1:-1])), float(np.median(gaps))
+    # Pathology only ever shortens a body: the upper quartile of the heights is the normal height.
+    med_h, med_gap = float(np.percentile(heights[1:-1], 75)), float(np.median(gaps))
     max_vox = int(round(max_mm / spacing_work[0]))
     out = lab.copy()
     for x, lid in enumerate(ids[1:-1], start=1):  # first / last are often cut by the field of view or sacral
@@ -365,10 +370,11 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         raise StudyError("SEGMENTATION_FAILED", "no component had the size and position of a vertebral body")
     order = np.argsort(cents[:, 0])
     ids, vol_ml, cents = ids[order], vol_ml[order], cents[order]
-    lab = complete_heights(lab, ids, sp_work, cfg.complete_max_mm)
     tilts = _tilts(lab, ids, sp_work)
     log.debug("segment: centroids %s tilts %s volumes %s", np.round(cents[:, 0] * sp_work[0]), np.round(tilts), np.round(vol_ml))
     names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], tilts, vol_ml, cfg, others_mm)
+    chain = [lid for lid, name in zip(ids, names, strict=True) if name]
+    lab = complete_heights(lab, np.asarray(chain), sp_work, cfg.complete_max_mm)
 
     # Relabel on the working grid, then back to the input grid (nearest neighbour).
     lut = np.zeros(int(lab.max()) + 1, dtype=np.int16)
