@@ -80,10 +80,51 @@ def cohort_rows(reports) -> list[dict]:
     return rows
 
 
+LITERATURE_NOTE = (
+    "For a sanity check against the literature (Jensen et al., Eur Spine J 2008;17:1407-22): any Modic change in "
+    "~43 % of people with chronic low back pain and ~6 % of people without; type II most common; most changes at "
+    "L4-L5 and L5-S1."
+)
+
+
+def prevalence_summary(rows: list[dict], n_studies: int) -> dict:
+    """Prevalence of each Modic type and of edema, overall and by level (per endplate and per study)."""
+    levels = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    types = ["I", "II", "III", "I/II", "II/III"]
+
+    def pct(num: int, den: int) -> float | None:
+        return round(100.0 * num / den, 2) if den else None
+
+    by_level = {}
+    for lv in levels:
+        eps = [r for r in rows if r["level"] == lv]
+        if not eps:
+            continue
+        bodies = {(r["study_key"], r["level"]): r for r in eps}
+        by_level[lv] = {
+            "n_endplates": len(eps),
+            "any_modic_pct": pct(sum(r["modic_type"] != "0" for r in eps), len(eps)),
+            "by_type_pct": {t: pct(sum(r["modic_type"] == t for r in eps), len(eps)) for t in types},
+            "edema_pct_of_vertebrae": pct(sum(bool(r["edema_present"]) for r in bodies.values()), len(bodies)),
+        }
+    studies_with = {r["study_key"] for r in rows if r["modic_type"] != "0"}
+    return {
+        "n_studies": n_studies,
+        "n_endplates": len(rows),
+        "studies_with_any_modic_pct": pct(len(studies_with), n_studies),
+        "endplates_any_modic_pct": pct(sum(r["modic_type"] != "0" for r in rows), len(rows)),
+        "endplates_by_type_pct": {t: pct(sum(r["modic_type"] == t for r in rows), len(rows)) for t in types},
+        "by_level": by_level,
+        "literature": LITERATURE_NOTE,
+        "disclaimer": "Research output, not a medical device; prevalences of automated findings, not diagnoses.",
+    }
+
+
 def write_cohort(out_root: str | Path) -> Path:
-    """Write ``out_root/cohort.csv`` (atomically) from the reports found there."""
+    """Write ``cohort.csv``, ``cohort.parquet`` and ``summary.json`` (each atomically) from the reports found there."""
     out_root = Path(out_root)
-    rows = cohort_rows(iter_reports(out_root))
+    reports = list(iter_reports(out_root))
+    rows = cohort_rows(reports)
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COHORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -91,4 +132,13 @@ def write_cohort(out_root: str | Path) -> Path:
         writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
     path = out_root / "cohort.csv"
     write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=COHORT_COLUMNS)
+    pq = _io.BytesIO()
+    table.to_parquet(pq, index=False)
+    write_bytes_atomic(out_root / "cohort.parquet", pq.getvalue())
+    from .report import write_json_atomic
+
+    write_json_atomic(out_root / "summary.json", prevalence_summary(rows, len(reports)))
     return path

@@ -47,6 +47,11 @@ def test_sample_run_exits_zero_and_writes_valid_reports(sample_run):
     assert batch["counts"] == {"analysed": len(reports)}
     assert batch["finished"] and batch["exit_code"] == 0
     assert (out / "cohort.csv").read_text().count("\n") == 1 + sum(2 * len(r["vertebrae"]) for r in reports)
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "cohort.parquet")) == sum(2 * len(r["vertebrae"]) for r in reports)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_studies"] == len(reports) and summary["studies_with_any_modic_pct"] is not None
     runner = CliRunner().invoke(main, ["validate", str(out)])
     assert runner.exit_code == 0, runner.output
 
