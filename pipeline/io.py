@@ -133,8 +133,12 @@ def _summary_fields(ds) -> dict:
         ss = _strs(ds.get("ScanningSequence")) or _enhanced_sequence(ds)
         sv = _strs(ds.get("SequenceVariant"))
         so = _strs(ds.get("ScanOptions"))
-        if _strs(ds.get("SpectrallySelectedSuppression")) or _fg_get(shared, per0, "MRModifierSequence", "SpectrallySelectedSuppression"):
-            so = tuple(set(so) | {"FS"})
+        # SpectrallySelectedSuppression (0018,9025) is present with "NONE" on non-suppressed series; only
+        # FAT / FAT_AND_WATER mean fat saturation (WATER / SILICON_GEL suppress something else).
+        suppression = set(_strs(ds.get("SpectrallySelectedSuppression"))) | set(
+            _strs(_fg_get(shared, per0, "MRModifierSequence", "SpectrallySelectedSuppression")))
+        if suppression & {"FAT", "FAT_AND_WATER"}:
+            so = tuple(sorted(set(so) | {"FS"}))
     else:
         iop = _floats(ds.get("ImageOrientationPatient"), 6)
         ps = _floats(ds.get("PixelSpacing"), 2)

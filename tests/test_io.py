@@ -11,7 +11,9 @@ import pydicom
 import pytest
 
 from pipeline import io, phantom
+from pipeline.config import RolesConfig
 from pipeline.errors import StudyError
+from pipeline.series import weighting
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -86,6 +88,22 @@ def test_compressed_and_multiframe_load_like_uncompressed(small_studies, ts):
     np.testing.assert_allclose(vol.data, ref.data, rtol=1e-5, atol=1e-3)
     if ts == "enhanced":
         assert len(s.files) == 1 and s.n_frames == ref.shape[2]
+
+
+def test_enhanced_fat_suppression_read_from_its_value_not_its_presence(small_studies, tmp_path):
+    # "NONE" is the standard value on a series without suppression; only FAT means fat-sat.
+    (src,) = (small_studies["enhanced"] / "DICOM").rglob("*.dcm")
+    kinds = {}
+    for value in ("NONE", "FAT"):
+        folder = tmp_path / value / "DICOM"
+        folder.mkdir(parents=True)
+        ds = pydicom.dcmread(src)
+        ds.SpectrallySelectedSuppression = value
+        ds.save_as(folder / "IM_0001.dcm")
+        (st,) = io.discover(folder).studies.values()
+        (s,) = st.series.values()
+        kinds[value] = weighting(s, RolesConfig()).kind
+    assert kinds == {"NONE": "T2", "FAT": "T2FS"}
 
 
 def test_missing_slice_is_a_spacing_error(small_studies, tmp_path):
