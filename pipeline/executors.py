@@ -34,8 +34,13 @@ def _single_thread_env() -> None:
         os.environ.setdefault(var, "1")
 
 
-def _worker_main(conn) -> None:
+def _worker_main(conn, test_hooks: str | None = None) -> None:
     _single_thread_env()
+    # The forkserver keeps the environment of the moment it started; the parent's current switch is passed in.
+    if test_hooks is None:
+        os.environ.pop("MODICSCAN_TEST_HOOKS", None)
+    else:
+        os.environ["MODICSCAN_TEST_HOOKS"] = test_hooks
     try:
         from threadpoolctl import threadpool_limits
 
@@ -68,7 +73,8 @@ def _crash_outcome(task: StudyTask, code: str, message: str, seconds: float) -> 
 class _Worker:
     def __init__(self, ctx):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.environ.get("MODICSCAN_TEST_HOOKS")),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.task: StudyTask | None = None
