@@ -225,7 +225,8 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
         roles=roles, volumes=volumes, resampled=resampled, seg=seg, seg_method=seg_method, findings=findings,
         qc_flags=qc_flags, warnings=warnings, timings=timings,
     )
-    artefacts = {"volumes": volumes, "segmentation": seg, "findings": findings, "measurements": meas}
+    artefacts = {"volumes": volumes, "segmentation": seg, "findings": findings, "measurements": meas,
+                 "t2_files": list(task.study.series[roles.roles["T2"].series_uid].files)}
     return report, artefacts
 
 
