@@ -123,9 +123,6 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         except ValueError:
             click.echo(f"modicscan: --shard must be i/N with 0 <= i < N, got {shard!r}", err=True)
             sys.exit(EXIT_USAGE)
-    if dicom_out:
-        click.echo("modicscan: --dicom-out (DICOM SR / SEG export) is not available in this version", err=True)
-        sys.exit(EXIT_USAGE)
     from .executors import get_executor
 
     if dask_scheduler:
@@ -210,7 +207,9 @@ def phantom(out_dir: Path, seed: int, matrix: int, n_slices: int, sample_set: bo
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Label image to write (NIfTI, .nii.gz), on the input's grid.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
-def segment(input_path: Path, out_path: Path, config_path: str | None) -> None:
+@click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a QC picture (mid-sagittal slice, body outlines, level names) to this PNG file.")
+def segment(input_path: Path, out_path: Path, config_path: str | None, png_path: Path | None) -> None:
     """Segment and label the vertebral bodies of one series (DICOM folder or NIfTI file)."""
     from .errors import StudyError
     from .segment import segment_path
@@ -221,12 +220,13 @@ def segment(input_path: Path, out_path: Path, config_path: str | None) -> None:
         click.echo(f"modicscan: config error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     try:
-        seg = segment_path(input_path, out_path, cfg.segmentation)
+        seg = segment_path(input_path, out_path, cfg.segmentation, png_path=png_path)
     except StudyError as exc:
         click.echo(f"modicscan: {exc.code}: {exc.message}", err=True)
         sys.exit(EXIT_PARTIAL)
     click.echo(json.dumps({
         "output": str(out_path),
+        **({"png": str(png_path)} if png_path is not None else {}),
         "bodies": [{"level": b.level, "value": b.value, "volume_mm3": round(b.volume_mm3, 1)} for b in seg.bodies],
         "labelling_confidence": seg.labelling_confidence,
         "flags": seg.flags,
