@@ -7,7 +7,15 @@ import pytest
 
 from pipeline.config import SegmentationConfig
 from pipeline.evaluate import hd95, per_body_scores
-from pipeline.segment import complete_heights, label_levels, split_instances, split_merged
+from pipeline.segment import (
+    complete_heights,
+    label_counts_and_centroids,
+    label_levels,
+    predict_on_lattice,
+    spine_region,
+    split_instances,
+    split_merged,
+)
 
 
 def _stack(heights=(20,) * 6, gap=8, width=30, depth=5, start=5):
@@ -70,6 +78,59 @@ def test_levels_counted_up_from_the_sacrum():
     # no sacrum below the last body: no level names, low confidence, flagged
     names3, conf3, flags3, _ = label_levels(cents, np.zeros(7), vols, cfg, others_mm=np.array([]))
     assert names3[0] == "B1" and conf3 < 0.5 and "NO_SACRUM_FOUND" in flags3
+
+
+class _FirstFeature:
+    """A stand-in classifier: P(body) is the first feature; counts how many voxels it was asked about."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def predict_proba(self, X):
+        self.asked += len(X)
+        p = np.clip(X[:, 0], 0, 1)
+        return np.stack([1 - p, p], axis=1)
+
+
+def test_lattice_prediction_matches_dense_and_skips_unanimous_cells():
+    lab = _stack()
+    truth = (lab > 0).astype(np.float32)
+    X = truth.reshape(-1, 1)
+    cand = np.ones(truth.shape, bool)
+    model = _FirstFeature()
+    prob = predict_on_lattice(model, X, truth.shape, cand, step=2)
+    # exact on a piecewise-constant map: borders are classified densely, flat cells interpolated
+    assert np.array_equal(prob > 0.5, truth > 0.5)
+    assert model.asked < 0.6 * truth.size
+    # voxels outside the candidates are never classified and stay 0
+    cand[:, :10] = False
+    prob2 = predict_on_lattice(_FirstFeature(), X, truth.shape, cand, step=2)
+    assert prob2[:, :10].max() == 0 and np.array_equal(prob2[:, 10:] > 0.5, truth[:, 10:] > 0.5)
+
+
+def test_spine_region_follows_a_tilted_column_and_drops_far_columns():
+    lab = _stack(width=12, depth=3)
+    prob = np.zeros((lab.shape[0], 120, lab.shape[2]), np.float32)
+    rows = np.arange(lab.shape[0])
+    for r in rows:  # the column drifts 0.3 px per row towards posterior
+        shift = int(0.3 * r)
+        prob[r, 10 + shift: 10 + shift + lab.shape[1], :] = lab[r] > 0
+    region = spine_region(prob, (1.0, 1.0, 4.0), prob.shape, (1.0, 1.0, 4.0), half_width_mm=15.0)  # bodies ~3 ml
+    assert region is not None and region.shape == prob.shape
+    assert region[prob > 0.5].all()  # every body voxel is inside
+    assert not region[:, 100:].any()  # far anterior / posterior columns are outside
+    assert spine_region(np.zeros_like(prob), (1, 1, 1), prob.shape, (1, 1, 1), 15.0) is None  # nothing to fit
+
+
+def test_label_counts_and_centroids_match_scipy():
+    from scipy import ndimage
+
+    lab = _stack()
+    ids = [2, 4, 6]
+    counts, cents = label_counts_and_centroids(lab, ids)
+    ones = np.ones(lab.shape)
+    assert np.allclose(counts, ndimage.sum_labels(ones, lab, ids))
+    assert np.allclose(cents, ndimage.center_of_mass(ones, lab, ids))
 
 
 def test_per_body_dice_matches_hand_computation():
