@@ -44,3 +44,36 @@ def test_kill_mid_batch_then_resume(tmp_path):
         assert records == ["report.json"], (folder, records)
         assert schema_errors(json.loads((folder / "report.json").read_text())) == []
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group (the CLI and its workers)."""
+    inp = tmp_path / "in"
+    for name in ("phantom_seed0000", "phantom_seed0001", "phantom_seed0002", "phantom_seed0003"):
+        shutil.copytree(SAMPLE / name / "DICOM", inp / name / "DICOM")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(inp), "-o", str(out), "--no-progress", "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/report.json")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the batch finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # stops promptly, without finishing the other studies
+    assert proc.returncode == 130, err.decode()[-2000:]
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["finished"] is True and batch["interrupted"] is True
+    assert "rerun the same command to resume" in err.decode()
+    finished = {p.parent.name for p in out.glob("*/report.json")}
+    assert 1 <= len(finished) < 4
+    # no worker outlives the interrupted run
+    import psutil
+
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["counts"].get("skipped", 0) >= len(finished) and batch["interrupted"] is False
+    for folder in (p for p in out.iterdir() if p.is_dir()):
+        assert [n for n in ("report.json", "error.json") if (folder / n).exists()] == ["report.json"], folder
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]

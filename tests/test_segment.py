@@ -11,10 +11,12 @@ from pipeline.segment import (
     complete_heights,
     label_counts_and_centroids,
     label_levels,
+    normalise,
     predict_on_lattice,
     spine_region,
     split_instances,
     split_merged,
+    to_work_grid,
 )
 
 
@@ -131,6 +133,26 @@ def test_label_counts_and_centroids_match_scipy():
     ones = np.ones(lab.shape)
     assert np.allclose(counts, ndimage.sum_labels(ones, lab, ids))
     assert np.allclose(cents, ndimage.center_of_mass(ones, lab, ids))
+
+
+def test_normalise_is_blind_to_scanner_scale_and_maps_foreground_to_unit_range():
+    rng = np.random.default_rng(0)
+    img = np.zeros((60, 60, 5), np.float32)
+    img[10:50, 10:50] = rng.normal(300, 20, (40, 40, 5))  # tissue
+    img[20:30, 20:30] = 900  # a bright structure
+    a = normalise(img)
+    b = normalise(img * 7.5)  # another scanner's units
+    assert np.allclose(a, b, atol=1e-5)
+    assert a[0, 0, 0] < 0 and 0.0 <= np.median(a[10:50, 10:50]) <= 1.0 and a[25, 25, 0] >= 1.0
+    assert not normalise(np.zeros_like(img)).any()  # empty image: no foreground, all zero
+
+
+def test_to_work_grid_resamples_in_plane_only():
+    img = np.arange(100 * 80 * 4, dtype=np.float32).reshape(100, 80, 4)
+    out, zoom = to_work_grid(img, (0.75, 0.5, 4.0))
+    assert zoom == (0.5, 1 / 3) and out.shape == (50, 27, 4)
+    same, z1 = to_work_grid(img, (1.5, 1.5, 3.0))
+    assert same.shape == img.shape and z1 == (1.0, 1.0) and np.array_equal(same, img)
 
 
 def test_per_body_dice_matches_hand_computation():
