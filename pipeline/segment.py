@@ -40,6 +40,7 @@ log = logging.getLogger("modicscan")
 
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.joblib"
 WORK_MM = 1.5  # in-plane working resolution (mm)
+SLICES_PER_CHUNK = 8  # sagittal slices classified together (bounds the feature matrix)
 
 # Context offsets (mm): (vertical, horizontal) displacements at which the smoothed intensity is compared.
 _CONTEXT = [(-18, 0), (-12, 0), (-6, 0), (6, 0), (12, 0), (18, 0), (0, -20), (0, -10), (0, 10), (0, 20)]
@@ -256,13 +257,24 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     # the features look up to 20 mm sideways and smooth over ~8 mm: keep that much context around the crop
     margin = int(np.ceil(30.0 / WORK_MM))
     c0, c1 = max(0, cols[0] - margin), min(work.shape[1], cols[-1] + 1 + margin)
-    sub_norm, sub_cand = norm[:, c0:c1], cand[:, c0:c1]
-    X = features(np.ascontiguousarray(sub_norm))
-    if lattice_step > 1:
-        prob[:, c0:c1] = predict_on_lattice(model, X, sub_norm.shape, sub_cand, lattice_step)
-    else:
-        sub = prob[:, c0:c1]
-        sub[sub_cand] = model.predict_proba(X[sub_cand.reshape(-1)])[:, 1]
+    # Features are per sagittal slice, so slices are classified a few at a time: the feature matrix (19 float32
+    # per voxel) then stays small whatever the slice count, which keeps a worker's peak memory flat.
+    for k0 in range(0, work.shape[2], SLICES_PER_CHUNK):
+        k1 = min(work.shape[2], k0 + SLICES_PER_CHUNK)
+        sub_cand = cand[:, c0:c1, k0:k1]
+        if not sub_cand.any():
+            continue
+        # one slice of halo on each side: the Sobel gradients smooth over the neighbouring slices
+        h0, h1 = max(0, k0 - 1), min(work.shape[2], k1 + 1)
+        X = features(np.ascontiguousarray(norm[:, c0:c1, h0:h1]))
+        X = X.reshape(work.shape[0], c1 - c0, h1 - h0, -1)[:, :, k0 - h0: k0 - h0 + (k1 - k0)].reshape(-1, X.shape[1])
+        sub_norm = norm[:, c0:c1, k0:k1]
+        if lattice_step > 1:
+            prob[:, c0:c1, k0:k1] = predict_on_lattice(model, X, sub_norm.shape, sub_cand, lattice_step)
+        else:
+            sub = prob[:, c0:c1, k0:k1]
+            sub[sub_cand] = model.predict_proba(X[sub_cand.reshape(-1)])[:, 1]
+        del X
     return prob, zoom, region
 
 

@@ -155,6 +155,21 @@ def test_to_work_grid_resamples_in_plane_only():
     assert same.shape == img.shape and z1 == (1.0, 1.0) and np.array_equal(same, img)
 
 
+def test_slice_chunks_give_the_same_probability_as_one_pass(monkeypatch):
+    from scipy import ndimage
+
+    from pipeline import segment
+
+    rng = np.random.default_rng(3)
+    img = ndimage.gaussian_filter(rng.normal(100, 40, (90, 80, 19)), (3, 3, 1)).astype(np.float32)
+    img[30:60, 20:50, 4:15] += 80  # something body-sized and bright
+    monkeypatch.setattr(segment, "SLICES_PER_CHUNK", 1000)
+    whole, _, _ = segment.body_probability(img, (1.5, 1.5, 3.0))
+    monkeypatch.setattr(segment, "SLICES_PER_CHUNK", 4)
+    chunked, _, _ = segment.body_probability(img, (1.5, 1.5, 3.0))
+    assert whole.max() > 0.5 and np.array_equal(whole, chunked)
+
+
 def test_per_body_dice_matches_hand_computation():
     truth = np.zeros((10, 10, 1), np.int32)
     pred = np.zeros_like(truth)
