@@ -13,6 +13,7 @@ from pipeline.segment import (
     label_levels,
     normalise,
     predict_on_lattice,
+    smooth_bodies,
     spine_region,
     split_instances,
     split_merged,
@@ -168,6 +169,23 @@ def test_slice_chunks_give_the_same_probability_as_one_pass(monkeypatch):
     monkeypatch.setattr(segment, "SLICES_PER_CHUNK", 4)
     chunked, _, _ = segment.body_probability(img, (1.5, 1.5, 3.0))
     assert whole.max() > 0.5 and np.array_equal(whole, chunked)
+
+
+def test_smooth_bodies_fills_holes_and_notches_but_never_takes_a_neighbour():
+    lab = _stack(heights=(20, 20, 20), gap=2)
+    clean = lab.copy()
+    rows1 = np.nonzero((lab == 1).any(axis=(1, 2)))[0]
+    rows2 = np.nonzero((lab == 2).any(axis=(1, 2)))[0]
+    lab[rows1[5]:rows1[10], 15:20, :][lab[rows1[5]:rows1[10], 15:20, :] == 1] = 0  # a hole inside body 1
+    lab[rows2[0]:rows2[0] + 8, 20:22, :] = 0  # a 2 mm notch cut into body 2 from its top
+    out = smooth_bodies(lab, np.array([1, 2, 3]), (1.0, 1.0, 1.0), radius_mm=3.0)
+    assert np.array_equal(out == 1, clean == 1)  # the hole is filled exactly
+    cut = (clean == 2) & (lab != 2)
+    assert not ((out == 2) & (clean != 2)).any()  # nothing grows outside the true body
+    assert ((out == 2) & cut).sum() >= 0.75 * cut.sum()  # the notch is (nearly all) closed
+    # the 2 mm discs stay background: closing does not bridge one body into the next
+    assert not out[rows1[-1] + 1: rows2[0]].any()
+    assert np.array_equal(smooth_bodies(clean, np.array([1, 2, 3]), (1.0, 1.0, 1.0), 3.0), clean)
 
 
 def test_per_body_dice_matches_hand_computation():
