@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from .errors import StudyError
 from .types import Segmentation, VertebralBody, Volume, value_level
+
+log = logging.getLogger("modicscan")
 
 MODIC_COLOURS = {1: (1.0, 0.2, 0.2), 2: (1.0, 0.85, 0.1), 3: (0.3, 0.5, 1.0), 4: (1.0, 0.3, 1.0)}
 MODIC_NAMES = {1: "Modic I", 2: "Modic II", 3: "Modic III", 4: "edema (outside endplate bands)"}
@@ -31,7 +34,12 @@ def write_study_outputs(out_dir: Path, report: dict, artefacts: dict[str, Any], 
     if options.get("dicom_out"):
         from .dicom_export import write_dicom_outputs
 
-        written += write_dicom_outputs(out_dir, report, artefacts, artefacts.get("t2_files") or [])
+        try:
+            written += write_dicom_outputs(out_dir, report, artefacts, artefacts.get("t2_files") or [])
+        except Exception as exc:  # noqa: BLE001 - the analysis stands without its DICOM copy; never lose the report
+            log.exception("DICOM export failed for study %s", report["study"]["key"])
+            report["qc"]["warnings"].append(f"DICOM SR / SEG export failed ({type(exc).__name__}: {exc}); "
+                                            "report.json holds the findings")
     return written
 
 

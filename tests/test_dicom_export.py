@@ -19,6 +19,7 @@ from pipeline.batch import run_batch
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.dicom_export import SCHEME, _apply_identity, modic_code, vertebra_code
+from pipeline.report import schema_errors
 from pipeline.types import level_value
 
 PATIENT = {"patient_name": "DICOMOUT^PLANTED", "patient_id": "PID-DICOMOUT-77"}
@@ -236,3 +237,18 @@ def test_cli_accepts_dicom_out(tmp_path):
     res = CliRunner().invoke(main, ["run", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--dicom-out", "--no-progress"])
     assert res.exit_code == 4, res.output
     assert "not available" not in res.output
+
+
+def test_a_failing_export_keeps_the_report_with_a_warning(tmp_path, monkeypatch):
+    from pipeline import dicom_export
+
+    def broken(*args, **kwargs):
+        raise ValueError("planted export failure")
+
+    monkeypatch.setattr(dicom_export, "write_dicom_outputs", broken)
+    phantom.make_study(tmp_path / "in", 1, matrix=96, n_slices=12, study_name="s", series=("T1", "T2"))
+    study_out = _run(tmp_path / "in", tmp_path / "out")
+    report = json.loads((study_out / "report.json").read_text())
+    assert report["status"] == "analysed" and not (study_out / "seg.dcm").exists()
+    assert any("planted export failure" in w for w in report["qc"]["warnings"])
+    assert schema_errors(report) == []
