@@ -167,43 +167,15 @@ def _uid(*parts: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-def _floats(value: Any, n: int) -> np.ndarray | None:
-    if value is None:
-        return None
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return out if out.size == n else None
-
-
-def _fg(ds, per, seq: str, attr: str):
-    """Attribute of a functional group: per-frame first, then shared."""
-    for groups in (per, ds.get("SharedFunctionalGroupsSequence", [None])[0]):
-        if groups is not None and seq in groups and len(groups[seq].value):
-            item = groups[seq][0]
-            if attr in item:
-                return item[attr].value
-    return None
-
-
 def frame_geometry(ds) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per frame of a source image: (IPP, IOP, PixelSpacing) in DICOM LPS, in stored frame order."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None:
-        out = []
-        for per in per_frame:
-            geo = (_floats(_fg(ds, per, "PlanePositionSequence", "ImagePositionPatient"), 3),
-                   _floats(_fg(ds, per, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-                   _floats(_fg(ds, per, "PixelMeasuresSequence", "PixelSpacing"), 2))
-            out.append(geo)
-    else:
-        out = [(_floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6),
-                _floats(ds.get("PixelSpacing"), 2))]
-    for ipp, iop, ps in out:
-        if ipp is None or iop is None or ps is None:
-            raise ValueError(f"source image {ds.get('SOPInstanceUID', '?')} lacks plane geometry for the SEG")
-    return out  # type: ignore[return-value]
+    """Per frame of a source image: (IPP, IOP, PixelSpacing) in DICOM LPS, in stored frame order (read as the
+    loader reads them, :func:`pipeline.io.frame_geometry`); every frame must have all three."""
+    from .io import frame_geometry as read_geometry
+
+    out = read_geometry(ds)
+    if any(v is None for geo in out for v in geo):
+        raise ValueError(f"source image {ds.get('SOPInstanceUID', '?')} lacks plane geometry for the SEG")
+    return [tuple(np.asarray(v, dtype=np.float64) for v in geo) for geo in out]
 
 
 def sample_labels_on_frame(labels: np.ndarray, affine: np.ndarray, ipp: np.ndarray, iop: np.ndarray,

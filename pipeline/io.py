@@ -320,6 +320,22 @@ def _rescale(ds, shared=None, per=None) -> tuple[float, float]:
     return (slope if slope not in (None, 0.0) else 1.0), (inter or 0.0)
 
 
+def frame_geometry(ds) -> list[tuple]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) of every frame of one dataset, in stored
+    frame order: per-frame / shared functional groups for multi-frame images, the top-level tags otherwise.
+    A missing or malformed value is ``None`` (the caller decides whether that is an error)."""
+    if "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        out = []
+        for fi in range(int(ds.get("NumberOfFrames", 1) or 1)):
+            shared, per = _frame_groups(ds, fi)
+            out.append((_floats(_fg_get(shared, per, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                        _floats(_fg_get(shared, per, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                        _floats(_fg_get(shared, per, "PixelMeasuresSequence", "PixelSpacing"), 2)))
+        return out
+    return [(_floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6),
+             _floats(ds.get("PixelSpacing"), 2))]
+
+
 def _frames(summary: SeriesSummary):
     """Yield (ipp, iop, pixel_spacing, slope, intercept, 2-D pixels, source) for every frame of the series."""
     for path in summary.files:
@@ -330,20 +346,16 @@ def _frames(summary: SeriesSummary):
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise StudyError("PIXEL_DATA_UNREADABLE", f"{Path(path).name} holds no pixel data")
         arr = _pixels(ds, path)
+        geometry = frame_geometry(ds)
         if "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            nf = int(ds.get("NumberOfFrames", 1) or 1)
+            nf = len(geometry)
             arr = arr.reshape((nf,) + arr.shape[-2:]) if arr.ndim >= 2 else arr
-            for fi in range(nf):
-                shared, per = _frame_groups(ds, fi)
-                ipp = _floats(_fg_get(shared, per, "PlanePositionSequence", "ImagePositionPatient"), 3)
-                iop = _floats(_fg_get(shared, per, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-                ps = _floats(_fg_get(shared, per, "PixelMeasuresSequence", "PixelSpacing"), 2)
-                slope, inter = _rescale(ds, shared, per)
+            for fi, (ipp, iop, ps) in enumerate(geometry):
+                slope, inter = _rescale(ds, *_frame_groups(ds, fi))
                 yield ipp, iop, ps, slope, inter, arr[fi], path
         else:
             slope, inter = _rescale(ds)
-            yield (_floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6),
-                   _floats(ds.get("PixelSpacing"), 2), slope, inter, arr, path)
+            yield (*geometry[0], slope, inter, arr, path)
 
 
 def load_series(summary: SeriesSummary, cfg: LoadingConfig | None = None) -> Volume:
