@@ -134,6 +134,19 @@ def _figure_png(panels: list[tuple[str, np.ndarray]], spacing: tuple[float, floa
     return buf.getvalue()
 
 
+def _mid_slice(seg: Segmentation) -> int:
+    """The sagittal slice through the middle of the bodies (median of their centroids)."""
+    if not seg.bodies:
+        return seg.labels.shape[2] // 2
+    return int(round(np.median([b.centroid_vox[2] for b in seg.bodies])))
+
+
+def _level_anchor(lab_slice: np.ndarray, body: VertebralBody) -> tuple[float, float] | None:
+    """Where a level name goes on a slice: beside the body's anterior edge, at its mean row (None: not on it)."""
+    rows, cols = np.nonzero(lab_slice == body.value)
+    return (float(rows.mean()), float(cols.min()) - 2.0) if rows.size else None
+
+
 def _flagged_levels(report: dict) -> set[str]:
     return {lv for f in report.get("flags", []) for lv in f.get("levels", [])}
 
@@ -189,13 +202,12 @@ def _study_panels(report: dict, artefacts: dict[str, Any], k: int, crop=None, fo
         if role not in vols:
             continue
         img = vols[role].data[:, :, k]
-        rgb = render_panel(img, cls[:, :, k], lab, window=display_window(img), flagged_values=flagged_values)
+        rgb = render_panel(img, cls[:, :, k], lab, flagged_values=flagged_values)
         desc = vols[role].meta.get("series_description", "")
         panels.append((f"{role} ({desc})" if desc else role, rgb[r0:r1, c0:c1]))
     texts = []
     for b in seg.bodies:
-        rows, cols = np.nonzero(lab == b.value)
-        row, col = (float(rows.mean()), float(cols.min()) - 2.0) if rows.size else (b.centroid_vox[0], b.centroid_vox[1] - 12.0)
+        row, col = _level_anchor(lab, b) or (b.centroid_vox[0], b.centroid_vox[1] - 12.0)
         if not (r0 <= row < r1):
             continue
         mark = b.level in flagged
@@ -209,7 +221,7 @@ def write_overview(path: Path, report: dict, artefacts: dict[str, Any]) -> None:
     from .report import write_bytes_atomic
 
     seg: Segmentation = artefacts["segmentation"]
-    k = int(round(np.median([b.centroid_vox[2] for b in seg.bodies]))) if seg.bodies else seg.labels.shape[2] // 2
+    k = _mid_slice(seg)
     panels, texts = _study_panels(report, artefacts, k)
     flags = "; ".join(f["message"] for f in report["flags"]) or "no review flags"
     title = (f"study {report['study']['key']}, sagittal slice {k + 1} of {seg.labels.shape[2]} (head up, anterior left)"
@@ -295,15 +307,11 @@ def write_segmentation_png(path: Path, volume: Volume, seg: Segmentation, title:
     bodies without and with outlines and level names, drawn with the same panel renderer as the study overlays."""
     from .report import write_bytes_atomic
 
-    k = int(round(np.median([b.centroid_vox[2] for b in seg.bodies]))) if seg.bodies else seg.labels.shape[2] // 2
+    k = _mid_slice(seg)
     img = volume.data[:, :, k]
     win = display_window(img)
     lab = seg.labels[:, :, k]
-    texts = []
-    for b in seg.bodies:
-        rows, cols = np.nonzero(lab == b.value)
-        if rows.size:
-            texts.append((float(rows.mean()), float(cols.min()) - 2.0, b.level, "yellow"))
+    texts = [(*anchor, b.level, "yellow") for b in seg.bodies if (anchor := _level_anchor(lab, b)) is not None]
     panels = [("image", render_panel(img, window=win)), ("vertebral bodies", render_panel(img, labels_slice=lab, window=win))]
     head = (f"{title}: " if title else "") + f"{len(seg.bodies)} bodies, labelling confidence {seg.labelling_confidence:.2f}"
     if seg.flags:
@@ -320,9 +328,8 @@ def segmentation_from_masks(masks_dir: Path, task, reference: Volume) -> Segment
     the documented convention (L1=1 ... S1=6, T12=7, ...; 101+ unlabelled). It is resampled (nearest
     neighbour) onto the T2 grid through the affines when the grids differ.
     """
-    from scipy import ndimage
-
     from . import io
+    from .segment import label_counts_and_centroids
 
     candidates = [masks_dir / f"{task.key}.nii.gz", masks_dir / f"{task.study.study_uid}.nii.gz",
                   masks_dir / f"{task.key}.nii", masks_dir / f"{task.study.study_uid}.nii"]
@@ -339,9 +346,7 @@ def segmentation_from_masks(masks_dir: Path, task, reference: Volume) -> Segment
         names = [value_level(v) for v in values]
     except ValueError as exc:
         raise StudyError("EXTERNAL_MASK_MISMATCH", f"{path.name}: {exc} (see README, label values)") from exc
-    ones = np.ones(labels.shape, np.float32)
-    cents = ndimage.center_of_mass(ones, labels, values)
-    counts = ndimage.sum_labels(ones, labels, values)
+    counts, cents = label_counts_and_centroids(labels, values)
     vox = float(np.prod(reference.spacing))
     bodies = sorted((VertebralBody(n, v, tuple(float(x) for x in c), float(cnt * vox))
                      for n, v, c, cnt in zip(names, values, cents, counts, strict=True)), key=lambda b: b.centroid_vox[0])
