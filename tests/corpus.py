@@ -8,6 +8,7 @@ The studies are small (96 px, 12 slices, T1 + T2) so one batch over the whole co
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -21,6 +22,7 @@ import pydicom
 from pydicom.uid import ExplicitVRBigEndian, generate_uid
 
 from pipeline import phantom
+from pipeline.report import schema_errors
 
 MATRIX = 96
 N_SLICES = 12
@@ -36,6 +38,34 @@ class Case:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def strict_json(path: Path) -> dict:
+    """Parse JSON refusing NaN / Infinity (they are not JSON and would break downstream readers)."""
+    def bad(token):
+        raise ValueError(f"{path}: non-finite number {token} in JSON")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=bad)
+
+
+def assert_one_complete_record(out: Path, study: dict) -> None:
+    """The batch contract for one study entry of batch.json: exactly one record in its folder, complete -
+    a schema-valid report.json when analysed, an error.json agreeing with batch.json when failed."""
+    if study["key"].startswith("folder-"):
+        return  # folders without any DICOM series are recorded in batch.json only
+    folder = out / study["key"]
+    records = sorted(n for n in ("report.json", "error.json") if (folder / n).exists())
+    if study["status"] == "analysed":
+        assert records == ["report.json"], (study, records)
+        assert schema_errors(strict_json(folder / "report.json")) == []
+    else:
+        assert records == ["error.json"], (study, records)
+        err = strict_json(folder / "error.json")
+        assert err["error"]["code"] == study["code"] and err["error"]["message"] == study["message"]
+
+
+def assert_no_temp_files(out: Path) -> None:
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+    assert leftovers == []
+
+
 def _study(case_dir: Path, seed: int, **kw) -> Path:
     """A small phantom study in ``case_dir/DICOM``; the truth folder is removed (it is not DICOM)."""
     kw.setdefault("series", ("T1", "T2"))

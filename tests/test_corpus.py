@@ -5,24 +5,22 @@ The table of outcomes is docs/bad_input.md; tests/corpus.py holds the same expec
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-from corpus import ANALYSED, CASES, build_corpus
+from corpus import (
+    ANALYSED,
+    CASES,
+    assert_no_temp_files,
+    assert_one_complete_record,
+    build_corpus,
+    strict_json,
+)
 
 from pipeline.batch import run_batch
 from pipeline.config import Config
 from pipeline.errors import REASON_CODES
-from pipeline.report import schema_errors
-
-
-def _strict_json(path: Path) -> dict:
-    """Parse JSON refusing NaN / Infinity (they are not JSON and would break downstream readers)."""
-    def bad(token):
-        raise ValueError(f"{path}: non-finite number {token} in JSON")
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=bad)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def corpus_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     build_corpus(root / "in")
     result = run_batch(root / "in", root / "out", Config(), jobs=2, progress=False)
-    batch = _strict_json(result.batch_json)
+    batch = strict_json(result.batch_json)
     by_case: dict[str, list[dict]] = {}
     for s in batch["studies"]:
         by_case.setdefault(s["source_folder"].split("/")[0], []).append(s)
@@ -64,19 +62,8 @@ def test_no_internal_error_and_exit_code_partial(corpus_run):
 def test_exactly_one_complete_record_per_study_and_no_temp_files(corpus_run):
     out, _, batch, _ = corpus_run
     for s in batch["studies"]:
-        if s["key"].startswith("folder-"):
-            continue  # folders without any DICOM series are recorded in batch.json only
-        folder = out / s["key"]
-        records = sorted(n for n in ("report.json", "error.json") if (folder / n).exists())
-        if s["status"] == "analysed":
-            assert records == ["report.json"], (s, records)
-            assert schema_errors(_strict_json(folder / "report.json")) == []
-        else:
-            assert records == ["error.json"], (s, records)
-            err = _strict_json(folder / "error.json")
-            assert err["error"]["code"] == s["code"] and err["error"]["message"] == s["message"]
-    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
-    assert leftovers == []
+        assert_one_complete_record(out, s)
+    assert_no_temp_files(out)
 
 
 def test_unusable_files_are_listed_with_their_reason(corpus_run):
@@ -93,7 +80,7 @@ def test_zero_reference_gives_undefined_ratios_not_nan(corpus_run):
     out, _, _, by_case = corpus_run
     (study,) = by_case["zero_reference"]
     assert study["status"] == "analysed"
-    rep = _strict_json(out / study["key"] / "report.json")
+    rep = strict_json(out / study["key"] / "report.json")
     assert rep["reference_marrow"]["T1"] is None
     assert any("reference" in w for w in rep["qc"]["warnings"])
     # Every number in the report is finite (None where a ratio is undefined).
@@ -111,6 +98,6 @@ def test_zero_reference_gives_undefined_ratios_not_nan(corpus_run):
 
 def test_lower_confidence_when_the_study_is_degraded(corpus_run):
     out, _, _, by_case = corpus_run
-    conf = {name: _strict_json(out / by_case[name][0]["key"] / "report.json")["confidence"]["overall"]
+    conf = {name: strict_json(out / by_case[name][0]["key"] / "report.json")["confidence"]["overall"]
             for name in ("baseline", "zero_reference")}
     assert conf["zero_reference"] < conf["baseline"]
