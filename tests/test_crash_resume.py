@@ -16,10 +16,16 @@ from pipeline.report import schema_errors
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
 
-def test_kill_mid_batch_then_resume(tmp_path):
+def _sample_input(tmp_path: Path) -> Path:
+    """The four sample studies, copied (the run must never touch the committed ones)."""
     inp = tmp_path / "in"
     for name in ("phantom_seed0000", "phantom_seed0001", "phantom_seed0002", "phantom_seed0003"):
         shutil.copytree(SAMPLE / name / "DICOM", inp / name / "DICOM")
+    return inp
+
+
+def test_kill_mid_batch_then_resume(tmp_path):
+    inp = _sample_input(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(inp), "-o", str(out), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -48,9 +54,7 @@ def test_kill_mid_batch_then_resume(tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
     """Ctrl-C in a terminal sends SIGINT to the whole process group (the CLI and its workers)."""
-    inp = tmp_path / "in"
-    for name in ("phantom_seed0000", "phantom_seed0001", "phantom_seed0002", "phantom_seed0003"):
-        shutil.copytree(SAMPLE / name / "DICOM", inp / name / "DICOM")
+    inp = _sample_input(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(inp), "-o", str(out), "--no-progress", "--jobs", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
