@@ -30,6 +30,8 @@ from .measure import ZONE_INFERIOR, ZONE_SUPERIOR, StudyMeasurements
 CLASS_NONE, CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III, CLASS_EDEMA = 0, 1, 2, 3, 4
 _TYPE_NAMES = {CLASS_MODIC_I: "I", CLASS_MODIC_II: "II", CLASS_MODIC_III: "III"}
 REVIEW_NOTE = "for review, not a diagnosis"
+# Confidence of a "none" that could not be judged (normal-marrow reference undefined on a needed sequence).
+UNJUDGED_CONFIDENCE = 0.1
 
 
 @dataclass
@@ -96,7 +98,9 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
     warnings: list[str] = []
     if fluid_role != "STIR":
         warnings.append("no STIR / fat-saturated series: edema and Modic I are judged from T2 with lower confidence")
-    if meas.vox_ratio.get("T1") is None or meas.vox_ratio.get(fluid_role) is None:
+    modic_judged = meas.vox_ratio.get("T1") is not None and meas.vox_ratio.get(fluid_role) is not None
+    edema_judged = meas.vox_ratio.get(fluid_role) is not None
+    if not modic_judged:
         warnings.append("normal-marrow reference undefined on T1 or the fluid series: no Modic type or edema could be judged")
 
     # Which endplate a voxel belongs to: the nearer one (its half of the body's column).
@@ -154,6 +158,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                 conf = _confidence_from_fraction(float(fr[1:].max()), cfg.min_zone_fraction, False, int(band_n[g]))
             if band_n[g] == 0:
                 conf = 0.0
+            if not modic_judged:  # "0" here means "not judged", not "judged normal"
+                conf = min(conf, UNJUDGED_CONFIDENCE)
             endplates[name] = {
                 "modic_type": mtype,
                 "extent_height_pct": round(min(ext_h, 100.0), 2),
@@ -175,6 +181,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
         e_conf = _confidence_from_fraction(float(edema_frac[b]), cfg.edema_min_fraction, present, int(body_n[b]))
         if fluid_role != "STIR":
             e_conf *= 0.7
+        if not edema_judged:
+            e_conf = min(e_conf, UNJUDGED_CONFIDENCE)
         rec["edema"] = {
             "present": present,
             "source": fluid_role,

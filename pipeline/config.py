@@ -56,8 +56,6 @@ class SegmentationConfig:
     sacral_tilt_deg: float = _f(30.0, 5.0, 60.0, doc="a lowest lumbar body tilted more than this is flagged as possibly transitional")
     major_body_fraction: float = _f(0.45, 0.1, 1.0, doc="components smaller than this fraction of a typical body are fragments, not levels")
     smooth_mm: float = _f(5.0, 0.0, 10.0, doc="per body and slice, notches narrower than this are closed and holes filled (0: off)")
-    spine_region_mm: float = _f(0.0, 0.0, 500.0, doc="only voxels within this AP distance of the spinal column found on a coarse pass are classified (0: all)")
-    lattice_step: int = _f(1, 1, 4, doc="the classifier runs on every n-th row / column first and densely only where that lattice is not unanimous (1: dense)")
 
 
 @dataclass

@@ -82,7 +82,7 @@ def _eval_case(args) -> dict:
         truth = truth[: common[0], : common[1], : common[2]]
     t = time.perf_counter()
     try:
-        seg = segment.segment_vertebrae(img.data, img.spacing, cfg)
+        seg = segment.segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)
         pred = seg.labels.astype(np.int32)
         err = None
     except Exception as exc:  # noqa: BLE001 - a failed case scores 0 and says why

@@ -2,25 +2,29 @@
 
 Method (no learned weights are downloaded; the small model ships in ``pipeline/models/``):
 
-1. **Working grid.** The sagittal image is resampled in-plane to ``work_mm`` (default 1.5 mm); slices keep
-   their spacing. Intensities are scaled by robust percentiles of the foreground, so T1, T2, STIR and
-   water-fat images all land in a comparable range.
-2. **Body probability per voxel** from a gradient-boosted pixel classifier (scikit-learn
-   ``HistGradientBoostingClassifier``) over contrast-agnostic, per-slice features: smoothed intensity at
-   three scales, gradient magnitude, Hessian response, and *vertical / horizontal context* — the intensity
-   difference to points 6-18 mm above / below and 10-20 mm in front / behind — which captures the
-   body / disc alternation along the spine. Trained on the real expert-annotated scans of
-   ``../shared/data/vertebral-bodies`` (``python -m pipeline.train_segmenter``; see its doc for the
-   leave-one-source-out estimate).
-3. **Instances.** Probability > 0.5, small openings removed, then split at the discs: markers are the
-   components of the mask eroded along the superior-inferior axis, grown back by a watershed on the
-   distance map inside the mask.
-4. **Cleanup with anatomical priors.** Components outside the body volume range or off the spinal column
-   (robust line through the centroids) are dropped.
-5. **Labelling** counts up from the sacrum: the sacral segments are the bottom run of bodies whose
-   endplates are steeply tilted (> ``sacral_tilt_deg``) in the direction of the lowest body; the top of
-   that run is S1. Without a sacrum in view the bodies are named B1, B2, ... (values 101, 102, ...) and
-   the confidence is low.
+1. **Working grid.** The sagittal image is resampled in-plane to ``WORK_MM`` (1.5 mm); slices keep their
+   spacing. Intensities are scaled by robust percentiles of the foreground, so T1, T2, STIR and water-fat
+   images land in a comparable range.
+2. **Stage 1 — where is the spine** (3 mm grid, every ~3 mm slice): a gradient-boosted pixel classifier
+   (scikit-learn ``HistGradientBoostingClassifier``) over per-slice features — smoothed intensity, local
+   z-scores (brighter / darker than the surroundings, whatever the contrast), gradients, Hessian eigenvalues,
+   and the intensity steps to points 6-30 mm above / below and 15-45 mm in front / behind (the body / disc
+   alternation).
+3. **Stage 2 — body or not, voxel by voxel** ("auto-context", Tu & Bai 2010): a second classifier sees fine
+   image features *and* the stage-1 map around the voxel (6-24 mm above / below, 7.5-30 mm in front / behind,
+   4-10 mm to the sides), so it learns the shape of the column and the rhythm of bodies and discs. It only runs
+   within 40 mm of the column fitted through stage 1 and near stage-1 body voxels (thin slices: every other
+   slice, interpolated).
+4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
+   body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
+   bodies, seeds grow back by watershed. Each body is then completed (notches closed, holes filled, in-plane
+   convex hull per slice: a body is convex in the sagittal plane; dark marrow leaves bites).
+5. **Labelling** counts up from the sacrum: the chain of vertebra-sized bodies spaced like vertebrae ends at
+   S1 when sacral tissue lies below it; levels are counted upward from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
+   low; body-sized instances the level chain leaves out are reported as B<n> too.
+
+Both classifiers are trained on the expert-annotated real scans of ``../shared/data/vertebral-bodies`` and on
+synthetic phantoms (``python -m pipeline.train_segmenter``; cross-validation estimates with ``--cv``).
 """
 
 from __future__ import annotations
@@ -40,12 +44,9 @@ log = logging.getLogger("modicscan")
 
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.joblib"
 WORK_MM = 1.5  # in-plane working resolution (mm)
-SLICES_PER_CHUNK = 8  # sagittal slices classified together (bounds the feature matrix)
 
-# Context offsets (mm): (vertical, horizontal) displacements at which the smoothed intensity is compared.
-_CONTEXT = [(-18, 0), (-12, 0), (-6, 0), (6, 0), (12, 0), (18, 0), (0, -20), (0, -10), (0, 10), (0, 20)]
-FEATURE_NAMES = (["i_s1", "i_s2", "i_s4", "grad_s1", "grad_s2", "hess_s3", "lstd_s3"]
-                 + [f"ctx_{dv}_{dh}" for dv, dh in _CONTEXT] + ["ctx_vmin", "ctx_vmax"])
+STAGE1_MM = 3.0  # stage-1 in-plane grid (mm)
+COLUMN_HALF_WIDTH_MM = 40.0  # stage 2 runs within this distance of the column stage 1 found
 
 
 def label_counts_and_centroids(lab: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +92,8 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return ((image - lo) / (hi - lo)).astype(np.float32)
 
 
-def _shift(a: np.ndarray, dv: int, dh: int) -> np.ndarray:
-    """a shifted so that out[i, j] = a[i + dv, j + dh] (edge values repeated)."""
+def _shift(a: np.ndarray, dv: int, dh: int, dk: int = 0) -> np.ndarray:
+    """a shifted so that out[i, j, k] = a[i + dv, j + dh, k + dk] (edge values repeated)."""
     out = a
     if dv:
         idx = np.clip(np.arange(a.shape[0]) + dv, 0, a.shape[0] - 1)
@@ -100,201 +101,394 @@ def _shift(a: np.ndarray, dv: int, dh: int) -> np.ndarray:
     if dh:
         idx = np.clip(np.arange(a.shape[1]) + dh, 0, a.shape[1] - 1)
         out = out[:, idx]
+    if dk:
+        idx = np.clip(np.arange(a.shape[2]) + dk, 0, a.shape[2] - 1)
+        out = out[:, :, idx]
     return out
 
 
-def features(norm: np.ndarray) -> np.ndarray:
-    """Per-voxel features (voxels x len(FEATURE_NAMES)), computed slice-wise on the working grid."""
-    px = WORK_MM
+def _gauss(a: np.ndarray, sigma_px: float, order=0) -> np.ndarray:
+    """In-plane Gaussian (derivative) filter: sagittal slices stay independent (their spacing varies, 1-6 mm)."""
+    return ndimage.gaussian_filter(a, sigma=(sigma_px, sigma_px, 0), order=order)
 
-    def g(sigma_mm, order=0):
-        return ndimage.gaussian_filter(norm, sigma=(sigma_mm / px, sigma_mm / px, 0), order=order)
 
-    s1, s2, s4 = g(1.0), g(2.0), g(4.0)
-    gr1 = np.hypot(ndimage.sobel(s1, 0), ndimage.sobel(s1, 1))
-    gr2 = np.hypot(ndimage.sobel(s2, 0), ndimage.sobel(s2, 1))
-    s3 = 3.0 / px
-    hrr = ndimage.gaussian_filter(norm, (s3, s3, 0), order=(2, 0, 0))
-    hcc = ndimage.gaussian_filter(norm, (s3, s3, 0), order=(0, 2, 0))
-    hess = (hrr + hcc) * s3 * s3
-    mean3 = g(3.0)
-    lstd = np.sqrt(np.maximum(ndimage.gaussian_filter(norm * norm, (s3, s3, 0)) - mean3 * mean3, 0))
-    feats = [s1, s2, s4, gr1, gr2, hess, lstd]
-    ctx = []
-    for dv, dh in _CONTEXT:
-        ctx.append(s2 - _shift(s2, int(round(dv / px)), int(round(dh / px))))
-    feats += ctx
-    vert = np.stack(ctx[:6])
-    feats += [vert.min(axis=0), vert.max(axis=0)]
+def _grad(a: np.ndarray, sigma_px: float) -> np.ndarray:
+    return np.hypot(_gauss(a, sigma_px, (1, 0, 0)), _gauss(a, sigma_px, (0, 1, 0)))
+
+
+def _hessian_eigenvalues(a: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-normalised in-plane Hessian eigenvalues (larger, smaller): blob / plate / edge shape cues."""
+    hrr, hcc, hrc = _gauss(a, sigma_px, (2, 0, 0)), _gauss(a, sigma_px, (0, 2, 0)), _gauss(a, sigma_px, (1, 1, 0))
+    half_trace = (hrr + hcc) / 2
+    root = np.sqrt(((hrr - hcc) / 2) ** 2 + hrc ** 2)
+    k = sigma_px * sigma_px
+    return (half_trace + root) * k, (half_trace - root) * k
+
+
+def _local_z(a: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Intensity as a z-score against its neighbourhood: contrast-free 'brighter / darker than around it'."""
+    m = _gauss(a, sigma_px)
+    var = _gauss(a * a, sigma_px) - m * m
+    return (a - m) / np.sqrt(np.maximum(var, 1e-4))
+
+
+def _down2(a: np.ndarray) -> np.ndarray:
+    """Working grid -> stage-1 grid: 2 x 2 in-plane block means (odd last row / column dropped)."""
+    r, c = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    return a[:r, :c].reshape(r // 2, 2, c // 2, 2, -1).mean(axis=(1, 3))
+
+
+def _up2(p: np.ndarray, shape) -> np.ndarray:
+    """Stage-1 grid -> working grid (bilinear in-plane), edge rows / columns repeated to ``shape``."""
+    z = ndimage.zoom(p, (2, 2, 1), order=1, prefilter=False)
+    r, c = min(shape[0], z.shape[0]), min(shape[1], z.shape[1])
+    out = np.empty(shape, np.float32)
+    out[:r, :c] = z[:r, :c]
+    out[r:, :c] = out[r - 1:r, :c]
+    out[:, c:] = out[:, c - 1:c]
+    return out
+
+
+# Stage 1 (3 mm grid): the image alone. Stage 2 (working grid): fine image features + the stage-1 map around
+# each voxel ("auto-context": the body / disc / body rhythm and the column's course are read from stage 1).
+_S1_VERT_MM = (-30, -18, -12, -6, 6, 12, 18, 30)
+_S1_HORZ_MM = (-45, -30, -15, 15, 30, 45)
+_S2_VERT_MM = (-24, -12, -6, 6, 12, 24)
+_S2_HORZ_MM = (-30, -15, -7.5, 7.5, 15, 30)
+_S2_SLICE_MM = (-10, -4, 4, 10)
+STAGE1_FEATURES = (["i", "s1", "s2", "z8", "z4", "grad1", "grad2", "hess_hi_1.5", "hess_lo_1.5", "hess_hi_3", "hess_lo_3"]
+                   + [f"v{d}" for d in _S1_VERT_MM] + ["vabs_min", "vabs_max"] + [f"h{d}" for d in _S1_HORZ_MM])
+STAGE2_FEATURES = (["s0.7", "s1.5", "z12", "grad1", "grad2", "hess_hi", "hess_lo", "p1", "p1s"]
+                   + [f"p1_v{d}" for d in _S2_VERT_MM] + [f"p1_h{d}" for d in _S2_HORZ_MM]
+                   + [f"p1_k{d}" for d in _S2_SLICE_MM])
+
+
+def stage1_features(n3: np.ndarray) -> np.ndarray:
+    """Per-voxel stage-1 features (voxels x len(STAGE1_FEATURES)) of a normalised image on the 3 mm grid."""
+    px = STAGE1_MM
+    s1, s2 = _gauss(n3, 1.0), _gauss(n3, 2.0)
+    feats = [n3, s1, s2, _local_z(s1, 8.0), _local_z(s1, 4.0), _grad(n3, 1.0), _grad(n3, 2.0)]
+    feats += [*_hessian_eigenvalues(n3, 1.5), *_hessian_eigenvalues(n3, 3.0)]
+    vert = [s1 - _shift(s1, int(round(d / px)), 0) for d in _S1_VERT_MM]
+    feats += vert
+    near = np.abs(np.stack(vert[2:6]))  # within +-12 mm: a disc above or below gives a large step
+    feats += [near.min(axis=0), near.max(axis=0)]
+    feats += [s1 - _shift(s1, 0, int(round(d / px))) for d in _S1_HORZ_MM]
     return np.stack([f.reshape(-1) for f in feats], axis=1).astype(np.float32)
+
+
+def stage2_features(norm: np.ndarray, p1: np.ndarray, slice_mm: float, where: np.ndarray | None = None) -> np.ndarray:
+    """Stage-2 features of the working-grid image ``norm`` and the stage-1 map ``p1`` on that grid, at the
+    voxels ``where`` (boolean mask; all when None) - gathered there, never stacked for the whole volume."""
+    px = WORK_MM
+    if where is None:
+        where = np.ones(norm.shape, bool)
+    ii, jj, kk = np.nonzero(where)
+
+    def at(a, dv=0, dh=0, dk=0):
+        return a[np.clip(ii + dv, 0, a.shape[0] - 1), np.clip(jj + dh, 0, a.shape[1] - 1), np.clip(kk + dk, 0, a.shape[2] - 1)]
+
+    s15 = _gauss(norm, 1.5)
+    feats = [at(_gauss(norm, 0.7)), at(s15), at(_local_z(s15, 12.0)), at(_grad(norm, 1.0)), at(_grad(norm, 2.0))]
+    feats += [at(h) for h in _hessian_eigenvalues(norm, 2.0)]
+    ps = _gauss(p1, 2.0)
+    feats += [at(p1), at(ps)]
+    feats += [at(ps, dv=int(round(d / px))) for d in _S2_VERT_MM]
+    feats += [at(ps, dh=int(round(d / px))) for d in _S2_HORZ_MM]
+    feats += [at(ps, dk=int(round(d / slice_mm))) for d in _S2_SLICE_MM]  # neighbouring slices: lateral extent
+    return np.stack(feats, axis=1).astype(np.float32)
+
+
+def stage2_candidates(p1: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Where stage 2 is worth running: within ~4.5 mm (in-plane) of stage-1 body voxels, on tissue."""
+    near = ndimage.binary_dilation(p1 > 0.3, structure=np.ones((3, 3, 1), bool), iterations=3)
+    return near & (norm > 0.02)
 
 
 @functools.cache
 def load_model():
+    """The two-stage classifier {"stage1": ..., "stage2": ...} shipped with the package."""
     import joblib
 
     if not MODEL_PATH.is_file():
         raise StudyError("SEGMENTATION_FAILED", f"segmentation model missing: {MODEL_PATH} (reinstall the package)")
-    return joblib.load(MODEL_PATH)
+    model = joblib.load(MODEL_PATH)
+    if not isinstance(model, dict) or {"stage1", "stage2"} - set(model):
+        raise StudyError("SEGMENTATION_FAILED", f"segmentation model {MODEL_PATH} is not a two-stage model (retrain it)")
+    return model
 
 
-def predict_on_lattice(model, X: np.ndarray, shape: tuple[int, ...], candidates: np.ndarray,
-                       step: int = 2, sure: float = 0.15) -> np.ndarray:
-    """P(body) for the candidate voxels of a (rows, cols, slices) grid, predicting densely only where it matters.
+def stage1_probability(model, norm: np.ndarray, slice_mm: float) -> np.ndarray:
+    """Stage-1 P(body) on the working grid.
 
-    The classifier is the hot spot of the whole pipeline: it is first evaluated on a lattice of every
-    ``step``-th row and column. A voxel whose surrounding lattice cell is unanimous (all corners below ``sure``
-    or all above ``1 - sure``) takes the cell's interpolated value; the rest — the body borders and anything
-    unclear — are classified one by one. The saving depends on how decided the map is: on a phantom 15 x 512^2
-    T2, 66 % of the candidates still needed the dense pass (step 2, sure 0.15). Off by default
-    (``segmentation.lattice_step``): it moves body borders by a few % Dice.
+    Classified on the 3 mm in-plane grid and, for thin slices, on every slice ~3 mm apart only (linear
+    interpolation between them): stage 1 only has to say roughly where the bodies are.
     """
-    rows, cols, nsl = shape
-    cand = candidates.reshape(shape)
-    prob = np.zeros(shape, dtype=np.float32)
-    flat = prob.reshape(-1)
-    lattice = np.zeros(shape, dtype=bool)
-    lattice[::step, ::step] = True
-    # the last row / column always belongs to the lattice so every voxel lies inside a cell
-    lattice[-1, ::step] = True
-    lattice[::step, -1] = True
-    lattice[-1, -1] = True
-    on = (lattice & cand).reshape(-1)
-    if on.any():
-        flat[on] = model.predict_proba(X[on])[:, 1]
-    # cell corners: the lattice rows / columns at or around each voxel
-    r_idx = np.unique(np.r_[np.arange(0, rows, step), rows - 1])
-    c_idx = np.unique(np.r_[np.arange(0, cols, step), cols - 1])
-    coarse = prob[np.ix_(r_idx, c_idx)]
-    r0 = np.clip(np.searchsorted(r_idx, np.arange(rows), side="right") - 1, 0, len(r_idx) - 1)
-    c0 = np.clip(np.searchsorted(c_idx, np.arange(cols), side="right") - 1, 0, len(c_idx) - 1)
-    r1, c1 = np.minimum(r0 + 1, len(r_idx) - 1), np.minimum(c0 + 1, len(c_idx) - 1)
-    corners = [coarse[r0][:, c0], coarse[r0][:, c1], coarse[r1][:, c0], coarse[r1][:, c1]]
-    lo = np.minimum.reduce(corners)
-    hi = np.maximum.reduce(corners)
-    # bilinear interpolation inside each cell
-    fr = ((np.arange(rows) - r_idx[r0]) / np.maximum(r_idx[r1] - r_idx[r0], 1)).astype(np.float32)[:, None, None]
-    fc = ((np.arange(cols) - c_idx[c0]) / np.maximum(c_idx[c1] - c_idx[c0], 1)).astype(np.float32)[None, :, None]
-    interp = ((1 - fr) * (1 - fc) * corners[0] + (1 - fr) * fc * corners[1]
-              + fr * (1 - fc) * corners[2] + fr * fc * corners[3])
-    unanimous = (hi < sure) | (lo > 1 - sure)
-    todo = cand & ~lattice & ~unanimous
-    done = cand & ~lattice & unanimous
-    prob[done] = interp[done]
-    t = todo.reshape(-1)
-    if t.any():
-        flat[t] = model.predict_proba(X[t])[:, 1]
-    return prob
+    n3 = _down2(norm)
+    step = max(1, int(round(STAGE1_MM / max(slice_mm, 1e-3))))
+    ks = np.unique(np.r_[np.arange(0, n3.shape[2], step), n3.shape[2] - 1])
+    sub = np.ascontiguousarray(n3[:, :, ks])
+    X = stage1_features(sub)
+    cand = (sub > 0.02).reshape(-1)
+    p = np.zeros(sub.size, np.float32)
+    if cand.any():
+        p[cand] = model.predict_proba(X[cand])[:, 1]
+    p = p.reshape(sub.shape)
+    if ks.size != n3.shape[2]:
+        pos = np.interp(np.arange(n3.shape[2]), ks, np.arange(ks.size))
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, ks.size - 1)
+        w = (pos - lo).astype(np.float32)
+        p = p[:, :, lo] * (1 - w) + p[:, :, hi] * w
+    return _up2(p, norm.shape)
 
 
-def spine_region(coarse_prob: np.ndarray, sp_coarse, out_shape, sp_out, half_width_mm: float) -> np.ndarray | None:
-    """Voxels (of a grid ``out_shape`` with spacing ``sp_out``) within ``half_width_mm`` (AP) of the spinal column.
-
-    The column is a weighted quadratic fit of AP position against SI position through the body-like
-    components of a coarse body-probability map (the same kind of line the cleanup uses), refitted without
-    components far off the first fit. ``None`` when fewer than three components are found: then the caller
-    classifies everything.
-    """
-    lab, n = ndimage.label(coarse_prob > 0.5)
-    if n < 3:
+def column_region(p1: np.ndarray, sp, half_width_mm: float) -> np.ndarray | None:
+    """Voxels within ``half_width_mm`` (perpendicular, in-plane) of the spinal column fitted through ``p1 > 0.5``."""
+    coef = spine_curve(p1 > 0.5, sp)
+    if coef is None:
         return None
-    ids = np.arange(1, n + 1)
-    sizes, cents_all = label_counts_and_centroids(lab, ids)
-    ml = sizes * float(np.prod(sp_coarse)) / 1000.0
-    big = ids[ml >= 2.0]
-    if big.size < 3:
-        return None
-    cents = cents_all[big - 1]
-    w = np.sqrt(sizes[big - 1])
-    y, x = cents[:, 0] * sp_coarse[0], cents[:, 1] * sp_coarse[1]
-    coef = np.polyfit(y, x, 2 if big.size >= 5 else 1, w=w)
-    resid = np.abs(x - np.polyval(coef, y))
-    inl = resid <= max(15.0, 2 * float(np.median(resid)))
-    if inl.sum() >= 3:
-        coef = np.polyfit(y[inl], x[inl], 2 if inl.sum() >= 5 else 1, w=w[inl])
-    centre = np.polyval(coef, np.arange(out_shape[0]) * sp_out[0])[:, None]
-    cols_mm = (np.arange(out_shape[1]) * sp_out[1])[None, :]
-    return np.broadcast_to((np.abs(cols_mm - centre) <= half_width_mm)[:, :, None], tuple(out_shape))
+    dist, _ = _column_coordinates(coef, p1.shape, sp)
+    return np.broadcast_to((np.abs(dist) <= half_width_mm)[:, :, None], p1.shape)
 
 
-def _coarse_probability(model, norm: np.ndarray, cand: np.ndarray, step: int = 4) -> np.ndarray:
-    """P(body) on every ``step``-th row and column (features computed on the full grid, then subsampled)."""
-    X = features(norm)
-    coarse_cand = cand[::step, ::step]
-    coarse = np.zeros(coarse_cand.shape, np.float32)
-    sel = np.flatnonzero(coarse_cand.reshape(-1))
-    if sel.size:
-        ii, jj, kk = np.unravel_index(sel, coarse.shape)
-        coarse.reshape(-1)[sel] = model.predict_proba(X[np.ravel_multi_index((ii * step, jj * step, kk), norm.shape)])[:, 1]
-    return coarse
+def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None,
+                     ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
+    """P(vertebral body) on the working grid from the two-stage classifier; returns (probability, zoom, region).
 
-
-def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, locate_mm: float = 0.0,
-                     lattice_step: int = 2) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
-    """P(vertebral body) on the working grid; returns (probability, zoom, region classified).
-
-    Only voxels inside ``region`` (working grid) are classified (the rest get 0). With
-    ``locate_mm > 0`` and no region, the region is found first: a 4x coarser lattice is classified, the spinal
-    column fitted through it (:func:`spine_region`) and only voxels within ``locate_mm`` (AP) of it are
-    classified. Features are computed on the columns of the region only (plus a margin for their context).
+    Stage 2 runs only where it can matter: near stage-1 body voxels (within ~8 mm), within
+    ``COLUMN_HALF_WIDTH_MM`` of the column stage 1 found, and inside ``region`` when given. Its features are
+    computed on the bounding box of those voxels (plus the features' reach), so the cost follows the spine, not
+    the field of view.
     """
     work, zoom = to_work_grid(image, spacing)
     norm = normalise(work)
     model = load_model()
-    # Only plausible voxels are classified (air and the darkest background are never bone marrow).
-    cand = norm > 0.02
-    if region is None and locate_mm > 0:
-        step = 4
-        coarse = _coarse_probability(model, norm, cand, step)
-        sp = (WORK_MM, WORK_MM, float(spacing[2]))
-        region = spine_region(coarse, (step * WORK_MM, step * WORK_MM, sp[2]), work.shape, sp, locate_mm)
+    sp = (WORK_MM, WORK_MM, float(spacing[2]))
+    p1 = stage1_probability(model["stage1"], norm, sp[2])
+    cand = stage2_candidates(p1, norm)
+    column = column_region(p1, sp, COLUMN_HALF_WIDTH_MM)
+    if column is not None:
+        cand &= column
     if region is not None:
-        cand = cand & region
-    prob = np.zeros(work.shape, dtype=np.float32)
-    cols = np.flatnonzero(cand.any(axis=(0, 2)))
-    if cols.size == 0:
-        return prob, zoom, region
-    # the features look up to 20 mm sideways and smooth over ~8 mm: keep that much context around the crop
-    margin = int(np.ceil(30.0 / WORK_MM))
-    c0, c1 = max(0, cols[0] - margin), min(work.shape[1], cols[-1] + 1 + margin)
-    # Features are per sagittal slice, so slices are classified a few at a time: the feature matrix (19 float32
-    # per voxel) then stays small whatever the slice count, which keeps a worker's peak memory flat.
-    for k0 in range(0, work.shape[2], SLICES_PER_CHUNK):
-        k1 = min(work.shape[2], k0 + SLICES_PER_CHUNK)
-        sub_cand = cand[:, c0:c1, k0:k1]
-        if not sub_cand.any():
-            continue
-        # one slice of halo on each side: the Sobel gradients smooth over the neighbouring slices
-        h0, h1 = max(0, k0 - 1), min(work.shape[2], k1 + 1)
-        X = features(np.ascontiguousarray(norm[:, c0:c1, h0:h1]))
-        X = X.reshape(work.shape[0], c1 - c0, h1 - h0, -1)[:, :, k0 - h0: k0 - h0 + (k1 - k0)].reshape(-1, X.shape[1])
-        if lattice_step > 1:
-            prob[:, c0:c1, k0:k1] = predict_on_lattice(model, X, sub_cand.shape, sub_cand, lattice_step)
-        else:
-            sub = prob[:, c0:c1, k0:k1]
-            sub[sub_cand] = model.predict_proba(X[sub_cand.reshape(-1)])[:, 1]
-        del X
-    return prob, zoom, region
+        cand &= region
+    # Thin slices (< 1.5 mm): stage 2 runs on every other slice, the ones between are interpolated; a body
+    # spans 30+ such slices, and this halves the classifier's work on isotropic volumes.
+    thin = sp[2] < 1.5 and cand.shape[2] >= 3
+    if thin:
+        cand[:, :, 1::2] = False
+    prob = np.zeros(work.shape, np.float32)
+    if not cand.any():
+        return prob, zoom, column
+    # features on the bounding box of the candidates + the features' reach (30 mm in-plane, 10 mm across slices)
+    m_in = int(np.ceil(32.0 / WORK_MM))
+    m_k = int(np.ceil(11.0 / sp[2]))
+    box = []
+    for axis, margin in ((0, m_in), (1, m_in), (2, m_k)):
+        idx = np.flatnonzero(cand.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, idx[0] - margin), min(cand.shape[axis], idx[-1] + 1 + margin)))
+    box = tuple(box)
+    X = stage2_features(np.ascontiguousarray(norm[box]), np.ascontiguousarray(p1[box]), sp[2], where=cand[box])
+    sub = prob[box]
+    sub[cand[box]] = model["stage2"].predict_proba(X)[:, 1]
+    if thin:
+        # odd slices: mean of the even neighbours (the last odd slice, without a right neighbour, copies its left)
+        left = prob[:, :, 0:-1:2]
+        right = np.concatenate([prob[:, :, 2::2], prob[:, :, -1:]], axis=2)[:, :, : left.shape[2]]
+        prob[:, :, 1::2] = 0.5 * (left + right)[:, :, : prob[:, :, 1::2].shape[2]]
+        if region is not None:
+            prob[~region] = 0
+    return prob, zoom, column
 
 
 # ---------------------------------------------------------------------------------------------- instances
-def split_instances(mask: np.ndarray, spacing_work, min_voxels: int, erode_mm: float = 3.0) -> np.ndarray:
-    """Separate touching bodies at the discs: markers from an axis-0 erosion, grown back by watershed."""
+def spine_curve(mask: np.ndarray, sp, band_mm: float = 15.0, inlier_mm: float = 12.0,
+                seed: int = 0) -> np.ndarray | None:
+    """Polynomial AP(SI) position (mm) of the spinal column through the body-like voxels of ``mask``.
+
+    Candidate points: the mask is cut into ``band_mm`` horizontal bands; in each band the voxel count per AP
+    column (summed over rows and slices, smoothed) has a peak wherever a tall structure stands — the column
+    is one of them, however the mask's 3-D components are merged. RANSAC over quadratics through three peaks
+    keeps the curve with the largest sum, over bands, of the largest peak within ``inlier_mm`` (the column
+    runs through the whole field of view with a strong peak in every band; bowel, muscle and pelvis do not);
+    it is refitted on those inliers. Curves steeper than 50 degrees from the SI axis are rejected (the column
+    runs head to foot in a sagittal image). ``None`` when fewer than two peaks are found.
+    """
+    from scipy import signal
+
+    n_bands = int(np.ceil(mask.shape[0] * sp[0] / band_mm))
+    band_rows = (np.arange(mask.shape[0]) * sp[0] // band_mm).astype(np.int64)
+    per_row = mask.sum(axis=2, dtype=np.float64)  # rows x AP columns
+    mass = np.zeros((n_bands, mask.shape[1]))
+    np.add.at(mass, band_rows, per_row)
+    mass = ndimage.gaussian_filter1d(mass, 5.0 / sp[1], axis=1) * float(np.prod(sp)) / 1000.0  # ml per column
+    ys, xs, ws, bs = [], [], [], []
+    for b in range(n_bands):  # loop over ~25 bands
+        peaks, props = signal.find_peaks(mass[b], height=0.05, distance=max(1, int(20.0 / sp[1])))
+        top = peaks[np.argsort(props["peak_heights"])[::-1][:4]]
+        ys += [(b + 0.5) * band_mm] * top.size
+        xs += list(top * sp[1])
+        ws += list(mass[b, top])
+        bs += [b] * top.size
+    y, x, w, band_of = np.asarray(ys), np.asarray(xs, float), np.asarray(ws), np.asarray(bs, np.int64)
+    if y.size < 2 or np.ptp(y) == 0:
+        return None
+    if y.size < 3 or np.ptp(y) < 2 * band_mm:
+        return np.polyfit(y, x, 1, w=np.sqrt(w))
+    rng = np.random.default_rng(seed)
+    best, best_score = None, -1.0
+    yr = np.linspace(y.min(), y.max(), 8)
+    for _ in range(300):  # RANSAC draws (each a 3-point quadratic): ~20 ms
+        pick = rng.choice(y.size, 3, replace=False, p=w / w.sum())
+        if np.unique(y[pick]).size < 3:  # three different bands, or the quadratic is undetermined
+            continue
+        coef = np.polyfit(y[pick], x[pick], 2)
+        if np.abs(np.polyval(np.polyder(coef), yr)).max() > 1.2:
+            continue
+        inl = np.abs(x - np.polyval(coef, y)) <= inlier_mm
+        per_band = np.zeros(n_bands)
+        np.maximum.at(per_band, band_of[inl], w[inl])
+        score = float(per_band.sum())
+        if score > best_score:
+            best, best_score = coef, score
+    if best is None:
+        return np.polyfit(y, x, 1, w=np.sqrt(w))
+    for _ in range(2):
+        inl = np.abs(x - np.polyval(best, y)) <= inlier_mm
+        if inl.sum() < 3:
+            break
+        refit = np.polyfit(y[inl], x[inl], 2 if np.ptp(y[inl]) >= 3 * band_mm else 1, w=np.sqrt(w[inl]))
+        if np.abs(np.polyval(np.polyder(refit), yr)).max() > 1.2:
+            break
+        best = refit
+    return best
+
+
+def _column_coordinates(coef: np.ndarray, shape, sp) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane (rows x cols) coordinates relative to the column curve x = f(y): signed perpendicular distance
+    (mm, + = posterior) and position along the column (mm, foot of the perpendicular, first order)."""
+    y = (np.arange(shape[0]) * sp[0])[:, None]
+    x = (np.arange(shape[1]) * sp[1])[None, :]
+    fy = np.polyval(coef, y)
+    slope = np.polyval(np.polyder(coef), y)
+    norm2 = 1.0 + slope * slope
+    return (x - fy) / np.sqrt(norm2), y + slope * (x - fy) / norm2
+
+
+def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 35.0,
+                 min_gap_mm: float = 18.0, core_mm: float = 4.0, low_threshold: float = 0.2) -> np.ndarray:
+    """Instances (one label per body, top -> bottom) of ``prob > threshold`` along the spinal column.
+
+    The column curve is fitted through the mask's components; mask voxels within ``tube_mm`` of it are
+    projected onto it, and the probability mass per mm along the column drops at every disc. The minima of
+    that profile (at least ``min_gap_mm`` apart) are the discs; voxels more than ``core_mm`` from a disc seed
+    their body, and a watershed on the probability grows the seeds through the rest of the mask, so the split
+    follows the actual (tilted, wedge-shaped) disc rather than a straight cut. Each body keeps its largest
+    connected piece. Thin discs that a pixel classifier bridges no longer merge bodies, and everything off the
+    column (bowel, iliac bone, pelvis) is gone. A body missing from the rhythm is looked for at
+    ``low_threshold`` (:func:`_recover_missing_bodies`).
+    """
+    from scipy import signal
     from skimage.segmentation import watershed
 
-    mask = ndimage.binary_opening(mask, structure=np.ones((3, 3, 1), bool))
-    r = max(1, int(round(erode_mm / spacing_work[0])))
-    eroded = ndimage.binary_erosion(mask, structure=np.ones((2 * r + 1, 1, 1), bool))
-    markers, n = ndimage.label(eroded)
-    if n == 0:
-        return np.zeros(mask.shape, np.int32)
-    sizes = np.bincount(markers.ravel())
-    small = sizes < max(1, min_voxels // 4)
-    small[0] = False
-    markers[small[markers]] = 0
-    dist = ndimage.distance_transform_edt(mask, sampling=spacing_work)
-    lab = watershed(-dist, markers, mask=mask)
-    return lab.astype(np.int32)
+    mask = ndimage.binary_opening(prob > threshold, structure=np.ones((3, 3, 1), bool))
+    out = np.zeros(prob.shape, np.int32)
+    coef = spine_curve(mask, sp)
+    if coef is None:
+        return out
+    dist, along = _column_coordinates(coef, prob.shape, sp)
+    mask &= (np.abs(dist) <= tube_mm)[:, :, None]
+    if not mask.any():
+        return out
+    # crop to the tube: the rest of the field of view is empty from here on
+    box = ndimage.find_objects(mask.astype(np.int8))[0]
+    m, p = mask[box], prob[box]
+    u = np.broadcast_to(along[box[:2]][:, :, None], m.shape)
+    bins = np.round(u[m] / sp[0]).astype(np.int64)
+    first = int(bins.min())
+    profile = ndimage.gaussian_filter1d(np.bincount(bins - first, weights=p[m]), 1.0)
+    minima, _ = signal.find_peaks(-profile, distance=max(1, int(min_gap_mm / sp[0])), prominence=0.1 * profile.max())
+    cuts = (minima + first) * sp[0]
+    which = np.digitize(u, np.r_[-np.inf, cuts, np.inf]).astype(np.int32)  # 1 .. len(cuts) + 1
+    if cuts.size:
+        # distance to the nearest cut (cuts are sorted): the cut at or above and the one below
+        i = np.clip(np.searchsorted(cuts, u), 1, cuts.size) - 1
+        j = np.minimum(i + 1, cuts.size - 1)
+        near_cut = np.minimum(np.abs(u - cuts[i]), np.abs(u - cuts[j]))
+    else:
+        near_cut = np.full(m.shape, np.inf)
+    markers = np.where(m & (near_cut >= core_mm), which, 0)
+    lab = watershed(-p, markers, mask=m)
+    # each body keeps its largest connected piece (a stray blob of the same interval is dropped)
+    for lid, found in enumerate(ndimage.find_objects(lab), start=1):  # loop over ~10 bodies
+        if found is None:
+            continue
+        piece, n = ndimage.label(lab[found] == lid)
+        if n > 1:
+            size = np.bincount(piece.ravel())
+            size[0] = 0
+            view = lab[found]
+            view[(piece > 0) & (piece != np.argmax(size))] = 0
+    lab = _recover_missing_bodies(lab, p, u, (np.abs(dist[box[:2]]) <= tube_mm)[:, :, None], sp, low_threshold)
+    out[box] = lab
+    return out
+
+
+def _recover_missing_bodies(lab: np.ndarray, prob: np.ndarray, along: np.ndarray, tube: np.ndarray, sp,
+                            low_threshold: float, min_ml: float = 2.0) -> np.ndarray:
+    """Fill a body-sized hole in the column: where two consecutive bodies are more than 1.6 typical spacings
+    apart, a body between them was too abnormal for the classifier (a fracture with edema, dark sclerosis);
+    the largest connected piece of ``prob > low_threshold`` in that gap (on the column, >= ``min_ml``) becomes
+    a body of its own."""
+    ids = np.unique(lab[lab > 0])
+    if ids.size < 3:
+        return lab
+    flat_u = np.broadcast_to(along, lab.shape)
+    centre = np.array([np.median(flat_u[lab == i]) for i in ids])  # ~10 bodies
+    order = np.argsort(centre)
+    ids, centre = ids[order], centre[order]
+    spacing = float(np.median(np.diff(centre)))
+    next_id = int(lab.max()) + 1
+    for a, b in zip(range(ids.size - 1), range(1, ids.size), strict=True):
+        if centre[b] - centre[a] <= 1.6 * spacing:
+            continue
+        top = np.percentile(flat_u[lab == ids[a]], 98) + 2.0
+        bottom = np.percentile(flat_u[lab == ids[b]], 2) - 2.0
+        cand = (prob > low_threshold) & (lab == 0) & tube & (flat_u > top) & (flat_u < bottom)
+        pieces, n = ndimage.label(cand)
+        if n == 0:
+            continue
+        size = np.bincount(pieces.ravel())
+        size[0] = 0
+        if size.max() * float(np.prod(sp)) / 1000.0 >= min_ml:
+            lab[pieces == np.argmax(size)] = next_id
+            next_id += 1
+    return lab
+
+
+def hull_bodies(lab: np.ndarray, ids, min_pixels: int = 20) -> np.ndarray:
+    """Per body and sagittal slice, add the background pixels of the body's convex hull.
+
+    A vertebral body is convex in the sagittal plane; dark marrow (fat-suppressed images, sclerosis, Modic
+    bands) leaves bites and holes that a pixel classifier misses. Only background is taken, so neighbours keep
+    their voxels.
+    """
+    from skimage.morphology import convex_hull_image
+
+    out = lab.copy()
+    for lid in ids:  # loop over bodies x slices (~10 x 60 small 2-D hulls)
+        found = ndimage.find_objects((lab == lid).astype(np.int8))
+        if not found or found[0] is None:
+            continue
+        box = found[0]
+        m = lab[box] == lid
+        view = out[box]
+        for k in range(m.shape[2]):
+            if m[:, :, k].sum() < min_pixels:
+                continue
+            v = view[:, :, k]
+            v[convex_hull_image(m[:, :, k]) & (v == 0)] = lid
+    return out
 
 
 def complete_heights(lab: np.ndarray, ids: np.ndarray, spacing_work, max_mm: float) -> np.ndarray:
@@ -375,36 +569,6 @@ def smooth_bodies(lab: np.ndarray, ids: np.ndarray, spacing_work, radius_mm: flo
     return out
 
 
-def split_merged(lab: np.ndarray, factor: float = 1.6) -> np.ndarray:
-    """Cut components much larger than the typical body (two bodies joined across a thin disc) at their waist:
-    the row (axis 0) of smallest cross-section within the middle 60 % of the component's extent."""
-    ids = np.unique(lab)
-    ids = ids[ids > 0]
-    if ids.size < 3:
-        return lab
-    sizes, _ = label_counts_and_centroids(lab, ids)
-    typical = float(np.median(np.sort(sizes)[-6:]))
-    next_id = int(lab.max()) + 1
-    for lid, size in zip(ids, sizes, strict=True):  # loop over a handful of components
-        if size <= factor * typical:
-            continue
-        sl = ndimage.find_objects((lab == lid).astype(np.int8))[0]
-        sub = lab[sl] == lid
-        area = sub.sum(axis=(1, 2))
-        rows = np.flatnonzero(area)
-        lo, hi = rows[0], rows[-1]
-        a, b = lo + int(0.2 * (hi - lo)), lo + int(0.8 * (hi - lo))
-        if b <= a:
-            continue
-        cut = a + int(np.argmin(area[a:b + 1]))
-        lower = np.zeros_like(sub)
-        lower[cut:] = sub[cut:]
-        view = lab[sl]
-        view[lower] = next_id
-        next_id += 1
-    return lab
-
-
 def _tilts(lab: np.ndarray, ids: np.ndarray, spacing_work) -> np.ndarray:
     """Endplate tilt (degrees, signed, image coordinates) of each component in its mid slab."""
     out = np.zeros(len(ids))
@@ -468,8 +632,8 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
     if not below or len(chain) < 2:
         flags += ["NO_SACRUM_FOUND", "PARTIAL_FOV"]
         notes.append("no sacrum below the lowest body: levels cannot be counted from S1; bodies are numbered B1.. from the top")
-        for r, idx in enumerate(chain):
-            names[idx] = f"B{r + 1}"
+        for idx in chain:
+            names[idx] = f"B{idx + 1}"  # position among all components, so names stay unique
         return names, 0.3, flags, notes
     conf = 0.8
     for r, idx in enumerate(reversed(chain)):  # r = 0 for S1
@@ -498,8 +662,13 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
 
 
 def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None = None,
-                      extra_images: list[np.ndarray] | None = None) -> Segmentation:
+                      extra_images: list[np.ndarray] | None = None, keep_below_s1: bool = False) -> Segmentation:
     """Vertebral bodies of a sagittal image in the working frame (I, P, R); see the module doc.
+
+    ``keep_below_s1``: also keep unnamed body-sized pieces below the body named S1 (sacral segments — or a
+    lumbar body, when the count from the sacrum went wrong). The standalone segmentation (``modicscan segment``,
+    ``evaluate-segmentation``) keeps them: it segments bodies, whatever their names. The study pipeline does not
+    report or measure them.
 
     ``extra_images`` (same grid, other contrasts, e.g. T1 and STIR) are classified too and the voxel-wise
     maximum of the body probabilities is used: abnormal marrow (edema, sclerosis) that looks unlike a body on one contrast
@@ -509,8 +678,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     spacing = tuple(float(s) for s in spacing)
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
-    prob, zoom, region = body_probability(image, spacing, locate_mm=cfg.spine_region_mm,
-                                          lattice_step=cfg.lattice_step)
+    prob, zoom, region = body_probability(image, spacing)
     if extra_images:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
         # T2 found (abnormal marrow sits in or beside a body): everything else is skipped.
@@ -526,12 +694,11 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         else:
             near = region
         for extra in extra_images:
-            p2, _, _ = body_probability(extra, spacing, region=near, lattice_step=cfg.lattice_step)
+            p2, _, _ = body_probability(extra, spacing, region=near)
             np.maximum(prob, p2, out=prob)
     sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], spacing[2])
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
-    min_vox = int(cfg.min_body_volume_ml / voxel_ml)
-    lab = split_merged(split_instances(prob > cfg.probability_threshold, sp_work, min_vox))
+    lab = split_column(prob, sp_work, cfg.probability_threshold)
     ids = np.unique(lab)
     ids = ids[ids > 0]
     if ids.size == 0:
@@ -551,6 +718,18 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     if resid is not None:
         on_axis_small &= resid <= 2 * cfg.max_off_axis_mm
     others_mm = cents[on_axis_small, 0] * sp_work[0]
+    # Body-like tissue the column split left out (the sacrum curves back out of the column's tube): its pieces
+    # near the column still tell the labelling that a sacrum lies below the last body.
+    rest_lab, n_rest = ndimage.label((prob > cfg.probability_threshold) & (lab == 0))
+    if n_rest:
+        r_ids = np.arange(1, n_rest + 1)
+        r_counts, r_cents = label_counts_and_centroids(rest_lab, r_ids)
+        r_ml = r_counts * voxel_ml
+        coef = spine_curve(lab > 0, sp_work)
+        if coef is not None:
+            off = np.abs(r_cents[:, 1] * sp_work[1] - np.polyval(coef, r_cents[:, 0] * sp_work[0]))
+            near = (r_ml >= 0.5) & (off <= 2 * cfg.max_off_axis_mm)
+            others_mm = np.concatenate([others_mm, r_cents[near, 0] * sp_work[0]])
     ids, vol_ml, cents = ids[keep], vol_ml[keep], cents[keep]
     if ids.size == 0:
         raise StudyError("SEGMENTATION_FAILED", "no component had the size and position of a vertebral body")
@@ -560,15 +739,28 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     log.debug("segment: centroids %s tilts %s volumes %s", np.round(cents[:, 0] * sp_work[0]), np.round(tilts), np.round(vol_ml))
     names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], tilts, vol_ml, cfg, others_mm)
     chain = [lid for lid, name in zip(ids, names, strict=True) if name]
+    # Instances on the column that the level chain left out (a body cut by the field of view, an under-segmented
+    # body) are reported unnamed (B<position>) from half the minimum body volume: dropping
+    # them lost 7 % of the annotated bodies on real scans (3-fold case CV, fold 0: 10.7 % -> 3.6 % missed).
+    # Below S1 they are sacral segments (or a miscounted body): left out unless keep_below_s1.
+    s1_row = cents[names.index("S1"), 0] if "S1" in names else np.inf
+    sacral = set()
+    for x, name in enumerate(names):
+        if not name and vol_ml[x] >= 0.5 * cfg.min_body_volume_ml:
+            names[x] = f"B{x + 1}"
+            if cents[x, 0] > s1_row and not keep_below_s1:
+                sacral.add(names[x])
     lab = complete_heights(lab, np.asarray(chain), sp_work, cfg.complete_max_mm)
+    named = np.asarray([lid for lid, name in zip(ids, names, strict=True) if name])
     if cfg.smooth_mm > 0:
-        lab = smooth_bodies(lab, np.asarray(chain), sp_work, cfg.smooth_mm)
+        lab = smooth_bodies(lab, named, sp_work, cfg.smooth_mm)
+    lab = hull_bodies(lab, named)
 
     # Relabel on the working grid, then back to the input grid (nearest neighbour).
     lut = np.zeros(int(lab.max()) + 1, dtype=np.int16)
     bodies_meta = []
     for lid, name, v in zip(ids, names, vol_ml, strict=True):
-        if not name:
+        if not name or name in sacral:
             continue
         val = level_value(name)
         lut[lid] = val
@@ -596,10 +788,40 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
 
 
 def _to_input_grid(work_labels: np.ndarray, shape) -> np.ndarray:
-    """Nearest-neighbour map of a working-grid label image back onto the input grid."""
-    ii = np.minimum((np.arange(shape[0]) + 0.5) * work_labels.shape[0] / shape[0], work_labels.shape[0] - 1).astype(int)
-    jj = np.minimum((np.arange(shape[1]) + 0.5) * work_labels.shape[1] / shape[1], work_labels.shape[1] - 1).astype(int)
-    return work_labels[ii][:, jj]
+    """Map a working-grid label image onto the (finer or coarser) input grid, in-plane.
+
+    Each body's mask is interpolated bilinearly (pixel centres aligned) and a voxel takes the body whose
+    interpolated mask is largest, if above one half: the outline is as smooth as the working grid allows,
+    where a nearest-neighbour copy would add a staircase of up to half a working pixel (0.75 mm) around every
+    body.
+    """
+    def axis_weights(n_out, n_in):
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        return lo, np.minimum(lo + 1, n_in - 1), (pos - lo).astype(np.float32)
+
+    r0, r1, wr = axis_weights(shape[0], work_labels.shape[0])
+    c0, c1, wc = axis_weights(shape[1], work_labels.shape[1])
+    out = np.zeros(shape[:2] + work_labels.shape[2:], np.int16)
+    best = np.full(out.shape, 0.5, np.float32)
+    for value, found in enumerate(ndimage.find_objects(work_labels.astype(np.int64)), start=1):  # ~10 bodies
+        if found is None:
+            continue
+        rs, cs = found[0], found[1]
+        rows = np.flatnonzero((r1 >= rs.start) & (r0 < rs.stop))  # output rows touching the body
+        cols = np.flatnonzero((c1 >= cs.start) & (c0 < cs.stop))
+        m = (work_labels == value).astype(np.float32)
+        along_r = m[r0[rows]] * (1 - wr[rows, None, None]) + m[r1[rows]] * wr[rows, None, None]
+        val = along_r[:, c0[cols]] * (1 - wc[None, cols, None]) + along_r[:, c1[cols]] * wc[None, cols, None]
+        sub = np.ix_(rows, cols)
+        b = best[sub]
+        take = val > b
+        o = out[sub]
+        o[take] = value
+        b[take] = val[take]
+        out[sub] = o
+        best[sub] = b
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -617,7 +839,7 @@ def segment_path(input_path: str | Path, output_path: str | Path, cfg: Segmentat
 
         img = nib.load(str(p))
         vol = io.load_nifti(p)
-        seg = segment_vertebrae(vol.data, vol.spacing, cfg)
+        seg = segment_vertebrae(vol.data, vol.spacing, cfg, keep_below_s1=True)
         # back from the working frame to the input's own axes
         from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
@@ -633,7 +855,7 @@ def segment_path(input_path: str | Path, output_path: str | Path, cfg: Segmentat
             raise StudyError("NO_SAGITTAL_SERIES", f"no sagittal DICOM series under {p}")
         series.sort(key=lambda s: -s.n_frames)
         vol = io.load_series(series[0])
-        seg = segment_vertebrae(vol.data, vol.spacing, cfg)
+        seg = segment_vertebrae(vol.data, vol.spacing, cfg, keep_below_s1=True)
         io.save_nifti(seg.labels, vol.affine, output_path)
         title = series[0].series_description or p.name
     if png_path is not None:

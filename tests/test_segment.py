@@ -9,14 +9,14 @@ from pipeline.config import SegmentationConfig
 from pipeline.evaluate import hd95, per_body_scores
 from pipeline.segment import (
     complete_heights,
+    hull_bodies,
     label_counts_and_centroids,
     label_levels,
     normalise,
-    predict_on_lattice,
     smooth_bodies,
-    spine_region,
-    split_instances,
-    split_merged,
+    spine_curve,
+    split_column,
+    stage1_probability,
     to_work_grid,
 )
 
@@ -32,29 +32,75 @@ def _stack(heights=(20,) * 6, gap=8, width=30, depth=5, start=5):
     return lab
 
 
-def test_split_instances_separates_boxes_touching_through_a_thin_bridge():
-    lab = _stack(gap=4)
-    mask = lab > 0
-    # a thin bridge (2 mm) joins body 2 and 3 through the disc
-    rows2 = np.nonzero((lab == 2).any(axis=(1, 2)))[0]
-    mask[rows2[-1] + 1: rows2[-1] + 5, 18:20, :] = True
-    out = split_instances(mask, (1.0, 1.0, 1.0), min_voxels=100)
-    assert len(np.unique(out[out > 0])) == 6
+def _column_prob(heights=(20,) * 6, gap=6, drift=0.25, width=30, depth=5, cols=140):
+    """A toy spine drawn as a probability map: boxes along a column that drifts ``drift`` px per row
+    (lordosis-like tilt), 0.9 inside the bodies, 0.6 in a bridge through every disc (a pixel classifier that
+    does not see thin discs), plus a large false blob far off the column (bowel)."""
+    lab = _stack(heights, gap, width, depth)
+    prob = np.zeros((lab.shape[0], cols, lab.shape[2]), np.float32)
+    truth = np.zeros(prob.shape, np.int32)
+    for r in range(lab.shape[0]):
+        c0 = 10 + int(drift * r)
+        truth[r, c0: c0 + lab.shape[1]] = lab[r]
+    prob[truth > 0] = 0.9
+    for i in range(1, len(heights)):  # bridge through each disc: the mask is one component
+        rows = np.nonzero((truth == i).any(axis=(1, 2)))[0]
+        bridge_rows = slice(rows[-1] + 1, rows[-1] + 1 + gap)
+        c = int(np.median(np.nonzero((truth == i).any(axis=(0, 2)))[0]))
+        prob[bridge_rows, c - 4: c + 4, 1:-1] = 0.6
+    prob[20:60, cols - 25: cols - 5, :] = 0.95  # a false blob 80+ mm off the column
+    return prob, truth
 
 
-def test_split_merged_cuts_an_oversized_component_at_its_waist():
-    lab = _stack()
-    r2 = np.nonzero((lab == 2).any(axis=(1, 2)))[0]
-    r3 = np.nonzero((lab == 3).any(axis=(1, 2)))[0]
-    lab[r2[-1] + 1: r3[0], 12:28, :] = 2  # a narrow disc bridge: 2 and 3 one component
-    lab[lab == 3] = 2
-    out = split_merged(lab.copy())
-    pieces = np.unique(out[(lab == 2)])
-    assert len(pieces) == 2
-    # the cut lies inside the former disc (the waist), not through a body
-    cut_rows = [np.nonzero((out == p).any(axis=(1, 2)))[0] for p in pieces]
-    boundary = min(r[-1] for r in cut_rows)
-    assert r2[-1] - 1 <= boundary <= r3[0] + 1
+def test_spine_curve_follows_a_tilted_column_merged_into_one_component_and_ignores_a_far_blob():
+    prob, truth = _column_prob()
+    coef = spine_curve(prob > 0.5, (1.0, 1.0, 1.0))
+    assert coef is not None
+    rows = np.arange(10, truth.shape[0] - 20, 7)
+    centre = [np.nonzero(truth[r].any(axis=1))[0].mean() for r in rows if truth[r].any()]
+    fitted = np.polyval(coef, [r for r in rows if truth[r].any()])
+    assert np.abs(np.asarray(centre) - fitted).max() < 4.0  # on the column, within 4 mm
+    assert spine_curve(np.zeros_like(prob, dtype=bool), (1.0, 1.0, 1.0)) is None
+
+
+def test_split_column_separates_bodies_bridged_through_their_discs_and_drops_off_column_tissue():
+    prob, truth = _column_prob()
+    out = split_column(prob, (1.0, 1.0, 1.0), threshold=0.5, min_gap_mm=15.0)
+    ids = np.unique(out[out > 0])
+    assert ids.size == 6  # one instance per body although the mask is a single component
+    rows, extra = per_body_scores(truth, out, (1.0, 1.0, 1.0))
+    assert extra == 0 and min(r["dice"] for r in rows) > 0.9  # the far blob is gone, bodies intact
+    tops = [np.nonzero((out == i).any(axis=(1, 2)))[0].min() for i in ids]
+    assert tops == sorted(tops)  # numbered top -> bottom
+    assert not split_column(np.zeros_like(prob), (1.0, 1.0, 1.0)).any()
+
+
+def test_hull_bodies_fills_bites_but_never_takes_a_neighbour():
+    lab = _stack(heights=(20, 20), gap=3)
+    clean = lab.copy()
+    rows1 = np.nonzero((lab == 1).any(axis=(1, 2)))[0]
+    lab[rows1[4]:rows1[12], 5:12, :] = 0  # a dark bite from the anterior border of body 1
+    lab[rows1[-1] + 1: rows1[-1] + 3, 20:22, :] = 2  # a spur of body 2 reaching into the disc
+    out = hull_bodies(lab, [1, 2])
+    assert np.array_equal(out == 1, clean == 1)  # the bite is filled exactly, nothing beyond the body
+    assert ((out == 2) & (lab == 2)).sum() == (lab == 2).sum()  # body 2 keeps every voxel
+    assert not ((out == 1) & (lab == 2)).any()
+
+
+def test_stage1_interpolates_skipped_thin_slices():
+    class _Mean:
+        def predict_proba(self, X):
+            p = np.clip(X[:, 1], 0, 1)  # the smoothed intensity
+            return np.stack([1 - p, p], axis=1)
+
+    norm = np.zeros((40, 40, 9), np.float32)
+    norm[10:30, 10:30] = np.linspace(0.2, 1.0, 9)[None, None, :]  # brightness grows across slices
+    thick = stage1_probability(_Mean(), norm, slice_mm=3.0)  # every slice classified
+    thin = stage1_probability(_Mean(), norm, slice_mm=1.0)  # every 3rd slice, the rest interpolated
+    assert thin.shape == norm.shape == thick.shape
+    assert np.allclose(thin[:, :, [0, 3, 6, 8]], thick[:, :, [0, 3, 6, 8]])
+    # linear ramp: interpolation between classified slices reproduces the classified value
+    assert np.allclose(thin[20, 20], thick[20, 20], atol=1e-3)
 
 
 def test_complete_heights_restores_a_body_short_at_one_endplate():
@@ -81,48 +127,6 @@ def test_levels_counted_up_from_the_sacrum():
     # no sacrum below the last body: no level names, low confidence, flagged
     names3, conf3, flags3, _ = label_levels(cents, np.zeros(7), vols, cfg, others_mm=np.array([]))
     assert names3[0] == "B1" and conf3 < 0.5 and "NO_SACRUM_FOUND" in flags3
-
-
-class _FirstFeature:
-    """A stand-in classifier: P(body) is the first feature; counts how many voxels it was asked about."""
-
-    def __init__(self):
-        self.asked = 0
-
-    def predict_proba(self, X):
-        self.asked += len(X)
-        p = np.clip(X[:, 0], 0, 1)
-        return np.stack([1 - p, p], axis=1)
-
-
-def test_lattice_prediction_matches_dense_and_skips_unanimous_cells():
-    lab = _stack()
-    truth = (lab > 0).astype(np.float32)
-    X = truth.reshape(-1, 1)
-    cand = np.ones(truth.shape, bool)
-    model = _FirstFeature()
-    prob = predict_on_lattice(model, X, truth.shape, cand, step=2)
-    # exact on a piecewise-constant map: borders are classified densely, flat cells interpolated
-    assert np.array_equal(prob > 0.5, truth > 0.5)
-    assert model.asked < 0.6 * truth.size
-    # voxels outside the candidates are never classified and stay 0
-    cand[:, :10] = False
-    prob2 = predict_on_lattice(_FirstFeature(), X, truth.shape, cand, step=2)
-    assert prob2[:, :10].max() == 0 and np.array_equal(prob2[:, 10:] > 0.5, truth[:, 10:] > 0.5)
-
-
-def test_spine_region_follows_a_tilted_column_and_drops_far_columns():
-    lab = _stack(width=12, depth=3)
-    prob = np.zeros((lab.shape[0], 120, lab.shape[2]), np.float32)
-    rows = np.arange(lab.shape[0])
-    for r in rows:  # the column drifts 0.3 px per row towards posterior
-        shift = int(0.3 * r)
-        prob[r, 10 + shift: 10 + shift + lab.shape[1], :] = lab[r] > 0
-    region = spine_region(prob, (1.0, 1.0, 4.0), prob.shape, (1.0, 1.0, 4.0), half_width_mm=15.0)  # bodies ~3 ml
-    assert region is not None and region.shape == prob.shape
-    assert region[prob > 0.5].all()  # every body voxel is inside
-    assert not region[:, 100:].any()  # far anterior / posterior columns are outside
-    assert spine_region(np.zeros_like(prob), (1, 1, 1), prob.shape, (1, 1, 1), 15.0) is None  # nothing to fit
 
 
 def test_label_counts_and_centroids_match_scipy():
@@ -155,21 +159,6 @@ def test_to_work_grid_resamples_in_plane_only():
     assert zoom == (0.5, 1 / 3) and out.shape == (50, 27, 4)
     same, z1 = to_work_grid(img, (1.5, 1.5, 3.0))
     assert same.shape == img.shape and z1 == (1.0, 1.0) and np.array_equal(same, img)
-
-
-def test_slice_chunks_give_the_same_probability_as_one_pass(monkeypatch):
-    from scipy import ndimage
-
-    from pipeline import segment
-
-    rng = np.random.default_rng(3)
-    img = ndimage.gaussian_filter(rng.normal(100, 40, (90, 80, 19)), (3, 3, 1)).astype(np.float32)
-    img[30:60, 20:50, 4:15] += 80  # something body-sized and bright
-    monkeypatch.setattr(segment, "SLICES_PER_CHUNK", 1000)
-    whole, _, _ = segment.body_probability(img, (1.5, 1.5, 3.0))
-    monkeypatch.setattr(segment, "SLICES_PER_CHUNK", 4)
-    chunked, _, _ = segment.body_probability(img, (1.5, 1.5, 3.0))
-    assert whole.max() > 0.5 and np.array_equal(whole, chunked)
 
 
 def test_smooth_bodies_fills_holes_and_notches_but_never_takes_a_neighbour():
@@ -222,5 +211,29 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
     assert (tmp_path / "per_body.csv").read_text().count("\n") == 1 + 19
 
 
-# A regression floor for these three cases (0.54 measured on 2026-11-25), not the project target (0.92).
-DICE_FLOOR = 0.45
+# A regression floor for these three cases (0.54 with the one-stage classifier on 2026-11-25, 0.78 with the
+# two-stage segmenter on 2026-11-26; in-sample: the shipped model saw them), not the project target (0.92).
+DICE_FLOOR = 0.72
+
+
+def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
+    from pipeline.segment import _to_input_grid
+
+    # two discs (bodies) on a fine 0.5 mm grid, the working grid is 3x coarser
+    yy, xx = np.mgrid[0:150, 0:120]
+    fine = np.zeros((150, 120, 2), np.int16)
+    fine[((yy - 40) ** 2 + (xx - 60) ** 2 <= 30 ** 2)] = 1
+    fine[((yy - 110) ** 2 + (xx - 60) ** 2 <= 30 ** 2)] = 3  # touching body 1 at one point, other value
+    coarse = fine[1::3, 1::3]  # what the working grid holds (centre sampling)
+    nearest = np.repeat(np.repeat(coarse, 3, axis=0), 3, axis=1)
+    mapped = _to_input_grid(coarse, fine.shape)
+    assert mapped.shape == fine.shape and set(np.unique(mapped)) == {0, 1, 3}
+
+    def dice(a, b, v):
+        return 2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum())
+
+    for v in (1, 3):
+        assert dice(mapped, fine, v) > 0.98
+        assert dice(mapped, fine, v) > dice(nearest, fine, v)  # smoother than the staircase copy
+    # the same grid: nothing changes
+    assert np.array_equal(_to_input_grid(fine, fine.shape), fine)
