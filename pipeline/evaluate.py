@@ -124,7 +124,11 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [(r, str(out_dir), str(model_path) if model_path else None, cfg or SegmentationConfig(), write_png) for r in rows]
     if jobs > 1:
-        with ProcessPoolExecutor(jobs) as ex:
+        import multiprocessing
+
+        # forkserver, not fork: a process that has trained or run the OpenMP classifier (train_segmenter --cv)
+        # hangs its forked children in OpenMP
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as ex:
             results = list(ex.map(_eval_case, args))
     else:
         results = [_eval_case(a) for a in args]
