@@ -256,7 +256,7 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
                      ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
     """P(vertebral body) on the working grid from the two-stage classifier; returns (probability, zoom, region).
 
-    Stage 2 runs only where it can matter: near stage-1 body voxels (within ~8 mm), within
+    Stage 2 runs only where it can matter: near stage-1 body voxels (within ~4.5 mm, :func:`stage2_candidates`), within
     ``COLUMN_HALF_WIDTH_MM`` of the column stage 1 found, and inside ``region`` when given. Its features are
     computed on the bounding box of those voxels (plus the features' reach), so the cost follows the spine, not
     the field of view.
@@ -379,7 +379,7 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
                  min_gap_mm: float = 18.0, core_mm: float = 4.0, low_threshold: float = 0.2) -> np.ndarray:
     """Instances (one label per body, top -> bottom) of ``prob > threshold`` along the spinal column.
 
-    The column curve is fitted through the mask's components; mask voxels within ``tube_mm`` of it are
+    The column curve is fitted through the mask (:func:`spine_curve`); mask voxels within ``tube_mm`` of it are
     projected onto it, and the probability mass per mm along the column drops at every disc. The minima of
     that profile (at least ``min_gap_mm`` apart) are the discs; voxels more than ``core_mm`` from a disc seed
     their body, and a watershed on the probability grows the seeds through the rest of the mask, so the split
@@ -397,7 +397,8 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     if coef is None:
         return out
     dist, along = _column_coordinates(coef, prob.shape, sp)
-    mask &= (np.abs(dist) <= tube_mm)[:, :, None]
+    tube = (np.abs(dist) <= tube_mm)[:, :, None]
+    mask &= tube
     if not mask.any():
         return out
     # crop to the tube: the rest of the field of view is empty from here on
@@ -429,7 +430,7 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
             size[0] = 0
             view = lab[found]
             view[(piece > 0) & (piece != np.argmax(size))] = 0
-    lab = _recover_missing_bodies(lab, p, u, (np.abs(dist[box[:2]]) <= tube_mm)[:, :, None], sp, low_threshold)
+    lab = _recover_missing_bodies(lab, p, u, tube[box[:2]], sp, low_threshold)
     out[box] = lab
     return out
 
@@ -756,7 +757,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         lab = smooth_bodies(lab, named, sp_work, cfg.smooth_mm)
     lab = hull_bodies(lab, named)
 
-    # Relabel on the working grid, then back to the input grid (nearest neighbour).
+    # Relabel on the working grid, then back to the input grid (bilinear per body, see _to_input_grid).
     lut = np.zeros(int(lab.max()) + 1, dtype=np.int16)
     bodies_meta = []
     for lid, name, v in zip(ids, names, vol_ml, strict=True):
