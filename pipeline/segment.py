@@ -376,8 +376,10 @@ def _column_coordinates(coef: np.ndarray, shape, sp) -> tuple[np.ndarray, np.nda
 
 
 def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 35.0,
-                 min_gap_mm: float = 18.0, core_mm: float = 4.0, low_threshold: float = 0.2) -> np.ndarray:
-    """Instances (one label per body, top -> bottom) of ``prob > threshold`` along the spinal column.
+                 min_gap_mm: float = 18.0, core_mm: float = 4.0,
+                 low_threshold: float = 0.2) -> tuple[np.ndarray, np.ndarray | None]:
+    """Instances (one label per body, top -> bottom) of ``prob > threshold`` along the spinal column, and the
+    column curve (:func:`spine_curve` coefficients, None when no column was found).
 
     The column curve is fitted through the mask (:func:`spine_curve`); mask voxels within ``tube_mm`` of it are
     projected onto it, and the probability mass per mm along the column drops at every disc. The minima of
@@ -395,12 +397,12 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     out = np.zeros(prob.shape, np.int32)
     coef = spine_curve(mask, sp)
     if coef is None:
-        return out
+        return out, None
     dist, along = _column_coordinates(coef, prob.shape, sp)
     tube = (np.abs(dist) <= tube_mm)[:, :, None]
     mask &= tube
     if not mask.any():
-        return out
+        return out, coef
     # crop to the tube: the rest of the field of view is empty from here on
     box = ndimage.find_objects(mask.astype(np.int8))[0]
     m, p = mask[box], prob[box]
@@ -432,7 +434,7 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
             view[(piece > 0) & (piece != np.argmax(size))] = 0
     lab = _recover_missing_bodies(lab, p, u, tube[box[:2]], sp, low_threshold)
     out[box] = lab
-    return out
+    return out, coef
 
 
 def _recover_missing_bodies(lab: np.ndarray, prob: np.ndarray, along: np.ndarray, tube: np.ndarray, sp,
@@ -598,6 +600,26 @@ def _tilts(lab: np.ndarray, ids: np.ndarray, spacing_work) -> np.ndarray:
     return out
 
 
+def _fill_rhythm_gaps(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.ndarray, spacing: float,
+                      min_ml: float) -> list[int]:
+    """Insert a smaller body where the chain skips a level: between two chain bodies about two spacings apart,
+    the largest component (>= ``min_ml``) near the midpoint is the missing vertebra (a compressed, fractured
+    body is too small to count as major; leaving it out shifts every level name above it)."""
+    if spacing <= 0 or len(chain) < 2:
+        return chain
+    out = [chain[0]]
+    for a, b in zip(chain[:-1], chain[1:], strict=True):
+        gap = centroids_mm[b] - centroids_mm[a]
+        if gap > 1.6 * spacing:
+            mid = 0.5 * (centroids_mm[a] + centroids_mm[b])
+            cand = [i for i in range(len(centroids_mm)) if i not in chain and volumes_ml[i] >= min_ml
+                    and abs(centroids_mm[i] - mid) <= 0.25 * gap]
+            if cand:
+                out.append(max(cand, key=lambda i: volumes_ml[i]))
+        out.append(b)
+    return out
+
+
 def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.ndarray,
                  cfg: SegmentationConfig, others_mm: np.ndarray | None = None) -> tuple[list[str], float, list[str], list[str]]:
     """Level names for components ordered top -> bottom (``""`` = not reported); (names, confidence, flags, notes).
@@ -626,6 +648,7 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
             chain.append(int(m))
         elif volumes_ml[m] > volumes_ml[chain[-1]]:
             chain[-1] = int(m)  # two pieces of one level: keep the larger
+    chain = _fill_rhythm_gaps(chain, centroids_mm, volumes_ml, spacing, 0.15 * typical)
     last = chain[-1]
     # Anything body-like below the last body (the rest of the sacrum), including small pieces on the column.
     pool = centroids_mm if others_mm is None else np.concatenate([centroids_mm, others_mm])
@@ -699,7 +722,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
             np.maximum(prob, p2, out=prob)
     sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], spacing[2])
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
-    lab = split_column(prob, sp_work, cfg.probability_threshold)
+    lab, column = split_column(prob, sp_work, cfg.probability_threshold)
     ids = np.unique(lab)
     ids = ids[ids > 0]
     if ids.size == 0:
@@ -707,30 +730,27 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     counts, cents = label_counts_and_centroids(lab, ids)
     vol_ml = counts * voxel_ml
     keep = (vol_ml >= 1.0) & (vol_ml <= cfg.max_body_volume_ml)
-    resid = None
-    # Off-column components (bowel, muscle): far from a robust line through the centroids (AP vs SI).
+    # Off-column pieces: centroid far from the column curve split_column cut along (every voxel is within its
+    # tube, but a piece of bowel or iliac bone at the tube's edge has its centroid well off the curve).
+    def off_column_mm(c):
+        return np.abs(c[:, 1] * sp_work[1] - np.polyval(column, c[:, 0] * sp_work[0]))
+
+    resid = off_column_mm(cents)
     if keep.sum() >= 3:
-        y, x = cents[keep, 0] * sp_work[0], cents[keep, 1] * sp_work[1]
-        w = vol_ml[keep]
-        coef = np.polyfit(y, x, 2 if keep.sum() >= 5 else 1, w=np.sqrt(w))
-        resid = np.abs(cents[:, 1] * sp_work[1] - np.polyval(coef, cents[:, 0] * sp_work[0]))
-        keep &= resid <= cfg.max_off_axis_mm
-    on_axis_small = ~keep & (vol_ml >= 0.2)
-    if resid is not None:
-        on_axis_small &= resid <= 2 * cfg.max_off_axis_mm
-    others_mm = cents[on_axis_small, 0] * sp_work[0]
+        # ... measured against a fit through the bodies' own centroids, which follows the column where the
+        # quadratic through the whole mask is pulled off it (lumbosacral angle, scoliosis)
+        own = np.polyfit(cents[keep, 0] * sp_work[0], cents[keep, 1] * sp_work[1], 2 if keep.sum() >= 5 else 1,
+                         w=np.sqrt(vol_ml[keep]))
+        resid = np.abs(cents[:, 1] * sp_work[1] - np.polyval(own, cents[:, 0] * sp_work[0]))
+    keep &= resid <= cfg.max_off_axis_mm
+    others_mm = cents[~keep & (vol_ml >= 0.2) & (resid <= 2 * cfg.max_off_axis_mm), 0] * sp_work[0]
     # Body-like tissue the column split left out (the sacrum curves back out of the column's tube): its pieces
     # near the column still tell the labelling that a sacrum lies below the last body.
     rest_lab, n_rest = ndimage.label((prob > cfg.probability_threshold) & (lab == 0))
     if n_rest:
-        r_ids = np.arange(1, n_rest + 1)
-        r_counts, r_cents = label_counts_and_centroids(rest_lab, r_ids)
-        r_ml = r_counts * voxel_ml
-        coef = spine_curve(lab > 0, sp_work)
-        if coef is not None:
-            off = np.abs(r_cents[:, 1] * sp_work[1] - np.polyval(coef, r_cents[:, 0] * sp_work[0]))
-            near = (r_ml >= 0.5) & (off <= 2 * cfg.max_off_axis_mm)
-            others_mm = np.concatenate([others_mm, r_cents[near, 0] * sp_work[0]])
+        r_counts, r_cents = label_counts_and_centroids(rest_lab, np.arange(1, n_rest + 1))
+        near = (r_counts * voxel_ml >= 0.5) & (off_column_mm(r_cents) <= 2 * cfg.max_off_axis_mm)
+        others_mm = np.concatenate([others_mm, r_cents[near, 0] * sp_work[0]])
     ids, vol_ml, cents = ids[keep], vol_ml[keep], cents[keep]
     if ids.size == 0:
         raise StudyError("SEGMENTATION_FAILED", "no component had the size and position of a vertebral body")

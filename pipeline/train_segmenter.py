@@ -1,15 +1,20 @@
 """Train the vertebral-body pixel classifier shipped in pipeline/models/ (``python -m pipeline.train_segmenter``).
 
 Training data: the expert-annotated real scans listed in ``../shared/data/vertebral-bodies/cases.csv``
-(42 sagittal volumes from three public datasets; see that folder's README for sources and licences).
-For every case the image is put on the segmenter's working grid, normalised, and a class-balanced sample
-of voxels is drawn from the central sagittal slices: body voxels, and background voxels with extra weight
-near the bodies (discs, canal, cortex), where the decisions are hard. Labels of bodies that are visible but
-not annotated (e.g. T12, S1 in vb3) are unknown, so voxels far below/above the annotated range are not
-used as negatives.
+(42 sagittal volumes from three public datasets; see that folder's README for sources and licences) and
+24 synthetic phantom studies (pipeline.phantom, T1 / T2 / STIR each). For every case the image is put on the
+segmenter's working grid, normalised, and a class-balanced sample of voxels is drawn: body voxels, and
+background voxels with extra weight near the bodies (discs, cortex, canal), where the decisions are hard.
+Labels of bodies that are visible but not annotated (e.g. T12, S1 in vb3) are unknown, so voxels far
+below/above the annotated range are not used as negatives.
 
-``--loso`` prints a leave-one-source-out estimate: train on two sources, segment every case of the third
-with the full pipeline segmenter, and score per-body Dice (pipeline.evaluate).
+Phantom series contribute 1/32 of a real case's samples, plus 1/8 from the rows of their planted lesions and
+S1 ("focus" rows): they are there so that fractured, edematous and sclerotic bodies and DICOM-like T1 / STIR
+are not out of distribution, and their normal anatomy, simpler than real anatomy, should not set the borders.
+``--augment invert,gamma0.6`` adds intensity-remapped copies of the real cases (half weight).
+
+``--cv cases`` / ``--cv loso`` print a cross-validation estimate instead: train without each held-out group,
+segment its cases with the full pipeline segmenter, and score per-body Dice (pipeline.evaluate).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def read_cases(cases_csv: Path) -> list[dict]:
 
 
 def load_case(row: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """(image on the working grid, labels on that grid (nearest), working spacing) of one image/labels row."""
+    """(image on the working grid, label values on that grid (nearest), working spacing) of one image/labels row."""
     import nibabel as nib
 
     from .io import reorient_to_work
@@ -65,10 +70,32 @@ def load_case(row: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, fl
         common = tuple(min(a, b) for a, b in zip(lab.shape, data.shape, strict=True))
         lab = lab[: common[0], : common[1], : common[2]]
         data = data[: common[0], : common[1], : common[2]]
+    if row.get("remap"):
+        data = remap_intensity(data, row["remap"])
     work, zoom = to_work_grid(data, spacing)
     ii = np.minimum((np.arange(work.shape[0]) + 0.5) / zoom[0], lab.shape[0] - 1).astype(int)
     jj = np.minimum((np.arange(work.shape[1]) + 0.5) / zoom[1], lab.shape[1] - 1).astype(int)
-    return work, lab[ii][:, jj] > 0, (WORK_MM, WORK_MM, float(spacing[2]))
+    return work, lab[ii][:, jj], (WORK_MM, WORK_MM, float(spacing[2]))
+
+
+def remap_intensity(image: np.ndarray, kind: str) -> np.ndarray:
+    """Training augmentation: the same anatomy under another contrast. ``invert`` turns the tissue's grey
+    levels upside down (air stays dark): bright fatty marrow on T1 becomes dark marrow as on water / STIR
+    images, the dark cortex and canal become bright. ``gamma<g>``: a monotone remap (fat vs marrow vs muscle
+    contrast changes as between scanners and sequences)."""
+    hi = float(np.percentile(image[image > 0], 99)) if (image > 0).any() else 0.0
+    if hi <= 0:
+        return image
+    if kind == "invert":
+        # tissue = not air: smoothed, so that dark cortex, ligaments and gas inside the body count as tissue
+        from skimage.filters import threshold_otsu
+
+        smooth = ndimage.gaussian_filter(image, (3, 3, 0))
+        tissue = smooth > 0.5 * threshold_otsu(smooth[:, :, ::4])
+        return np.where(tissue, np.clip(hi - image, 0.05 * hi, None), 0.0).astype(np.float32)
+    if kind.startswith("gamma"):
+        return (hi * np.clip(image / hi, 0, None) ** float(kind[5:])).astype(np.float32)
+    raise ValueError(f"unknown remap {kind!r}")
 
 
 def _rows_known(body: np.ndarray, margin: int) -> np.ndarray:
@@ -85,27 +112,50 @@ def _balanced(y: np.ndarray, usable: np.ndarray, near: np.ndarray, rng, n_per_cl
     """Indices of up to n_per_class body voxels, background near the bodies (discs, cortex, canal: the hard
     decisions) and background farther away."""
     groups = [np.flatnonzero(y & usable), np.flatnonzero(~y & near & usable), np.flatnonzero(~y & ~near & usable)]
-    return np.concatenate([rng.choice(g, min(n_per_class, g.size), replace=False) for g in groups if g.size])
+    picks = [rng.choice(g, min(n_per_class, g.size), replace=False) for g in groups if g.size]
+    return np.concatenate(picks) if picks else np.zeros(0, np.int64)
 
 
-def stage1_samples(row: dict, rng: np.random.Generator, n_per_class: int = 5000):
-    work, body, _ = load_case(row)
+def _focus_rows(lab: np.ndarray, values, margin: int) -> np.ndarray | None:
+    """Rows of the bodies ``values`` (a phantom's planted lesions) +- ``margin``; None without values."""
+    if not values:
+        return None
+    rows = np.flatnonzero(np.isin(lab, values).any(axis=(1, 2)))
+    ok = np.zeros(lab.shape[0], bool)
+    if rows.size:
+        ok[max(0, rows.min() - margin): rows.max() + margin + 1] = True
+    return np.broadcast_to(ok[:, None, None], lab.shape)
+
+
+def _draw(y, usable, near, focus, rng, n_per_class, n_focus) -> np.ndarray:
+    """Balanced sample indices; with a ``focus`` region (a phantom's lesion bodies) ``n_focus`` per class from
+    it and ``n_per_class`` from the rest."""
+    if focus is None:
+        return _balanced(y.reshape(-1), usable.reshape(-1), near.reshape(-1), rng, n_per_class)
+    return np.concatenate([_balanced(y.reshape(-1), (usable & f).reshape(-1), near.reshape(-1), rng, n)
+                           for f, n in ((focus, n_focus), (~focus, n_per_class))])
+
+
+def stage1_samples(row: dict, rng: np.random.Generator, n_per_class: int = 5000, n_focus: int = 0):
+    work, lab, _ = load_case(row)
     n3 = _down2(normalise(work))
-    y = _down2(body.astype(np.float32)) > 0.5
+    y = _down2((lab > 0).astype(np.float32)) > 0.5
     usable = _rows_known(y, 1) & (n3 > 0.02)
     near = ndimage.binary_dilation(y, iterations=3)
-    idx = _balanced(y.reshape(-1), usable.reshape(-1), near.reshape(-1), rng, n_per_class)
+    focus = _focus_rows(lab[::2, ::2][: n3.shape[0], : n3.shape[1]], row.get("focus"), 3)
+    idx = _draw(y, usable, near, focus, rng, n_per_class, n_focus)
     return stage1_features(n3)[idx], y.reshape(-1)[idx]
 
 
-def stage2_samples(row: dict, stage1_model, rng: np.random.Generator, n_per_class: int = 6000):
+def stage2_samples(row: dict, stage1_model, rng: np.random.Generator, n_per_class: int = 6000, n_focus: int = 0):
     """Stage-2 samples where stage 2 runs at inference (near stage-1 body voxels), with ``stage1_model``'s map."""
-    work, body, sp = load_case(row)
+    work, lab, sp = load_case(row)
+    body = lab > 0
     norm = normalise(work)
     p1 = stage1_probability(stage1_model, norm, sp[2])
     usable = _rows_known(body, 3) & stage2_candidates(p1, norm)
     near = ndimage.binary_dilation(body, iterations=4)
-    idx = _balanced(body.reshape(-1), usable.reshape(-1), near.reshape(-1), rng, n_per_class)
+    idx = _draw(body, usable, near, _focus_rows(lab, row.get("focus"), 6), rng, n_per_class, n_focus)
     where = np.zeros(body.size, bool)
     where[idx] = True
     return stage2_features(norm, p1, sp[2], where.reshape(body.shape)), body.reshape(-1)[where]
@@ -137,6 +187,10 @@ def phantom_rows(folder: Path, n_studies: int, first_seed: int = 100) -> list[di
                         {"kind": "modic", "type": mtype, "level": lo, "endplate": "superior", "depth_mm": 6.0 + seed % 4}]
         truth = phantom.make_study(folder, seed, findings=findings, matrix=256 if seed % 2 else 320)
         study = folder / truth["study_name"]
+        # focus rows: the planted lesions' bodies and S1 (the lumbosacral junction, where Modic changes are most
+        # frequent and the sacrum's shape differs most from real anatomy)
+        focus = sorted({v["value"] for name, v in truth["vertebrae"].items()
+                        if v.get("present") and v.get("value") and (name == "S1" or name in {f["level"] for f in findings})})
         d = io.discover(study / "DICOM")
         (st,) = d.studies.values()
         labels = nib.load(study / "truth" / "labels.nii.gz")
@@ -145,7 +199,7 @@ def phantom_rows(folder: Path, n_studies: int, first_seed: int = 100) -> list[di
             img_path = study / f"{s.series_uid[-8:]}_image.nii.gz"
             io.save_nifti(vol.data, vol.affine, img_path)
             rows.append({"case": f"ph{seed}-{s.series_description}", "source": "phantom", "image_path": str(img_path),
-                         "labels_path": str(study / "truth" / "labels.nii.gz")})
+                         "labels_path": str(study / "truth" / "labels.nii.gz"), "focus": focus})
         del labels
     return rows
 
@@ -160,32 +214,47 @@ def _classifier(seed: int):
                                           random_state=seed)
 
 
-def _per_class(row: dict, n: int) -> int:
-    """Samples per class from one case: a phantom series gives a quarter of a real case's (72 phantom series
-    beside 42 real scans would otherwise outweigh them; the phantoms are there so that DICOM-like T1 / STIR
-    and planted lesions are not out of distribution, not to set the body borders)."""
-    return n // 4 if row.get("source") == "phantom" else n
+PHANTOM_SHARE = (32, 8)  # a phantom series gives 1/32 of a real case's samples per class, plus 1/8 from its focus rows
 
 
-def _fit_stage1(rows: list[dict], seed: int):
+def _per_class(row: dict, n: int, phantom_share: tuple[int, int]) -> tuple[int, int]:
+    """(samples per class, extra samples per class from the focus rows) of one training row.
+
+    The phantoms are there so that DICOM-like T1 / STIR and planted lesions (Modic bands, edematous fractured
+    bodies) are not out of distribution, not to set body borders: their normal anatomy is simpler than real
+    anatomy: at 1/4 weight they cost real scans 4-5 points of Dice in cross-validation; 1/32 + 1/8 is the least
+    that still keeps every planted finding of the sample (1/64 + 1/16 lost one). Augmented copies count half.
+    """
+    if row.get("source") == "phantom":
+        return n // phantom_share[0], n // phantom_share[1]
+    return (n // 2 if row.get("remap") else n), 0
+
+
+def _fit_stage1(rows: list[dict], seed: int, phantom_share: tuple[int, int]):
     rng = np.random.default_rng(seed)
-    parts = [stage1_samples(r, rng, _per_class(r, 5000)) for r in rows]
+    parts = [stage1_samples(r, rng, *_per_class(r, 5000, phantom_share)) for r in rows]
     X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return _classifier(seed).fit(X, y), int(y.size)
 
 
-def train(rows: list[dict], seed: int = 0) -> tuple[dict, int]:
+def train(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int] = PHANTOM_SHARE,
+          augment: tuple[str, ...] = ()) -> tuple[dict, int]:
     """Two-stage model. Stage 2 learns from stage-1 maps of cases stage 1 did not see (2-fold cross-fitting):
-    trained on stage 1's in-sample maps, it would learn to trust them more than they deserve on new scans."""
-    stage1, n1 = _fit_stage1(rows, seed)
+    trained on stage 1's in-sample maps, it would learn to trust them more than they deserve on new scans.
+    ``augment``: intensity remaps (:func:`remap_intensity`) whose copies of the real cases join the training set."""
+    rows = rows + [dict(r, case=f"{r['case']}~{kind}", remap=kind) for kind in augment for r in rows
+                   if r.get("source") != "phantom"]
+    stage1, n1 = _fit_stage1(rows, seed, phantom_share)
     rng = np.random.default_rng(seed + 1)
-    order = rng.permutation(len(rows))
-    halves = [order[::2], order[1::2]]
+    # halves by case: an augmented copy stays in its original's half
+    base = sorted({r["case"].split("~")[0] for r in rows})
+    half_of = {c: h % 2 for h, c in enumerate(rng.permutation(base))}
+    halves = [[i for i, r in enumerate(rows) if half_of[r["case"].split("~")[0]] == h] for h in range(2)]
     Xs, ys = [], []
     for h in range(2):
-        other, _ = _fit_stage1([rows[i] for i in halves[1 - h]], seed)
+        other, _ = _fit_stage1([rows[i] for i in halves[1 - h]], seed, phantom_share)
         for i in halves[h]:
-            X, y = stage2_samples(rows[i], other, rng, _per_class(rows[i], 6000))
+            X, y = stage2_samples(rows[i], other, rng, *_per_class(rows[i], 6000, phantom_share))
             Xs.append(X)
             ys.append(y)
     y = np.concatenate(ys)
@@ -204,7 +273,8 @@ def case_folds(rows: list[dict], k: int = 3) -> list[int]:
     return folds
 
 
-def cross_validate(rows: list[dict], extra_rows: list[dict], scheme: str, jobs: int = 1) -> dict:
+def cross_validate(rows: list[dict], extra_rows: list[dict], scheme: str, jobs: int = 1,
+                   phantom_share: tuple[int, int] = PHANTOM_SHARE, augment: tuple[str, ...] = ()) -> dict:
     """Train without each held-out group, segment the group with the full segmenter, score per-body Dice.
 
     ``scheme``: "loso" (hold out one source: unseen scanners and sequences) or "cases" (3 folds of cases,
@@ -225,7 +295,8 @@ def cross_validate(rows: list[dict], extra_rows: list[dict], scheme: str, jobs: 
     for name, held in groups.items():
         t = time.time()
         held_ids = {r["case"] for r in held}
-        model, n = train([r for r in rows if r["case"] not in held_ids] + extra_rows)
+        model, n = train([r for r in rows if r["case"] not in held_ids] + extra_rows, phantom_share=phantom_share,
+                         augment=augment)
         with tempfile.TemporaryDirectory() as tmp:
             mp = Path(tmp) / "m.joblib"
             joblib.dump(model, mp)
@@ -258,16 +329,23 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="cases segmented in parallel during --cv")
     ap.add_argument("--out", default=str(MODEL_PATH))
     ap.add_argument("--phantoms", type=int, default=24, help="synthetic studies added to the training set (default 24)")
+    ap.add_argument("--phantom-share", default=",".join(map(str, PHANTOM_SHARE)),
+                    help="N,F: a phantom series gives 1/N of a real case's samples, plus 1/F from the rows of its "
+                    "planted lesions and S1 (default %(default)s)")
+    ap.add_argument("--augment", default="", help="comma-separated intensity remaps added as training copies of the "
+                    "real cases at half weight (invert, gamma<g>)")
     a = ap.parse_args(argv)
+    share = tuple(int(x) for x in a.phantom_share.split(","))
+    ap_aug = tuple(k for k in a.augment.split(",") if k)
     rows = read_cases(Path(a.cases_csv))
     ph_tmp = tempfile.TemporaryDirectory(prefix="modicscan-train-")
     ph_rows = phantom_rows(Path(ph_tmp.name), a.phantoms) if a.phantoms else []
     scheme = "loso" if a.loso else a.cv
     if scheme:
-        print(json.dumps(cross_validate(rows, ph_rows, scheme, a.jobs), indent=1))
+        print(json.dumps(cross_validate(rows, ph_rows, scheme, a.jobs, share, ap_aug), indent=1))
         return 0
     t = time.time()
-    model, n = train(rows + ph_rows)
+    model, n = train(rows + ph_rows, phantom_share=share, augment=ap_aug)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, a.out, compress=3)
     print(f"trained on {n} samples from {len(rows)} real cases and {len(ph_rows)} phantom series in {time.time() - t:.1f} s -> {a.out}")

@@ -75,9 +75,9 @@ def _endplate_cases():
 # list is updated). See the issue notes: with the two-stage segmenter the S1 mask of seed 1 (Dice 0.79 against
 # the planted truth) holds STIR-bright / T1-dark voxels in 16 % of its superior band (threshold 12 %), so the
 # planted Modic II reads as mixed I/II. (The earlier seed-3 S1 leak is fixed: S1 Dice 0.66 -> 0.92.)
-KNOWN_GAPS = {
-    ("phantom_seed0001", "S1", "superior"): "STIR-bright voxels inside the segmented S1 band read as a Modic I share",
-}
+# (study, level, endplate) -> why the pipeline still gets it wrong; kept as strict expected failures so that a fix
+# shows up (the last one, seed 1's S1 read as I/II, was fixed by the 2026-11-26 model).
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 
 @pytest.mark.parametrize("study,level,side,expected", [

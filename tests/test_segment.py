@@ -65,14 +65,16 @@ def test_spine_curve_follows_a_tilted_column_merged_into_one_component_and_ignor
 
 def test_split_column_separates_bodies_bridged_through_their_discs_and_drops_off_column_tissue():
     prob, truth = _column_prob()
-    out = split_column(prob, (1.0, 1.0, 1.0), threshold=0.5, min_gap_mm=15.0)
+    out, column = split_column(prob, (1.0, 1.0, 1.0), threshold=0.5, min_gap_mm=15.0)
     ids = np.unique(out[out > 0])
+    assert column is not None
     assert ids.size == 6  # one instance per body although the mask is a single component
     rows, extra = per_body_scores(truth, out, (1.0, 1.0, 1.0))
     assert extra == 0 and min(r["dice"] for r in rows) > 0.9  # the far blob is gone, bodies intact
     tops = [np.nonzero((out == i).any(axis=(1, 2)))[0].min() for i in ids]
     assert tops == sorted(tops)  # numbered top -> bottom
-    assert not split_column(np.zeros_like(prob), (1.0, 1.0, 1.0)).any()
+    empty, no_column = split_column(np.zeros_like(prob), (1.0, 1.0, 1.0))
+    assert not empty.any() and no_column is None
 
 
 def test_hull_bodies_fills_bites_but_never_takes_a_neighbour():
@@ -127,6 +129,20 @@ def test_levels_counted_up_from_the_sacrum():
     # no sacrum below the last body: no level names, low confidence, flagged
     names3, conf3, flags3, _ = label_levels(cents, np.zeros(7), vols, cfg, others_mm=np.array([]))
     assert names3[0] == "B1" and conf3 < 0.5 and "NO_SACRUM_FOUND" in flags3
+
+
+def test_a_small_compressed_body_in_the_rhythm_keeps_its_level():
+    cfg = SegmentationConfig()
+    cents = np.array([20.0, 55, 90, 125, 160, 195, 230])  # T12 .. S1, 35 mm apart
+    vols = np.array([25.0, 6.0, 30, 32, 33, 34, 28])  # L1 fractured: a fifth of a normal body
+    names, _, _, _ = label_levels(cents, np.zeros(7), vols, cfg, others_mm=np.array([255.0]))
+    # without it in the chain, T12 would be called L1 (one level off for every body above the fracture)
+    assert names == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    # a small piece that is not where a level is missing stays out of the chain (a fragment)
+    cents2 = np.array([20.0, 55, 72, 90, 125, 160, 195, 230])
+    vols2 = np.array([25.0, 28, 6.0, 30, 32, 33, 34, 28])
+    names2, _, _, _ = label_levels(cents2, np.zeros(8), vols2, cfg, others_mm=np.array([255.0]))
+    assert names2 == ["T12", "L1", "", "L2", "L3", "L4", "L5", "S1"]
 
 
 def test_label_counts_and_centroids_match_scipy():
@@ -237,3 +253,43 @@ def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
         assert dice(mapped, fine, v) > dice(nearest, fine, v)  # smoother than the staircase copy
     # the same grid: nothing changes
     assert np.array_equal(_to_input_grid(fine, fine.shape), fine)
+
+
+def test_inverted_training_copy_reverses_tissue_contrast_and_keeps_air_dark():
+    from pipeline.train_segmenter import remap_intensity
+
+    img = np.zeros((80, 80, 3), np.float32)  # air
+    img[10:70, 10:70] = 100.0  # muscle
+    img[30:50, 30:50] = 300.0  # bright fatty marrow
+    img[38:42, 38:42] = 20.0  # dark cortex-like spot inside the tissue
+    inv = remap_intensity(img, "invert")
+    assert inv[0, 0, 0] == 0 and inv[75, 75, 1] == 0  # air stays dark
+    assert inv[40, 32, 0] < inv[15, 15, 0] < inv[40, 40, 0]  # marrow now darker than muscle, the dark spot brightest
+    gam = remap_intensity(img, "gamma0.5")
+    order = np.argsort([img[15, 15, 0], img[40, 32, 0], img[40, 40, 0]])
+    assert np.array_equal(order, np.argsort([gam[15, 15, 0], gam[40, 32, 0], gam[40, 40, 0]]))  # monotone
+    with pytest.raises(ValueError):
+        remap_intensity(img, "sepia")
+
+
+def test_phantom_samples_concentrate_on_the_focus_rows():
+    from pipeline.train_segmenter import _draw, _focus_rows, _per_class
+
+    lab = np.zeros((100, 40, 2), np.int16)
+    for v, top in enumerate(range(5, 95, 18), start=1):
+        lab[top: top + 12, 10:30] = v
+    body = lab > 0
+    usable = np.ones(lab.shape, bool)
+    near = np.zeros(lab.shape, bool)
+    focus = _focus_rows(lab, [3], margin=2)
+    assert focus[41: 53].all() and not focus[:37].any() and not focus[58:].any()
+    idx = _draw(body, usable, near, focus, np.random.default_rng(0), n_per_class=20, n_focus=200)
+    rows = np.unravel_index(idx, lab.shape)[0]
+    in_focus = focus[rows, 0, 0]
+    assert in_focus.mean() > 0.75 and (~in_focus).sum() > 0  # mostly the lesion's body, some of the rest
+    assert _focus_rows(lab, [], margin=2) is None
+    # real cases: full share; phantoms: a fraction plus the focus share; augmented copies: half
+    assert _per_class({"source": "vb1"}, 6000, (32, 8)) == (6000, 0)
+    assert _per_class({"source": "phantom"}, 6000, (32, 8)) == (187, 750)
+    assert _per_class({"source": "vb1", "remap": "invert"}, 6000, (32, 8)) == (3000, 0)
+
