@@ -33,6 +33,12 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float | None:
     return float(np.percentile(d, 95))
 
 
+def common_box(shape_a, shape_b) -> tuple[slice, ...]:
+    """Index of the grid an image and its label file share: a few label files (vb2-02) have one slice more than
+    their image."""
+    return tuple(slice(0, min(a, b)) for a, b in zip(shape_a, shape_b, strict=True))
+
+
 def per_body_scores(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[list[dict], int]:
     """Per annotated body: matched predicted label, Dice, HD95. Returns (rows, number of extra predicted bodies)."""
     t_ids = np.unique(truth)
@@ -76,10 +82,9 @@ def _eval_case(args) -> dict:
     truth = load_nifti(row["labels_path"]).data.astype(np.int32)
     note = ""
     if truth.shape != img.data.shape:
-        # e.g. vb2-02: the label file has one slice more than its image; score on the common grid.
-        common = tuple(min(a, b) for a, b in zip(truth.shape, img.data.shape, strict=True))
-        note = f"label grid {truth.shape} != image grid {img.data.shape}; scored on the common {common}"
-        truth = truth[: common[0], : common[1], : common[2]]
+        cropped = truth[common_box(truth.shape, img.data.shape)]
+        note = f"label grid {truth.shape} != image grid {img.data.shape}; scored on the common {cropped.shape}"
+        truth = cropped
     t = time.perf_counter()
     try:
         seg = segment.segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)

@@ -730,18 +730,18 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     counts, cents = label_counts_and_centroids(lab, ids)
     vol_ml = counts * voxel_ml
     keep = (vol_ml >= 1.0) & (vol_ml <= cfg.max_body_volume_ml)
-    # Off-column pieces: centroid far from the column curve split_column cut along (every voxel is within its
-    # tube, but a piece of bowel or iliac bone at the tube's edge has its centroid well off the curve).
-    def off_column_mm(c):
-        return np.abs(c[:, 1] * sp_work[1] - np.polyval(column, c[:, 0] * sp_work[0]))
+    def off_curve_mm(coef, c):  # AP distance (mm) of centroids c (rows, cols) from the curve AP = f(SI)
+        return np.abs(c[:, 1] * sp_work[1] - np.polyval(coef, c[:, 0] * sp_work[0]))
 
-    resid = off_column_mm(cents)
+    # Off-column pieces (bowel, iliac bone at the edge of split_column's tube): centroid far from a fit through
+    # the bodies' own centroids, which follows the column where split_column's quadratic through the whole mask
+    # is pulled off it (lumbosacral angle, scoliosis: using that curve here lost 2 % of the bodies on real scans);
+    # with fewer than three bodies, split_column's curve.
+    own = column
     if keep.sum() >= 3:
-        # ... measured against a fit through the bodies' own centroids, which follows the column where the
-        # quadratic through the whole mask is pulled off it (lumbosacral angle, scoliosis)
         own = np.polyfit(cents[keep, 0] * sp_work[0], cents[keep, 1] * sp_work[1], 2 if keep.sum() >= 5 else 1,
                          w=np.sqrt(vol_ml[keep]))
-        resid = np.abs(cents[:, 1] * sp_work[1] - np.polyval(own, cents[:, 0] * sp_work[0]))
+    resid = off_curve_mm(own, cents)
     keep &= resid <= cfg.max_off_axis_mm
     others_mm = cents[~keep & (vol_ml >= 0.2) & (resid <= 2 * cfg.max_off_axis_mm), 0] * sp_work[0]
     # Body-like tissue the column split left out (the sacrum curves back out of the column's tube): its pieces
@@ -749,7 +749,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     rest_lab, n_rest = ndimage.label((prob > cfg.probability_threshold) & (lab == 0))
     if n_rest:
         r_counts, r_cents = label_counts_and_centroids(rest_lab, np.arange(1, n_rest + 1))
-        near = (r_counts * voxel_ml >= 0.5) & (off_column_mm(r_cents) <= 2 * cfg.max_off_axis_mm)
+        near = (r_counts * voxel_ml >= 0.5) & (off_curve_mm(column, r_cents) <= 2 * cfg.max_off_axis_mm)
         others_mm = np.concatenate([others_mm, r_cents[near, 0] * sp_work[0]])
     ids, vol_ml, cents = ids[keep], vol_ml[keep], cents[keep]
     if ids.size == 0:

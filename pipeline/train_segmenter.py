@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .evaluate import common_box
 from .segment import (
     MODEL_PATH,
     STAGE1_FEATURES,
@@ -66,10 +67,8 @@ def load_case(row: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, fl
     lab_img = nib.load(row["labels_path"])
     lab, aff = reorient_to_work(np.asarray(lab_img.dataobj), lab_img.affine)
     spacing = np.linalg.norm(aff[:3, :3], axis=0)
-    if lab.shape != data.shape:  # e.g. vb2-02 has one label slice more than image slices
-        common = tuple(min(a, b) for a, b in zip(lab.shape, data.shape, strict=True))
-        lab = lab[: common[0], : common[1], : common[2]]
-        data = data[: common[0], : common[1], : common[2]]
+    box = common_box(lab.shape, data.shape)
+    lab, data = lab[box], data[box]
     if row.get("remap"):
         data = remap_intensity(data, row["remap"])
     work, zoom = to_work_grid(data, spacing)
@@ -118,13 +117,7 @@ def _balanced(y: np.ndarray, usable: np.ndarray, near: np.ndarray, rng, n_per_cl
 
 def _focus_rows(lab: np.ndarray, values, margin: int) -> np.ndarray | None:
     """Rows of the bodies ``values`` (a phantom's planted lesions) +- ``margin``; None without values."""
-    if not values:
-        return None
-    rows = np.flatnonzero(np.isin(lab, values).any(axis=(1, 2)))
-    ok = np.zeros(lab.shape[0], bool)
-    if rows.size:
-        ok[max(0, rows.min() - margin): rows.max() + margin + 1] = True
-    return np.broadcast_to(ok[:, None, None], lab.shape)
+    return _rows_known(np.isin(lab, values), margin) if values else None
 
 
 def _draw(y, usable, near, focus, rng, n_per_class, n_focus) -> np.ndarray:
@@ -189,8 +182,9 @@ def phantom_rows(folder: Path, n_studies: int, first_seed: int = 100) -> list[di
         study = folder / truth["study_name"]
         # focus rows: the planted lesions' bodies and S1 (the lumbosacral junction, where Modic changes are most
         # frequent and the sacrum's shape differs most from real anatomy)
+        focus_levels = {"S1"} | {f["level"] for f in findings}
         focus = sorted({v["value"] for name, v in truth["vertebrae"].items()
-                        if v.get("present") and v.get("value") and (name == "S1" or name in {f["level"] for f in findings})})
+                        if v.get("present") and v.get("value") and name in focus_levels})
         d = io.discover(study / "DICOM")
         (st,) = d.studies.values()
         labels = nib.load(study / "truth" / "labels.nii.gz")
@@ -246,10 +240,10 @@ def train(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int] = PHAN
                    if r.get("source") != "phantom"]
     stage1, n1 = _fit_stage1(rows, seed, phantom_share)
     rng = np.random.default_rng(seed + 1)
-    # halves by case: an augmented copy stays in its original's half
-    base = sorted({r["case"].split("~")[0] for r in rows})
-    half_of = {c: h % 2 for h, c in enumerate(rng.permutation(base))}
-    halves = [[i for i, r in enumerate(rows) if half_of[r["case"].split("~")[0]] == h] for h in range(2)]
+    # halves by case: an augmented copy ("<case>~<remap>") stays in its original's half
+    base = [r["case"].split("~")[0] for r in rows]
+    half_of = {c: h % 2 for h, c in enumerate(rng.permutation(sorted(set(base))))}
+    halves = [[i for i, c in enumerate(base) if half_of[c] == h] for h in range(2)]
     Xs, ys = [], []
     for h in range(2):
         other, _ = _fit_stage1([rows[i] for i in halves[1 - h]], seed, phantom_share)

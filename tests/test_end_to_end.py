@@ -71,12 +71,9 @@ def _endplate_cases():
     return cases
 
 
-# Known misses of the current segmenter, kept visible (strict: the test fails once they are fixed, so the
-# list is updated). See the issue notes: with the two-stage segmenter the S1 mask of seed 1 (Dice 0.79 against
-# the planted truth) holds STIR-bright / T1-dark voxels in 16 % of its superior band (threshold 12 %), so the
-# planted Modic II reads as mixed I/II. (The earlier seed-3 S1 leak is fixed: S1 Dice 0.66 -> 0.92.)
-# (study, level, endplate) -> why the pipeline still gets it wrong; kept as strict expected failures so that a fix
-# shows up (the last one, seed 1's S1 read as I/II, was fixed by the 2026-11-26 model).
+# Known misses of the current segmenter, (study, level, endplate) -> why, kept visible as strict expected
+# failures (the test fails once they are fixed, so the list is updated). Empty since the 2026-11-26 model fixed
+# the last one (seed 1's S1 read as I/II; the earlier seed-3 S1 leak was fixed before).
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 
