@@ -52,7 +52,9 @@ COLUMN_HALF_WIDTH_MM = 40.0  # stage 2 runs within this distance of the column s
 def label_counts_and_centroids(lab: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
     """Voxel count and centroid (voxel coordinates) of each label in ``ids``: one bincount per axis, all labels at once.
 
-    (``ndimage.center_of_mass`` with a list of labels is several times slower on full-size label images.)
+    (``ndimage.center_of_mass`` with a list of labels is several times slower on full-size label images.) Only the
+    labelled voxels (a few per cent of a field of view) are visited for the centroids; label 0, the background,
+    gets its count and a centroid over the rest of the grid.
     """
     ids = np.asarray(ids, dtype=np.int64)
     flat = lab.reshape(-1).astype(np.intp, copy=False)
@@ -60,12 +62,14 @@ def label_counts_and_centroids(lab: np.ndarray, ids) -> tuple[np.ndarray, np.nda
         flat = np.maximum(flat, 0)
     n = int(max(flat.max(initial=0), ids.max(initial=0))) + 1
     counts = np.bincount(flat, minlength=n).astype(np.float64)
-    cents = np.zeros((ids.size, lab.ndim))
-    for a in range(lab.ndim):
-        shape = [1] * lab.ndim
-        shape[a] = lab.shape[a]
-        coord = np.broadcast_to(np.arange(lab.shape[a], dtype=np.float64).reshape(shape), lab.shape).reshape(-1)
-        cents[:, a] = np.bincount(flat, weights=coord, minlength=n)[ids] / np.maximum(counts[ids], 1)
+    where = np.flatnonzero(flat)
+    values = flat[where]
+    sums = np.zeros((n, lab.ndim))
+    for a, coord in enumerate(np.unravel_index(where, lab.shape)):
+        sums[:, a] = np.bincount(values, weights=coord, minlength=n)
+    if counts[0]:  # background: whole-grid coordinate sums minus the labelled ones
+        sums[0] = np.array([flat.size * (s - 1) / 2.0 for s in lab.shape]) - sums[1:].sum(axis=0)
+    cents = sums[ids] / np.maximum(counts[ids], 1)[:, None]
     return counts[ids], cents
 
 

@@ -155,6 +155,11 @@ def test_label_counts_and_centroids_match_scipy():
     ones = np.ones(lab.shape)
     assert np.allclose(counts, ndimage.sum_labels(ones, lab, ids))
     assert np.allclose(cents, ndimage.center_of_mass(ones, lab, ids))
+    # the background (0) over the rest of the grid, negative voxels included; an absent label counts 0
+    background = np.maximum(lab, 0)
+    counts0, cents0 = label_counts_and_centroids(lab, [0, 99])
+    assert counts0[0] == (background == 0).sum() and counts0[1] == 0
+    assert np.allclose(cents0[0], ndimage.center_of_mass(background == 0))
 
 
 def test_normalise_is_blind_to_scanner_scale_and_maps_foreground_to_unit_range():
