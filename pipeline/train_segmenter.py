@@ -8,8 +8,8 @@ background voxels with extra weight near the bodies (discs, cortex, canal), wher
 Labels of bodies that are visible but not annotated (e.g. T12, S1 in vb3) are unknown, so voxels far
 below/above the annotated range are not used as negatives.
 
-Phantom series contribute 1/32 of a real case's samples, plus 1/8 from the rows of their planted lesions and
-S1 ("focus" rows): they are there so that fractured, edematous and sclerotic bodies and DICOM-like T1 / STIR
+Phantom series contribute 1/32 of a real case's samples, plus 1/8 from their "focus" rows (from the highest
+planted-lesion body down to S1, every body between included): they are there so that fractured, edematous and sclerotic bodies and DICOM-like T1 / STIR
 are not out of distribution, and their normal anatomy, simpler than real anatomy, should not set the borders.
 ``--augment invert,gamma0.6`` adds intensity-remapped copies of the real cases (half weight).
 
@@ -116,12 +116,13 @@ def _balanced(y: np.ndarray, usable: np.ndarray, near: np.ndarray, rng, n_per_cl
 
 
 def _focus_rows(lab: np.ndarray, values, margin: int) -> np.ndarray | None:
-    """Rows of the bodies ``values`` (a phantom's planted lesions) +- ``margin``; None without values."""
+    """Rows from the top of the highest to the bottom of the lowest of the bodies ``values`` (a phantom's planted
+    lesions and S1, so the bodies between them too) +- ``margin``; None without values."""
     return _rows_known(np.isin(lab, values), margin) if values else None
 
 
 def _draw(y, usable, near, focus, rng, n_per_class, n_focus) -> np.ndarray:
-    """Balanced sample indices; with a ``focus`` region (a phantom's lesion bodies) ``n_focus`` per class from
+    """Balanced sample indices; with a ``focus`` region (a phantom's focus rows) ``n_focus`` per class from
     it and ``n_per_class`` from the rest."""
     if focus is None:
         return _balanced(y.reshape(-1), usable.reshape(-1), near.reshape(-1), rng, n_per_class)
@@ -180,8 +181,9 @@ def phantom_rows(folder: Path, n_studies: int, first_seed: int = 100) -> list[di
                         {"kind": "modic", "type": mtype, "level": lo, "endplate": "superior", "depth_mm": 6.0 + seed % 4}]
         truth = phantom.make_study(folder, seed, findings=findings, matrix=256 if seed % 2 else 320)
         study = folder / truth["study_name"]
-        # focus rows: the planted lesions' bodies and S1 (the lumbosacral junction, where Modic changes are most
-        # frequent and the sacrum's shape differs most from real anatomy)
+        # focus bodies: the planted lesions' and S1 (the lumbosacral junction, where Modic changes are most
+        # frequent and the sacrum's shape differs most from real anatomy); _focus_rows spans the rows from the
+        # highest of them down to S1
         focus_levels = {"S1"} | {f["level"] for f in findings}
         focus = sorted({v["value"] for name, v in truth["vertebrae"].items()
                         if v.get("present") and v.get("value") and name in focus_levels})
@@ -324,8 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(MODEL_PATH))
     ap.add_argument("--phantoms", type=int, default=24, help="synthetic studies added to the training set (default 24)")
     ap.add_argument("--phantom-share", default=",".join(map(str, PHANTOM_SHARE)),
-                    help="N,F: a phantom series gives 1/N of a real case's samples, plus 1/F from the rows of its "
-                    "planted lesions and S1 (default %(default)s)")
+                    help="N,F: a phantom series gives 1/N of a real case's samples, plus 1/F from its rows from the "
+                    "highest planted lesion down to S1 (default %(default)s)")
     ap.add_argument("--augment", default="", help="comma-separated intensity remaps added as training copies of the "
                     "real cases at half weight (invert, gamma<g>)")
     a = ap.parse_args(argv)
