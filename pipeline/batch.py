@@ -45,7 +45,8 @@ EXIT_NO_STUDIES = 4
 TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT"}
 
 SEGMENTATION_METHOD = ("modicscan.segment: gradient-boosted pixel classifier (shipped model) on T2, T1 and STIR, "
-                       "watershed split at the discs, levels counted up from the sacrum")
+                       "watershed split at the discs, body edges re-decided at the input resolution, levels counted "
+                       "up from the sacrum")
 
 
 @dataclass

@@ -56,6 +56,8 @@ class SegmentationConfig:
     sacral_tilt_deg: float = _f(30.0, 5.0, 60.0, doc="a lowest lumbar body tilted more than this is flagged as possibly transitional")
     major_body_fraction: float = _f(0.45, 0.1, 1.0, doc="components smaller than this fraction of a typical body are fragments, not levels")
     smooth_mm: float = _f(5.0, 0.0, 10.0, doc="per body and slice, notches narrower than this are closed and holes filled (0: off)")
+    refine_edges: bool = _f(True, doc="re-decide the voxels within 4 mm of each body surface at the input resolution "
+                            "(edge classifier of the shipped model)")
 
 
 @dataclass

@@ -22,8 +22,11 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
 5. **Labelling** counts up from the sacrum: the chain of vertebra-sized bodies spaced like vertebrae ends at
    S1 when sacral tissue lies below it; levels are counted upward from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
    low; body-sized instances the level chain leaves out are reported as B<n> too.
+6. **Edges at the input resolution** (:mod:`pipeline.edge_refiner`): the named bodies are mapped back to the
+   input grid and the voxels within 4 mm of their surfaces are re-decided by a third classifier (contrast-free
+   features relative to each body's own interior), trained on held-out segmentations of the real scans.
 
-Both classifiers are trained on the expert-annotated real scans of ``../shared/data/vertebral-bodies`` and on
+The classifiers are trained on the expert-annotated real scans of ``../shared/data/vertebral-bodies`` and on
 synthetic phantoms (``python -m pipeline.train_segmenter``; cross-validation estimates with ``--cv``).
 """
 
@@ -37,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import SegmentationConfig
+from .edge_refiner import crop_box, refine_labels
 from .errors import StudyError
 from .types import LUMBAR_LEVELS, Segmentation, VertebralBody, level_value
 
@@ -256,18 +260,18 @@ def column_region(p1: np.ndarray, sp, half_width_mm: float) -> np.ndarray | None
     return np.broadcast_to((np.abs(dist) <= half_width_mm)[:, :, None], p1.shape)
 
 
-def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None,
+def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
                      ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
     """P(vertebral body) on the working grid from the two-stage classifier; returns (probability, zoom, region).
 
     Stage 2 runs only where it can matter: near stage-1 body voxels (within ~4.5 mm, :func:`stage2_candidates`), within
     ``COLUMN_HALF_WIDTH_MM`` of the column stage 1 found, and inside ``region`` when given. Its features are
     computed on the bounding box of those voxels (plus the features' reach), so the cost follows the spine, not
-    the field of view.
+    the field of view. ``model``: a trained model dict (default: the shipped one).
     """
     work, zoom = to_work_grid(image, spacing)
     norm = normalise(work)
-    model = load_model()
+    model = model or load_model()
     sp = (WORK_MM, WORK_MM, float(spacing[2]))
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     cand = stage2_candidates(p1, norm)
@@ -690,7 +694,8 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
 
 
 def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None = None,
-                      extra_images: list[np.ndarray] | None = None, keep_below_s1: bool = False) -> Segmentation:
+                      extra_images: list[np.ndarray] | None = None, keep_below_s1: bool = False,
+                      model: dict | None = None) -> Segmentation:
     """Vertebral bodies of a sagittal image in the working frame (I, P, R); see the module doc.
 
     ``keep_below_s1``: also keep unnamed body-sized pieces below the body named S1 (sacral segments — or a
@@ -701,12 +706,15 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     ``extra_images`` (same grid, other contrasts, e.g. T1 and STIR) are classified too and the voxel-wise
     maximum of the body probabilities is used: abnormal marrow (edema, sclerosis) that looks unlike a body on one contrast
     rarely does on all of them.
+
+    ``model``: a trained model dict (default: the shipped one, :func:`load_model`).
     """
     cfg = cfg or SegmentationConfig()
+    model = model or load_model()
     spacing = tuple(float(s) for s in spacing)
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
-    prob, zoom, region = body_probability(image, spacing)
+    prob, zoom, region = body_probability(image, spacing, model=model)
     if extra_images:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
         # T2 found (abnormal marrow sits in or beside a body): everything else is skipped.
@@ -722,7 +730,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         else:
             near = region
         for extra in extra_images:
-            p2, _, _ = body_probability(extra, spacing, region=near)
+            p2, _, _ = body_probability(extra, spacing, region=near, model=model)
             np.maximum(prob, p2, out=prob)
     sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], spacing[2])
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
@@ -793,8 +801,11 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     work_labels = lut[lab]
     if work_labels.shape[:2] != image.shape[:2]:
         labels = _to_input_grid(work_labels, image.shape)
+        prob = _resample_inplane(prob, image.shape, crop_box(labels, spacing))  # where the refiner looks
     else:
         labels = work_labels
+    if cfg.refine_edges and model.get("refiner") is not None:
+        labels = refine_labels(image, labels, prob, spacing, model["refiner"])
     vox_in = spacing[0] * spacing[1] * spacing[2]
     bodies = []
     present = np.bincount(labels.ravel(), minlength=max(v for _, v, _ in bodies_meta) + 1) if bodies_meta else []
@@ -809,7 +820,29 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         bodies.append(VertebralBody(level=name, value=val, centroid_vox=tuple(float(x) for x in cents_in[val]),
                                     volume_mm3=float(present[val] * vox_in)))
     bodies.sort(key=lambda b: b.centroid_vox[0])
-    return Segmentation(labels=labels.astype(np.int16), bodies=bodies, labelling_confidence=conf, flags=flags, notes=notes)
+    return Segmentation(labels=labels.astype(np.int16), bodies=bodies, labelling_confidence=conf, flags=flags, notes=notes,
+                        body_probability=prob)
+
+
+def _inplane_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation from n_in to n_out samples over the same extent (pixel centres aligned):
+    lower index, upper index and weight of the upper one, per output sample."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.int64)
+    return lo, np.minimum(lo + 1, n_in - 1), (pos - lo).astype(np.float32)
+
+
+def _resample_inplane(a: np.ndarray, shape, box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Bilinear resampling of a float (rows, cols, slices) array to ``shape[:2]`` in-plane (slices unchanged);
+    with ``box`` (an index of the output), only inside it (0 elsewhere)."""
+    box = box or (slice(None),) * 3
+    r0, r1, wr = (w[box[0]] for w in _inplane_weights(shape[0], a.shape[0]))
+    c0, c1, wc = (w[box[1]] for w in _inplane_weights(shape[1], a.shape[1]))
+    out = np.zeros((shape[0], shape[1], a.shape[2]), a.dtype)
+    a = a[:, :, box[2]]
+    along_r = a[r0] * (1 - wr[:, None, None]) + a[r1] * wr[:, None, None]
+    out[box] = along_r[:, c0] * (1 - wc[None, :, None]) + along_r[:, c1] * wc[None, :, None]
+    return out
 
 
 def _to_input_grid(work_labels: np.ndarray, shape) -> np.ndarray:
@@ -820,13 +853,8 @@ def _to_input_grid(work_labels: np.ndarray, shape) -> np.ndarray:
     where a nearest-neighbour copy would add a staircase of up to half a working pixel (0.75 mm) around every
     body.
     """
-    def axis_weights(n_out, n_in):
-        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-        lo = np.floor(pos).astype(np.int64)
-        return lo, np.minimum(lo + 1, n_in - 1), (pos - lo).astype(np.float32)
-
-    r0, r1, wr = axis_weights(shape[0], work_labels.shape[0])
-    c0, c1, wc = axis_weights(shape[1], work_labels.shape[1])
+    r0, r1, wr = _inplane_weights(shape[0], work_labels.shape[0])
+    c0, c1, wc = _inplane_weights(shape[1], work_labels.shape[1])
     out = np.zeros(shape[:2] + work_labels.shape[2:], np.int16)
     best = np.full(out.shape, 0.5, np.float32)
     for value, found in enumerate(ndimage.find_objects(work_labels.astype(np.int64)), start=1):  # ~10 bodies

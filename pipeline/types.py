@@ -159,3 +159,4 @@ class Segmentation:
     labelling_confidence: float  # 0..1
     flags: list[str]  # e.g. "COUNT_AMBIGUOUS", "PARTIAL_FOV", "POSSIBLE_TRANSITIONAL_VERTEBRA"
     notes: list[str] = field(default_factory=list)
+    body_probability: np.ndarray | None = field(default=None, repr=False)  # P(body) on the labels' grid (max over contrasts), near the bodies

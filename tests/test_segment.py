@@ -233,8 +233,9 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
 
 
 # A regression floor for these three cases (0.54 with the one-stage classifier on 2026-11-25, 0.78 with the
-# two-stage segmenter on 2026-11-26; in-sample: the shipped model saw them), not the project target (0.92).
-DICE_FLOOR = 0.72
+# two-stage segmenter and 0.81 with the edge refiner on 2026-11-26; in-sample: the shipped model saw them), not the
+# project target (0.92).
+DICE_FLOOR = 0.76
 
 
 def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
@@ -298,3 +299,20 @@ def test_phantom_samples_concentrate_on_the_focus_rows():
     assert _per_class({"source": "phantom"}, 6000, (32, 8)) == (187, 750)
     assert _per_class({"source": "vb1", "remap": "invert"}, 6000, (32, 8)) == (3000, 0)
 
+
+
+def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():
+    from pipeline.segment import _resample_inplane
+
+    rows, cols = np.mgrid[0:20, 0:12].astype(np.float32)
+    work = np.stack([rows, 2 * cols], axis=2)  # 1.5 mm working grid: a ramp per slice
+    fine = _resample_inplane(work, (60, 36, 2))  # 0.5 mm input grid, same extent
+    assert fine.shape == (60, 36, 2)
+    # pixel centres aligned: input row i sits at working row (i + 0.5) / 3 - 0.5 (inside the ramp's range)
+    i = np.arange(3, 57)
+    assert np.allclose(fine[i, 10, 0], (i + 0.5) / 3 - 0.5, atol=1e-5)
+    j = np.arange(3, 33)
+    assert np.allclose(fine[30, j, 1], 2 * ((j + 0.5) / 3 - 0.5), atol=1e-5)
+    box = (slice(10, 40), slice(5, 20), slice(1, 2))  # only where asked, the same values there
+    part = _resample_inplane(work, (60, 36, 2), box)
+    assert np.array_equal(part[box], fine[box]) and part.sum() == part[box].sum()

@@ -1,0 +1,126 @@
+"""Edge refiner (pipeline.edge_refiner) on synthetic bodies with known outlines."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.edge_refiner import (
+    BAND_MM,
+    N_FEATURES,
+    PROFILE_MM,
+    _fill_between,
+    band_features,
+    band_samples,
+    keep_largest_and_fill,
+    refine_labels,
+)
+
+BODIES = {21: slice(8, 38), 22: slice(48, 78), 23: slice(88, 114)}  # rows of three bodies, 10-row discs between
+
+
+def _scan(seed: int, shape=(122, 64, 25)):
+    """Bright blocky bodies with darker discs between them on a dark background, noise and a slight blur
+    (1 mm voxels); returns (image, expert labels)."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, np.int16)
+    image = np.full(shape, 0.15, np.float32)
+    image[8:114, 14:48, 3:22] = 0.55  # disc tissue between the bodies
+    for value, rows in BODIES.items():
+        truth[rows, 16:46, 3:22] = value
+    image[truth > 0] = 1.0
+    image = ndimage.gaussian_filter(image, (0.8, 0.8, 0)) + rng.normal(0, 0.05, shape).astype(np.float32)
+    return image * 700.0, truth  # scanner-like scale: the features are relative to the bodies
+
+
+def _grown(labels: np.ndarray, px: int) -> np.ndarray:
+    """Each body grown (px > 0) or shrunk (px < 0) by |px| voxels in-plane: the errors of a coarse segmenter."""
+    out = np.zeros_like(labels)
+    foot = np.ones((2 * abs(px) + 1, 2 * abs(px) + 1, 1), bool)
+    for v in np.unique(labels[labels > 0]):
+        m = labels == v
+        m = ndimage.binary_dilation(m, foot) if px > 0 else ndimage.binary_erosion(m, foot)
+        out[m] = v
+    return out
+
+
+def _prob(labels: np.ndarray) -> np.ndarray:
+    return ndimage.gaussian_filter((labels > 0).astype(np.float32), (1.5, 1.5, 0))
+
+
+def _dice(a, b, v):
+    return 2 * ((a == v) & (b == v)).sum() / ((a == v).sum() + (b == v).sum())
+
+
+def test_band_features_measure_from_the_right_body_and_look_inward():
+    image, truth = _scan(0)
+    band, near, X = band_features(image, truth, _prob(truth), (1.0, 1.0, 1.0))
+    assert X.shape == (int(band.sum()), N_FEATURES) and near.shape == (X.shape[0],)
+    sd = X[:, 0]
+    inside = truth[band] > 0
+    assert np.all(sd[inside] > 0) and np.all(sd[~inside] < 0) and np.all(np.abs(sd) <= BAND_MM)
+    # nearest body: a background voxel takes the body it is closest to (rows of the disc split at the middle)
+    r = np.nonzero(band)[0]
+    assert np.all(near[inside] == truth[band][inside])
+    assert np.all(near[~inside & (r < 43)] == 21) and np.all(near[~inside & (r > 44) & (r < 83)] == 22)
+    # intensity relative to the own body is ~0 deep in the body, far below 0 on the background
+    i_body = X[:, 3]
+    assert abs(np.median(i_body[sd >= 3])) < 1.0 and np.median(i_body[sd <= -3]) < -5
+    # the profile looks into the body for t > 0: brighter inward than outward at the in-plane surface (the lateral
+    # faces, slices 2-3 and 21-22, have no in-plane normal)
+    k = np.nonzero(band)[2]
+    near_surface = (np.abs(sd) <= 1.5) & (k >= 5) & (k <= 19)
+    plus, minus = X[:, 7 + PROFILE_MM.index(4.0)], X[:, 7 + PROFILE_MM.index(-4.0)]
+    assert np.mean(plus[near_surface] > minus[near_surface]) == 1.0
+
+
+def test_refiner_learns_to_pull_grown_and_shrunk_outlines_back_to_the_truth():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for seed, px in ((1, 2), (2, -2), (3, 3), (4, -1)):
+        image, truth = _scan(seed)
+        pred = _grown(truth, px)
+        parts.append(band_samples(image, truth, pred, _prob(pred), (1.0, 1.0, 1.0), rng, n=15000))
+    X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    assert set(np.unique(y)) == {0, 1}
+    model = HistGradientBoostingClassifier(max_iter=40, random_state=0).fit(X, y)
+    image, truth = _scan(9)
+    for px in (2, -2):
+        pred = _grown(truth, px)
+        refined = refine_labels(image, pred, _prob(pred), (1.0, 1.0, 1.0), model)
+        assert set(np.unique(refined)) == set(np.unique(pred))  # bodies keep their values
+        for v in BODIES:
+            before, after = _dice(pred, truth, v), _dice(refined, truth, v)
+            assert after > before + 0.03 and after > 0.95, (px, v, before, after)
+    # thick slices (no every-other-slice shortcut) work the same way
+    refined = refine_labels(image, _grown(truth, 2), _prob(_grown(truth, 2)), (1.0, 1.0, 4.0), model)
+    assert min(_dice(refined, truth, v) for v in BODIES) > 0.9
+
+
+def test_refiner_leaves_an_empty_segmentation_alone():
+    image, _ = _scan(0)
+    empty = np.zeros(image.shape, np.int16)
+    assert refine_labels(image, empty, np.zeros(image.shape, np.float32), (1, 1, 1), model=None) is empty
+
+
+def test_fill_between_interpolates_probabilities_and_copies_labels():
+    known = np.array([[[0.2, 0.6, np.nan]]], np.float32)  # slices 0, 2, 4 of 6
+    out = _fill_between(known, np.array([0, 2, 4]), 6, np.nan)
+    assert np.allclose(out[0, 0, :5], [0.2, 0.4, 0.6, 0.6, np.nan], equal_nan=True)
+    assert out[0, 0, 5] != out[0, 0, 5]  # after the last known slice: its copy (unknown here)
+    labels = np.array([[[0, 7, 7]]], np.int16)
+    assert list(_fill_between(labels, np.array([0, 2, 4]), 5, 0)[0, 0]) == [0, 7, 7, 7, 7]
+
+
+def test_cleanup_keeps_each_bodys_largest_piece_and_fills_its_holes_only():
+    lab = np.zeros((40, 20, 3), np.int16)
+    lab[2:15, 2:18] = 1
+    lab[6:9, 6:9, 1] = 0  # hole in body 1 on the middle slice
+    lab[30:33, 2:5] = 1  # stray piece of body 1
+    lab[20:28, 2:18] = 2
+    lab[23:25, 8:10] = 3  # another body inside body 2: not a hole of body 2
+    out = keep_largest_and_fill(lab, [1, 2, 3])
+    assert (out[30:33, 2:5] == 0).all() and (out[6:9, 6:9, 1] == 1).all()
+    assert (out[23:25, 8:10] == 3).all() and (out == 2).sum() == (lab == 2).sum()
