@@ -15,7 +15,7 @@ are not out of distribution, and their normal anatomy, simpler than real anatomy
 
 The edge refiner (:mod:`pipeline.edge_refiner`) learns from held-out output: the real cases in 3 folds
 (stratified by source), each fold segmented by stages trained without it (same recipe), 40 000 voxels of the
-4 mm surface band per case. Training therefore fits the stages four times (~10 min on two cores).
+4 mm surface band per case. Training therefore fits the stages four times (~12 min on two cores, `--jobs 2`).
 
 ``--cv cases`` / ``--cv loso`` print a cross-validation estimate instead: train without each held-out group,
 segment its cases with the full pipeline segmenter, and score per-body Dice (pipeline.evaluate).

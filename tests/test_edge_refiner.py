@@ -97,6 +97,12 @@ def test_refiner_learns_to_pull_grown_and_shrunk_outlines_back_to_the_truth():
     # thick slices (no every-other-slice shortcut) work the same way
     refined = refine_labels(image, _grown(truth, 2), _prob(_grown(truth, 2)), (1.0, 1.0, 4.0), model)
     assert min(_dice(refined, truth, v) for v in BODIES) > 0.9
+    # a fine DICOM-like matrix (0.5 mm pixels): classified on the ~1 mm lattice, the pixels between filled in
+    fine = lambda a: np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)  # noqa: E731
+    grown = _grown(fine(truth), 4)
+    refined = refine_labels(fine(image), grown, _prob(grown), (0.5, 0.5, 1.0), model)
+    for v in BODIES:
+        assert _dice(refined, fine(truth), v) > max(0.95, _dice(grown, fine(truth), v) + 0.03)
 
 
 def test_refiner_leaves_an_empty_segmentation_alone():
@@ -107,11 +113,13 @@ def test_refiner_leaves_an_empty_segmentation_alone():
 
 def test_fill_between_interpolates_probabilities_and_copies_labels():
     known = np.array([[[0.2, 0.6, np.nan]]], np.float32)  # slices 0, 2, 4 of 6
-    out = _fill_between(known, np.array([0, 2, 4]), 6, np.nan)
+    out = _fill_between(known, np.array([0, 2, 4]), 6, np.nan, axis=2)
     assert np.allclose(out[0, 0, :5], [0.2, 0.4, 0.6, 0.6, np.nan], equal_nan=True)
     assert out[0, 0, 5] != out[0, 0, 5]  # after the last known slice: its copy (unknown here)
     labels = np.array([[[0, 7, 7]]], np.int16)
-    assert list(_fill_between(labels, np.array([0, 2, 4]), 5, 0)[0, 0]) == [0, 7, 7, 7, 7]
+    assert list(_fill_between(labels, np.array([0, 2, 4]), 5, 0, axis=2)[0, 0]) == [0, 7, 7, 7, 7]
+    rows = _fill_between(np.array([[[1.0]], [[3.0]]], np.float32), np.array([0, 2]), 3, np.nan, axis=0)  # any axis
+    assert rows.shape == (3, 1, 1) and np.allclose(rows[:, 0, 0], [1.0, 2.0, 3.0])
 
 
 def test_cleanup_keeps_each_bodys_largest_piece_and_fills_its_holes_only():
