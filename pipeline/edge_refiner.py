@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .segment import keep_largest_piece, normalise
+
 BAND_MM = 4.0  # voxels within this distance of a body surface (either side) are re-decided
 PROFILE_MM = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # intensity samples along the surface normal (> 0: into the body)
 REMOVE_BELOW = 0.3  # a body voxel leaves its body below this probability
@@ -69,8 +71,6 @@ def band_features(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spaci
     r, c, k = np.nonzero(band)
     near = labels[idx[0][band], idx[1][band], idx[2][band]].astype(np.int64)  # a body voxel is its own nearest
     del idx
-
-    from .segment import normalise
 
     n = normalise(image.astype(np.float32))
     ids = np.unique(labels[body]).astype(np.int64)
@@ -118,9 +118,10 @@ def band_features(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spaci
     return band, near.astype(np.int16), np.stack(feats, axis=1).astype(np.float32)
 
 
-def _prepare(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spacing):
-    """Crop to the bodies, keep the classified lattice (:func:`_lattice`), compute the band features there."""
-    box = crop_box(labels, spacing)
+def _prepare(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spacing, box=None):
+    """Crop to the bodies (``box``: :func:`crop_box`, computed when not given), keep the classified lattice
+    (:func:`_lattice`), compute the band features there."""
+    box = box or crop_box(labels, spacing)
     if box is None:
         return None
     lattice = _lattice(labels[box].shape, spacing)
@@ -166,27 +167,23 @@ def keep_largest_and_fill(labels: np.ndarray, ids) -> np.ndarray:
     """Per body: its largest connected piece only, and holes filled slice by slice (where no other body is)."""
     out = labels.copy()
     per_slice = np.zeros((3, 3, 3), bool)
-    per_slice[:, :, 1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
-    boxes = ndimage.find_objects(out.astype(np.int64))
+    per_slice[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    boxes = ndimage.find_objects(out)
     for i in ids:
         if i > len(boxes) or boxes[i - 1] is None:
             continue
-        s = boxes[i - 1]
-        view = out[s]
-        own = view == i
-        pieces, n = ndimage.label(own)
-        if n > 1:
-            largest = 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
-            view[own & (pieces != largest)] = 0
-            own = pieces == largest
-        holes = ndimage.binary_fill_holes(own, per_slice) & (view == 0)
+        view = out[boxes[i - 1]]
+        keep_largest_piece(view, i)
+        holes = ndimage.binary_fill_holes(view == i, per_slice) & (view == 0)
         view[holes] = i
     return out
 
 
-def refine_labels(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spacing, model) -> np.ndarray:
-    """Re-decide the voxels near each body's surface (see the module doc). All arrays on the input grid."""
-    prep = _prepare(image, labels, prob, spacing)
+def refine_labels(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spacing, model,
+                  box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Re-decide the voxels near each body's surface (see the module doc). All arrays on the input grid;
+    ``box``: :func:`crop_box` of ``labels`` when the caller has it already."""
+    prep = _prepare(image, labels, prob, spacing, box)
     if prep is None:
         return labels
     box, _, lattice, band, near, X = prep

@@ -40,7 +40,6 @@ import numpy as np
 from scipy import ndimage
 
 from .config import SegmentationConfig
-from .edge_refiner import crop_box, refine_labels
 from .errors import StudyError
 from .types import LUMBAR_LEVELS, Segmentation, VertebralBody, level_value
 
@@ -430,19 +429,21 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
         near_cut = np.full(m.shape, np.inf)
     markers = np.where(m & (near_cut >= core_mm), which, 0)
     lab = watershed(-p, markers, mask=m)
-    # each body keeps its largest connected piece (a stray blob of the same interval is dropped)
     for lid, found in enumerate(ndimage.find_objects(lab), start=1):  # loop over ~10 bodies
-        if found is None:
-            continue
-        piece, n = ndimage.label(lab[found] == lid)
-        if n > 1:
-            size = np.bincount(piece.ravel())
-            size[0] = 0
-            view = lab[found]
-            view[(piece > 0) & (piece != np.argmax(size))] = 0
+        if found is not None:
+            keep_largest_piece(lab[found], lid)  # a stray blob of the same interval is dropped
     lab = _recover_missing_bodies(lab, p, u, tube[box[:2]], sp, low_threshold)
     out[box] = lab
     return out, coef
+
+
+def keep_largest_piece(view: np.ndarray, lid: int) -> None:
+    """In place: label ``lid`` of ``view`` (its bounding box, typically) keeps only its largest connected piece."""
+    piece, n = ndimage.label(view == lid)
+    if n > 1:
+        size = np.bincount(piece.ravel())
+        size[0] = 0
+        view[(piece > 0) & (piece != np.argmax(size))] = 0
 
 
 def _recover_missing_bodies(lab: np.ndarray, prob: np.ndarray, along: np.ndarray, tube: np.ndarray, sp,
@@ -799,13 +800,15 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         lut[lid] = val
         bodies_meta.append((name, val, v))
     work_labels = lut[lab]
-    if work_labels.shape[:2] != image.shape[:2]:
-        labels = _to_input_grid(work_labels, image.shape)
-        prob = _resample_inplane(prob, image.shape, crop_box(labels, spacing))  # where the refiner looks
-    else:
-        labels = work_labels
+    from .edge_refiner import crop_box, refine_labels
+
+    resampled = work_labels.shape[:2] != image.shape[:2]
+    labels = _to_input_grid(work_labels, image.shape) if resampled else work_labels
+    box = crop_box(labels, spacing)  # everything the refiner reads or changes
+    if resampled:
+        prob = _resample_inplane(prob, image.shape, box)
     if cfg.refine_edges and model.get("refiner") is not None:
-        labels = refine_labels(image, labels, prob, spacing, model["refiner"])
+        labels = refine_labels(image, labels, prob, spacing, model["refiner"], box)
     vox_in = spacing[0] * spacing[1] * spacing[2]
     bodies = []
     present = np.bincount(labels.ravel(), minlength=max(v for _, v, _ in bodies_meta) + 1) if bodies_meta else []

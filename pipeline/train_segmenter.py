@@ -297,8 +297,6 @@ def _held_out_band_samples(args) -> tuple[np.ndarray, np.ndarray]:
     truth = load_nifti(row["labels_path"]).data
     box = common_box(truth.shape, img.data.shape)
     image = img.data[box]
-    if row.get("remap"):
-        image = remap_intensity(image, row["remap"])
     seg = segment_vertebrae(image, img.spacing, SegmentationConfig(refine_edges=False), keep_below_s1=True, model=model)
     return band_samples(image, truth[box], seg.labels, seg.body_probability, img.spacing, np.random.default_rng(seed))
 
