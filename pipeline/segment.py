@@ -13,8 +13,8 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
 3. **Stage 2 — body or not, voxel by voxel** ("auto-context", Tu & Bai 2010): a second classifier sees fine
    image features *and* the stage-1 map around the voxel (6-24 mm above / below, 7.5-30 mm in front / behind,
    4-10 mm to the sides), so it learns the shape of the column and the rhythm of bodies and discs. It only runs
-   within 40 mm of the column fitted through stage 1 and near stage-1 body voxels (thin slices: every other
-   slice, interpolated).
+   within 40 mm of the column fitted through stage 1 and near stage-1 body voxels (thin slices: every ~3 mm,
+   interpolated).
 4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
    body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
    bodies, seeds grow back by watershed. Each body is then completed (notches closed, holes filled, in-plane
@@ -49,6 +49,11 @@ MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.jobli
 WORK_MM = 1.5  # in-plane working resolution (mm)
 
 STAGE1_MM = 3.0  # stage-1 in-plane grid (mm)
+# Thin slices are classified on a sub-lattice about this far apart; the slices between are interpolated.
+STAGE1_SLICE_MM = 3.0  # stage 1 only has to say roughly where the bodies are
+# Stage 2 every 3 mm instead of 2 mm: held-out Dice 0.7616 -> 0.7664 (3-fold, refiner retrained), a third fewer voxels.
+# 4-5 mm: 0.763; stage 1 every 6 mm: 0.757; stage 2 on a 3 mm in-plane lattice too: 0.761.
+STAGE2_SLICE_MM = 3.0
 COLUMN_HALF_WIDTH_MM = 40.0  # stage 2 runs within this distance of the column stage 1 found
 
 
@@ -195,9 +200,17 @@ def stage2_features(norm: np.ndarray, p1: np.ndarray, slice_mm: float, where: np
     def at(a, dv=0, dh=0, dk=0):
         return a[np.clip(ii + dv, 0, a.shape[0] - 1), np.clip(jj + dh, 0, a.shape[1] - 1), np.clip(kk + dk, 0, a.shape[2] - 1)]
 
-    s15 = _gauss(norm, 1.5)
-    feats = [at(_gauss(norm, 0.7)), at(s15), at(_local_z(s15, 12.0)), at(_grad(norm, 1.0)), at(_grad(norm, 2.0))]
-    feats += [at(h) for h in _hessian_eigenvalues(norm, 2.0)]
+    # The image features are in-plane: computed on the slices that hold a voxel of ``where`` only.
+    ks = np.flatnonzero(where.any(axis=(0, 1)))
+    n_ks = np.ascontiguousarray(norm[:, :, ks])
+    pos = np.searchsorted(ks, kk)
+
+    def at_ks(a):
+        return a[ii, jj, pos]
+
+    s15 = _gauss(n_ks, 1.5)
+    feats = [at_ks(_gauss(n_ks, 0.7)), at_ks(s15), at_ks(_local_z(s15, 12.0)), at_ks(_grad(n_ks, 1.0)), at_ks(_grad(n_ks, 2.0))]
+    feats += [at_ks(h) for h in _hessian_eigenvalues(n_ks, 2.0)]
     ps = _gauss(p1, 2.0)
     feats += [at(p1), at(ps)]
     feats += [at(ps, dv=int(round(d / px))) for d in _S2_VERT_MM]
@@ -225,29 +238,39 @@ def load_model():
     return model
 
 
+def classified_slices(n: int, slice_mm: float, pitch_mm: float) -> np.ndarray:
+    """Indices of the slices a classifier sees: about every ``pitch_mm`` (all when slices are that thick), always
+    the first and the last one."""
+    step = max(1, int(round(pitch_mm / max(slice_mm, 1e-3))))
+    return np.unique(np.r_[np.arange(0, n, step), n - 1])
+
+
+def interpolate_slices(p: np.ndarray, ks: np.ndarray, n: int) -> np.ndarray:
+    """``p`` holds slices ``ks`` (increasing, first 0, last n - 1) of an ``n``-slice volume; linear in between."""
+    if ks.size == n:
+        return p
+    pos = np.interp(np.arange(n), ks, np.arange(ks.size))
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, ks.size - 1)
+    w = (pos - lo).astype(np.float32)
+    return p[:, :, lo] * (1 - w) + p[:, :, hi] * w
+
+
 def stage1_probability(model, norm: np.ndarray, slice_mm: float) -> np.ndarray:
     """Stage-1 P(body) on the working grid.
 
-    Classified on the 3 mm in-plane grid and, for thin slices, on every slice ~3 mm apart only (linear
-    interpolation between them): stage 1 only has to say roughly where the bodies are.
+    Classified on the 3 mm in-plane grid and, for thin slices, on every slice ~``STAGE1_SLICE_MM`` apart only
+    (linear interpolation between them): stage 1 only has to say roughly where the bodies are.
     """
     n3 = _down2(norm)
-    step = max(1, int(round(STAGE1_MM / max(slice_mm, 1e-3))))
-    ks = np.unique(np.r_[np.arange(0, n3.shape[2], step), n3.shape[2] - 1])
+    ks = classified_slices(n3.shape[2], slice_mm, STAGE1_SLICE_MM)
     sub = np.ascontiguousarray(n3[:, :, ks])
     X = stage1_features(sub)
     cand = (sub > 0.02).reshape(-1)
     p = np.zeros(sub.size, np.float32)
     if cand.any():
         p[cand] = model.predict_proba(X[cand])[:, 1]
-    p = p.reshape(sub.shape)
-    if ks.size != n3.shape[2]:
-        pos = np.interp(np.arange(n3.shape[2]), ks, np.arange(ks.size))
-        lo = np.floor(pos).astype(int)
-        hi = np.minimum(lo + 1, ks.size - 1)
-        w = (pos - lo).astype(np.float32)
-        p = p[:, :, lo] * (1 - w) + p[:, :, hi] * w
-    return _up2(p, norm.shape)
+    return _up2(interpolate_slices(p.reshape(sub.shape), ks, n3.shape[2]), norm.shape)
 
 
 def column_region(p1: np.ndarray, sp, half_width_mm: float) -> np.ndarray | None:
@@ -279,11 +302,12 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         cand &= column
     if region is not None:
         cand &= region
-    # Thin slices (< 1.5 mm): stage 2 runs on every other slice, the ones between are interpolated; a body
-    # spans 30+ such slices, and this halves the classifier's work on isotropic volumes.
-    thin = sp[2] < 1.5 and cand.shape[2] >= 3
-    if thin:
-        cand[:, :, 1::2] = False
+    # Thin slices: stage 2 runs on slices ~STAGE2_SLICE_MM apart, the ones between are interpolated (a body spans
+    # 13+ of them); a third of the classifier's work on isotropic volumes.
+    ks = classified_slices(cand.shape[2], sp[2], STAGE2_SLICE_MM)
+    skipped = np.ones(cand.shape[2], bool)
+    skipped[ks] = False
+    cand[:, :, skipped] = False
     prob = np.zeros(work.shape, np.float32)
     if not cand.any():
         return prob, zoom, column
@@ -298,11 +322,8 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     X = stage2_features(np.ascontiguousarray(norm[box]), np.ascontiguousarray(p1[box]), sp[2], where=cand[box])
     sub = prob[box]
     sub[cand[box]] = model["stage2"].predict_proba(X)[:, 1]
-    if thin:
-        # odd slices: mean of the even neighbours (the last odd slice, without a right neighbour, copies its left)
-        left = prob[:, :, 0:-1:2]
-        right = np.concatenate([prob[:, :, 2::2], prob[:, :, -1:]], axis=2)[:, :, : left.shape[2]]
-        prob[:, :, 1::2] = 0.5 * (left + right)[:, :, : prob[:, :, 1::2].shape[2]]
+    if ks.size < prob.shape[2]:
+        prob = interpolate_slices(prob[:, :, ks], ks, prob.shape[2])
         if region is not None:
             prob[~region] = 0
     return prob, zoom, column
