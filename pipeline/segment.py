@@ -509,11 +509,11 @@ def hull_bodies(lab: np.ndarray, ids, min_pixels: int = 20) -> np.ndarray:
     from skimage.morphology import convex_hull_image
 
     out = lab.copy()
+    boxes = ndimage.find_objects(lab)
     for lid in ids:  # loop over bodies x slices (~10 x 60 small 2-D hulls)
-        found = ndimage.find_objects((lab == lid).astype(np.int8))
-        if not found or found[0] is None:
+        box = boxes[lid - 1] if lid <= len(boxes) else None
+        if box is None:
             continue
-        box = found[0]
         m = lab[box] == lid
         view = out[box]
         for k in range(m.shape[2]):
@@ -589,11 +589,12 @@ def smooth_bodies(lab: np.ndarray, ids: np.ndarray, spacing_work, radius_mm: flo
     plane = np.zeros((3, 3, 3), bool)
     plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     out = lab.copy()
-    for lid in ids:  # loop over ~6-10 bodies; each step is a whole-volume array operation
-        sl = ndimage.find_objects((lab == lid).astype(np.int8))
-        if not sl or sl[0] is None:
+    boxes = ndimage.find_objects(lab)
+    for lid in ids:  # loop over ~6-10 bodies, each in its own box
+        found = boxes[lid - 1] if lid <= len(boxes) else None
+        if found is None:
             continue
-        box = tuple(slice(max(0, s.start - r - 1), s.stop + r + 1) for s in sl[0])
+        box = tuple(slice(max(0, s.start - r - 1), s.stop + r + 1) for s in found)
         m = lab[box] == lid
         closed = ndimage.binary_closing(np.pad(m, ((r, r), (r, r), (0, 0))), structure=disk)[r:-r, r:-r]
         filled = ndimage.binary_fill_holes(closed, structure=plane)
@@ -605,8 +606,10 @@ def smooth_bodies(lab: np.ndarray, ids: np.ndarray, spacing_work, radius_mm: flo
 def _tilts(lab: np.ndarray, ids: np.ndarray, spacing_work) -> np.ndarray:
     """Endplate tilt (degrees, signed, image coordinates) of each component in its mid slab."""
     out = np.zeros(len(ids))
+    boxes = ndimage.find_objects(lab)
     for n, lid in enumerate(ids):  # loop over <= ~12 bodies
-        ii, jj, kk = np.nonzero(lab == lid)
+        box = boxes[lid - 1]
+        ii, jj, kk = np.nonzero(lab[box] == lid)  # box coordinates: slopes and the median slice are shift-free
         kc = int(np.median(kk))
         sel = np.abs(kk - kc) <= 1
         ii, jj = ii[sel], jj[sel]

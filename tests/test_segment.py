@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import SegmentationConfig
 from pipeline.evaluate import hd95, per_body_scores
 from pipeline.segment import (
+    classified_slices,
     complete_heights,
     hull_bodies,
     label_counts_and_centroids,
@@ -17,6 +18,7 @@ from pipeline.segment import (
     spine_curve,
     split_column,
     stage1_probability,
+    stage2_features,
     to_work_grid,
 )
 
@@ -103,6 +105,28 @@ def test_stage1_interpolates_skipped_thin_slices():
     assert np.allclose(thin[:, :, [0, 3, 6, 8]], thick[:, :, [0, 3, 6, 8]])
     # linear ramp: interpolation between classified slices reproduces the classified value
     assert np.allclose(thin[20, 20], thick[20, 20], atol=1e-3)
+
+
+def test_classified_slices_keep_the_ends_and_thick_slices_are_all_classified():
+    assert classified_slices(10, 1.0, 3.0).tolist() == [0, 3, 6, 9]
+    assert classified_slices(11, 1.0, 3.0).tolist() == [0, 3, 6, 9, 10]  # the last slice is always seen
+    assert classified_slices(12, 4.0, 3.0).tolist() == list(range(12))
+    assert classified_slices(1, 1.0, 3.0).tolist() == [0]
+
+
+def test_stage2_features_on_a_few_slices_equal_those_of_the_whole_volume():
+    # the image features are computed on the slices that hold a voxel of `where` only: the values there must be
+    # the ones the whole-volume computation gives (in-plane filters), the stage-1 neighbours still read every slice
+    rng = np.random.default_rng(3)
+    norm = rng.random((30, 34, 12)).astype(np.float32)
+    p1 = rng.random((30, 34, 12)).astype(np.float32)
+    where = np.zeros(norm.shape, bool)
+    where[5:25, 4:30, [0, 3, 6, 9, 11]] = True
+    where &= rng.random(norm.shape) < 0.5
+    every = stage2_features(norm, p1, 1.0)
+    few = stage2_features(norm, p1, 1.0, where=where)
+    assert few.shape == (where.sum(), every.shape[1])
+    assert np.allclose(few, every[where.reshape(-1)], atol=1e-5)
 
 
 def test_complete_heights_restores_a_body_short_at_one_endplate():
