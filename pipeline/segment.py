@@ -405,7 +405,8 @@ def _column_coordinates(coef: np.ndarray, shape, sp) -> tuple[np.ndarray, np.nda
 
 def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 35.0,
                  min_gap_mm: float = 18.0, core_mm: float = 4.0,
-                 low_threshold: float = 0.2) -> tuple[np.ndarray, np.ndarray | None]:
+                 low_threshold: float = 0.2, grow_threshold: float | None = None,
+                 grow_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray | None]:
     """Instances (one label per body, top -> bottom) of ``prob > threshold`` along the spinal column, and the
     column curve (:func:`spine_curve` coefficients, None when no column was found).
 
@@ -417,11 +418,18 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     connected piece. Thin discs that a pixel classifier bridges no longer merge bodies, and everything off the
     column (bowel, iliac bone, pelvis) is gone. A body missing from the rhythm is looked for at
     ``low_threshold`` (:func:`_recover_missing_bodies`).
+
+    With ``grow_threshold`` below ``threshold``, the watershed also floods voxels above ``grow_threshold`` within
+    ``grow_mm`` of the mask: the classifier is under-confident at the edge of bodies it has not seen (held out on
+    real scans, the bodies came out too small), while the curve, the disc cuts and the seeds still come from the
+    confident mask, so a lower cut cannot bridge two bodies. The distance limit keeps a body from flooding
+    along a low-probability tongue into tissue it merely touches (a phantom's S2 below S1).
     """
     from scipy import signal
     from skimage.segmentation import watershed
 
-    mask = ndimage.binary_opening(prob > threshold, structure=np.ones((3, 3, 1), bool))
+    opening = np.ones((3, 3, 1), bool)
+    mask = ndimage.binary_opening(prob > threshold, structure=opening)
     out = np.zeros(prob.shape, np.int32)
     coef = spine_curve(mask, sp)
     if coef is None:
@@ -431,9 +439,17 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     mask &= tube
     if not mask.any():
         return out, coef
-    # crop to the tube: the rest of the field of view is empty from here on
+    # crop to the tube (and the growth margin): the rest of the field of view is empty from here on
     box = ndimage.find_objects(mask.astype(np.int8))[0]
+    growing = grow_threshold is not None and grow_threshold < threshold and grow_mm > 0
+    if growing:
+        pad = [int(np.ceil(grow_mm / s)) for s in sp]
+        box = tuple(slice(max(b.start - d, 0), min(b.stop + d, n)) for b, d, n in zip(box, pad, mask.shape, strict=True))
     m, p = mask[box], prob[box]
+    grown = m
+    if growing:
+        near = ndimage.distance_transform_edt(~m, sampling=sp) <= grow_mm
+        grown = m | (near & (p > grow_threshold) & tube[box[:2]])
     u = np.broadcast_to(along[box[:2]][:, :, None], m.shape)
     bins = np.round(u[m] / sp[0]).astype(np.int64)
     first = int(bins.min())
@@ -449,7 +465,7 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     else:
         near_cut = np.full(m.shape, np.inf)
     markers = np.where(m & (near_cut >= core_mm), which, 0)
-    lab = watershed(-p, markers, mask=m)
+    lab = watershed(-p, markers, mask=grown)
     for lid, found in enumerate(ndimage.find_objects(lab), start=1):  # loop over ~10 bodies
         if found is not None:
             keep_largest_piece(lab[found], lid)  # a stray blob of the same interval is dropped
@@ -759,7 +775,8 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
             np.maximum(prob, p2, out=prob)
     sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], spacing[2])
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
-    lab, column = split_column(prob, sp_work, cfg.probability_threshold)
+    lab, column = split_column(prob, sp_work, cfg.probability_threshold, grow_threshold=cfg.grow_threshold,
+                               grow_mm=cfg.grow_max_mm)
     ids = np.unique(lab)
     ids = ids[ids > 0]
     if ids.size == 0:

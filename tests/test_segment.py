@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pipeline.config import SegmentationConfig
 from pipeline.evaluate import hd95, per_body_scores
@@ -77,6 +78,29 @@ def test_split_column_separates_bodies_bridged_through_their_discs_and_drops_off
     assert tops == sorted(tops)  # numbered top -> bottom
     empty, no_column = split_column(np.zeros_like(prob), (1.0, 1.0, 1.0))
     assert not empty.any() and no_column is None
+
+
+def test_split_column_grows_bodies_into_their_under_confident_rim_but_not_beyond_grow_mm():
+    prob, truth = _column_prob()
+    body = truth > 0
+    rim = body & ~ndimage.binary_erosion(body, structure=np.ones((3, 3, 1), bool), iterations=2)
+    prob[rim] = 0.4  # the outer 2 mm of every body is under-confident (real scans held out)
+    rows3 = np.nonzero((truth == 3).any(axis=(1, 2)))[0]
+    front = np.nonzero((truth == 3).any(axis=(0, 2)))[0].min()
+    tongue = prob[rows3[5]:rows3[-5], front - 12:front + 8, 1:-1]  # a view
+    tongue[tongue == 0] = 0.4  # an under-confident tongue leaving body 3 anteriorly
+    sp = (1.0, 1.0, 1.0)
+    plain, _ = split_column(prob, sp, threshold=0.5, min_gap_mm=15.0)
+    grown, _ = split_column(prob, sp, threshold=0.5, min_gap_mm=15.0, grow_threshold=0.3, grow_mm=3.0)
+    assert np.unique(grown[grown > 0]).size == np.unique(plain[plain > 0]).size == 6
+    confident = prob > 0.5
+    assert np.array_equal(grown[confident & (plain > 0)], plain[confident & (plain > 0)])  # same instances
+    assert (plain[rim] > 0).mean() < 0.2 and (grown[rim] > 0).mean() > 0.9  # the rim is taken back
+    far = ndimage.distance_transform_edt(~confident, sampling=sp) > 3.0
+    assert not (grown[far] > 0).any()  # the tongue is cut 3 mm from the confident body
+    assert (grown[rows3[5]:rows3[-5], front - 12:front + 8] > 0).sum() > (plain[rows3[5]:rows3[-5], front - 12:front + 8] > 0).sum()
+    dice = {r["truth_label"]: r["dice"] for r in per_body_scores(truth, grown, sp)[0]}
+    assert min(dice.values()) > max(r["dice"] for r in per_body_scores(truth, plain, sp)[0])
 
 
 def test_hull_bodies_fills_bites_but_never_takes_a_neighbour():
