@@ -53,7 +53,8 @@ class SegmentationConfig:
     probability_threshold: float = _f(0.5, 0.05, 0.95, doc="voxels with body probability above this form the body mask")
     grow_threshold: float = _f(0.2, 0.05, 0.95, doc="the bodies found at probability_threshold grow into neighbouring "
                                "voxels above this (the split between bodies is unchanged); equal to probability_threshold: off")
-    grow_max_mm: float = _f(3.0, 0.0, 10.0, doc="... at most this far from the body found at probability_threshold")
+    grow_max_mm: float = _f(3.0, 0.0, 10.0, doc="a growing body takes no voxel farther than this from its part found at "
+                            "probability_threshold (0: no growth)")
     max_off_axis_mm: float = _f(25.0, 5.0, 100.0, doc="components farther than this from the spinal column line are dropped")
     complete_max_mm: float = _f(10.0, 0.0, 20.0, doc="a body shorter than its neighbours next to an abnormally wide gap is extended by at most this")
     sacral_tilt_deg: float = _f(30.0, 5.0, 60.0, doc="a lowest lumbar body tilted more than this is flagged as possibly transitional")

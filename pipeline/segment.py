@@ -428,8 +428,7 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     from scipy import signal
     from skimage.segmentation import watershed
 
-    opening = np.ones((3, 3, 1), bool)
-    mask = ndimage.binary_opening(prob > threshold, structure=opening)
+    mask = ndimage.binary_opening(prob > threshold, structure=np.ones((3, 3, 1), bool))
     out = np.zeros(prob.shape, np.int32)
     coef = spine_curve(mask, sp)
     if coef is None:
