@@ -19,6 +19,7 @@ posterior, so the ratios that drive the fracture flag are unaffected.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -282,7 +283,8 @@ def _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg) -> list[dict[str, 
     hi_bins = slice(nbins - max(2, int(round((0.05 + f) * nbins))), nbins - 1)
     mid_bins = slice(int(nbins / 2 - f * nbins / 2), int(np.ceil(nbins / 2 + f * nbins / 2)))
     out = []
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a zone with no column of the body (degenerate mask): height NaN, unmeasured
+        warnings.simplefilter("ignore", RuntimeWarning)
         ant = np.nanmedian(ext[:, lo_bins], axis=1) if n else np.array([])
         mid = np.nanmedian(ext[:, mid_bins], axis=1) if n else np.array([])
         post = np.nanmedian(ext[:, hi_bins], axis=1) if n else np.array([])
