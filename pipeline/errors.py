@@ -36,6 +36,12 @@ class StudyError(Exception):
         self.message = message
         self.details = details or {}
 
+    def __reduce__(self):
+        # Exceptions pickle as cls(*self.args); ours takes (code, message), not the one formatted string. Without
+        # this, a StudyError raised in a worker process (ProcessPoolExecutor, dask) broke the whole pool instead
+        # of reaching the caller.
+        return (self.__class__, (self.code, self.message), {"details": self.details})
+
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "details": self.details}
 

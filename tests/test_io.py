@@ -203,3 +203,21 @@ def test_dcm2niix_agrees_on_world_geometry(tmp_path):
     ours = nib.as_closest_canonical(nib.Nifti1Image(vol.data, vol.affine))
     np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-3)
     np.testing.assert_allclose(np.asarray(ours.dataobj), np.asarray(ref.dataobj, dtype=np.float32), rtol=1e-4, atol=1e-3)
+
+
+def test_study_error_crosses_a_process_boundary_with_its_code_message_and_details():
+    # Workers (process pools, dask) send exceptions back pickled; a StudyError that cannot be rebuilt breaks the
+    # pool ("A process in the process pool was terminated abruptly") instead of failing one study.
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    err = pickle.loads(pickle.dumps(StudyError("TOO_FEW_SLICES", "3 slices", details={"n": 3})))
+    assert (err.code, err.message, err.details, str(err)) == ("TOO_FEW_SLICES", "3 slices", {"n": 3}, "TOO_FEW_SLICES: 3 slices")
+    with ProcessPoolExecutor(1) as ex:
+        with pytest.raises(StudyError) as info:
+            ex.submit(_raise_study_error).result()
+    assert info.value.code == "IMAGE_EMPTY" and info.value.details == {"why": "test"}
+
+
+def _raise_study_error():
+    raise StudyError("IMAGE_EMPTY", "all voxels are zero", details={"why": "test"})
