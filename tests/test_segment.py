@@ -348,6 +348,25 @@ def test_phantom_samples_concentrate_on_the_focus_rows():
     assert _per_class({"source": "vb1", "remap": "invert"}, 6000, (32, 8)) == (3000, 0)
 
 
+def test_phantom_sacrum_under_s1_is_background_for_training_but_unknown_rows_of_real_scans_are_not_used():
+    from pipeline.train_segmenter import SACRUM_KNOWN_MM, _focus_rows, _rows_below, _rows_known
+
+    lab = np.zeros((120, 10, 2), np.int16)
+    lab[20:32, 2:8] = 5  # L5
+    lab[40:52, 2:8] = 6  # S1, the lowest annotated body
+    phantom, real = {"source": "phantom", "known_below_mm": SACRUM_KNOWN_MM}, {"source": "vb1"}
+    pitch = 1.5
+    below = _rows_below(phantom, pitch, 3)
+    assert below * pitch == pytest.approx(SACRUM_KNOWN_MM, abs=pitch) and SACRUM_KNOWN_MM >= 30  # S2 and more
+    assert _rows_below(real, pitch, 3) == 3 and _rows_below({"known_below_mm": 1.0}, pitch, 3) == 3
+    rows_phantom = np.flatnonzero(_rows_known(lab > 0, 3, below)[:, 0, 0])
+    rows_real = np.flatnonzero(_rows_known(lab > 0, 3, _rows_below(real, pitch, 3))[:, 0, 0])
+    assert rows_real[0] == rows_phantom[0] == 17  # above the bodies: the margin either way
+    assert rows_real[-1] == 54 and rows_phantom[-1] == 51 + below  # under S1: a margin of a real scan, the sacrum of a phantom
+    focus = np.flatnonzero(_focus_rows(lab, [6], 6, below)[:, 0, 0])
+    assert focus[0] == 34 and focus[-1] == min(119, 51 + below)
+
+
 
 def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():
     from pipeline.segment import _resample_inplane
