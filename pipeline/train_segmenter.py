@@ -107,21 +107,21 @@ def remap_intensity(image: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"unknown remap {kind!r}")
 
 
-def _rows_known(body: np.ndarray, margin: int, below: int | None = None) -> np.ndarray:
-    """Rows within ``margin`` of the annotated bodies (``below`` rows under the lowest, default ``margin``): above /
-    below them live unannotated vertebrae (vb3 labels L1-L5 only, vb2 T11-L5), whose voxels are neither body nor
+def _rows_known(body: np.ndarray, margin: int, below: int = 0) -> np.ndarray:
+    """Rows within ``margin`` of the annotated bodies (under the lowest: ``below`` rows when more): above / below
+    them live unannotated vertebrae (vb3 labels L1-L5 only, vb2 T11-L5), whose voxels are neither body nor
     background for training."""
     rows = np.flatnonzero(body.any(axis=(1, 2)))
     ok = np.zeros(body.shape[0], bool)
     if rows.size:
-        ok[max(0, rows.min() - margin): rows.max() + (margin if below is None else below) + 1] = True
+        ok[max(0, rows.min() - margin): rows.max() + max(margin, below) + 1] = True
     return np.broadcast_to(ok[:, None, None], body.shape)
 
 
-def _rows_below(row: dict, pitch_mm: float, margin: int) -> int:
-    """Rows under the lowest annotated body whose labels are known: ``margin``, or for a row with
-    ``known_below_mm`` (the phantoms, whose truth ends at S1: the sacrum under it is background) that far."""
-    return max(margin, int(round(float(row.get("known_below_mm", 0.0)) / pitch_mm)))
+def _rows_below(row: dict, pitch_mm: float) -> int:
+    """Rows under the lowest annotated body whose labels are known from the row itself: ``known_below_mm`` (the
+    phantoms, whose truth ends at S1: the sacrum under it is background), 0 for the real scans."""
+    return int(round(float(row.get("known_below_mm", 0.0)) / pitch_mm))
 
 
 def _balanced(y: np.ndarray, usable: np.ndarray, near: np.ndarray, rng, n_per_class: int) -> np.ndarray:
@@ -132,10 +132,10 @@ def _balanced(y: np.ndarray, usable: np.ndarray, near: np.ndarray, rng, n_per_cl
     return np.concatenate(picks) if picks else np.zeros(0, np.int64)
 
 
-def _focus_rows(lab: np.ndarray, values, margin: int, below: int | None = None) -> np.ndarray | None:
+def _focus_rows(lab: np.ndarray, values, margin: int, below: int = 0) -> np.ndarray | None:
     """Rows from the top of the highest to the bottom of the lowest of the bodies ``values`` (a phantom's planted
-    lesions and S1, so the bodies between them too) +- ``margin`` (``below``: under the lowest); None without
-    values."""
+    lesions and S1, so the bodies between them too) +- ``margin`` (under the lowest: ``below`` when more); None
+    without values."""
     return _rows_known(np.isin(lab, values), margin, below) if values else None
 
 
@@ -152,9 +152,10 @@ def stage1_samples(row: dict, rng: np.random.Generator, n_per_class: int = 5000,
     work, lab, _ = load_case(row)
     n3 = _down2(normalise(work))
     y = _down2((lab > 0).astype(np.float32)) > 0.5
-    usable = _rows_known(y, 1, _rows_below(row, STAGE1_MM, 1)) & (n3 > 0.02)
+    below = _rows_below(row, STAGE1_MM)
+    usable = _rows_known(y, 1, below) & (n3 > 0.02)
     near = ndimage.binary_dilation(y, iterations=3)
-    focus = _focus_rows(lab[::2, ::2][: n3.shape[0], : n3.shape[1]], row.get("focus"), 3, _rows_below(row, STAGE1_MM, 3))
+    focus = _focus_rows(lab[::2, ::2][: n3.shape[0], : n3.shape[1]], row.get("focus"), 3, below)
     idx = _draw(y, usable, near, focus, rng, n_per_class, n_focus)
     return stage1_features(n3)[idx], y.reshape(-1)[idx]
 
@@ -165,10 +166,10 @@ def stage2_samples(row: dict, stage1_model, rng: np.random.Generator, n_per_clas
     body = lab > 0
     norm = normalise(work)
     p1 = stage1_probability(stage1_model, norm, sp[2])
-    usable = _rows_known(body, 3, _rows_below(row, WORK_MM, 3)) & stage2_candidates(p1, norm)
+    below = _rows_below(row, WORK_MM)
+    usable = _rows_known(body, 3, below) & stage2_candidates(p1, norm)
     near = ndimage.binary_dilation(body, iterations=4)
-    focus = _focus_rows(lab, row.get("focus"), 6, _rows_below(row, WORK_MM, 6))
-    idx = _draw(body, usable, near, focus, rng, n_per_class, n_focus)
+    idx = _draw(body, usable, near, _focus_rows(lab, row.get("focus"), 6, below), rng, n_per_class, n_focus)
     where = np.zeros(body.size, bool)
     where[idx] = True
     return stage2_features(norm, p1, sp[2], where.reshape(body.shape)), body.reshape(-1)[where]

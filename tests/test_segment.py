@@ -356,11 +356,13 @@ def test_phantom_sacrum_under_s1_is_background_for_training_but_unknown_rows_of_
     lab[40:52, 2:8] = 6  # S1, the lowest annotated body
     phantom, real = {"source": "phantom", "known_below_mm": SACRUM_KNOWN_MM}, {"source": "vb1"}
     pitch = 1.5
-    below = _rows_below(phantom, pitch, 3)
+    below = _rows_below(phantom, pitch)
     assert below * pitch == pytest.approx(SACRUM_KNOWN_MM, abs=pitch) and SACRUM_KNOWN_MM >= 30  # S2 and more
-    assert _rows_below(real, pitch, 3) == 3 and _rows_below({"known_below_mm": 1.0}, pitch, 3) == 3
+    assert _rows_below(real, pitch) == 0
     rows_phantom = np.flatnonzero(_rows_known(lab > 0, 3, below)[:, 0, 0])
-    rows_real = np.flatnonzero(_rows_known(lab > 0, 3, _rows_below(real, pitch, 3))[:, 0, 0])
+    rows_real = np.flatnonzero(_rows_known(lab > 0, 3, _rows_below(real, pitch))[:, 0, 0])
+    rows_short = np.flatnonzero(_rows_known(lab > 0, 3, _rows_below({"known_below_mm": 1.0}, pitch))[:, 0, 0])
+    assert rows_short.tolist() == rows_real.tolist()  # known less far than the margin: the margin
     assert rows_real[0] == rows_phantom[0] == 17  # above the bodies: the margin either way
     assert rows_real[-1] == 54 and rows_phantom[-1] == 51 + below  # under S1: a margin of a real scan, the sacrum of a phantom
     focus = np.flatnonzero(_focus_rows(lab, [6], 6, below)[:, 0, 0])
