@@ -240,17 +240,29 @@ def segment(input_path: Path, out_path: Path, config_path: str | None, png_path:
 @click.option("--no-png", is_flag=True, help="Skip the per-case PNGs.")
 @click.option("--limit", type=click.IntRange(1, None), default=None, help="Only the first N cases.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--first-level", "first_level", multiple=True, metavar="SOURCE=LEVEL",
+              help="Also score level names: SOURCE annotates consecutive bodies from LEVEL down "
+                   "(e.g. --first-level vb2=T11 --first-level vb3=L1). Repeatable.")
 def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png: bool, limit: int | None,
-                              config_path: str | None) -> None:
+                              config_path: str | None, first_level: tuple[str, ...]) -> None:
     """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
-    from .evaluate import evaluate_segmentation
+    from .evaluate import LEVEL_ORDER, evaluate_segmentation
 
+    first_levels = {}
+    for item in first_level:
+        source, _, level = item.partition("=")
+        if not source or level not in LEVEL_ORDER:
+            click.echo(f"modicscan: --first-level expects SOURCE=LEVEL with LEVEL one of {', '.join(LEVEL_ORDER)}, "
+                       f"got {item!r}", err=True)
+            sys.exit(EXIT_USAGE)
+        first_levels[source] = level
     try:
         cfg = _load_config(config_path, {})
     except ConfigError as exc:
         click.echo(f"modicscan: config error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    summary = evaluate_segmentation(cases_csv, out_dir, jobs=jobs, cfg=cfg.segmentation, write_png=not no_png, limit=limit)
+    summary = evaluate_segmentation(cases_csv, out_dir, jobs=jobs, cfg=cfg.segmentation, write_png=not no_png,
+                                    limit=limit, first_levels=first_levels)
     click.echo(json.dumps(summary, indent=1))
 
 

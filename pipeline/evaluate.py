@@ -4,6 +4,12 @@ Metric (the project's target, see ../shared/data/README.md): per-body Dice — e
 to the predicted body with the largest overlap; Dice of that pair; a missed body scores 0; mean over all
 annotated bodies of all cases. Predicted bodies with no annotated counterpart are counted as "extra"
 (they may be real unannotated vertebrae). HD95: 95th percentile of the symmetric surface distance (mm).
+
+Level names: the shared cases do not say which level each annotated body is, but a source may annotate a known
+run of consecutive levels (vb2 T11-L5, vb3 L1-L5). ``first_levels={"vb3": "L1"}`` names the annotated bodies
+of that source from the top down (L1, L2, ...) and scores the level our segmentation gave the matched body:
+correct, wrong (a confident wrong name: the worst output, every finding lands at the wrong level) or unnamed
+(``B<n>``, or the body was missed).
 """
 
 from __future__ import annotations
@@ -39,6 +45,39 @@ def common_box(shape_a, shape_b) -> tuple[slice, ...]:
     return tuple(slice(0, min(a, b)) for a, b in zip(shape_a, shape_b, strict=True))
 
 
+# Every level name in head-to-foot order: the expected names of a run of annotated bodies.
+LEVEL_ORDER: tuple[str, ...] = tuple(f"T{i}" for i in range(1, 13)) + ("L1", "L2", "L3", "L4", "L5", "S1")
+
+
+def check_level(name: str) -> None:
+    """ValueError unless ``name`` is a level name (T1..T12, L1..L5, S1)."""
+    if name not in LEVEL_ORDER:
+        raise ValueError(f"unknown level {name!r} (expected one of {', '.join(LEVEL_ORDER)})")
+
+
+def expected_levels(truth: np.ndarray, first_level: str) -> dict[int, str]:
+    """Annotated body label -> level name, for annotations of consecutive levels starting at ``first_level``
+    (bodies ordered head to foot by their mean row)."""
+    check_level(first_level)
+    t_ids = np.unique(truth)
+    t_ids = t_ids[t_ids > 0]
+    rows = ndimage.mean(np.broadcast_to(np.arange(truth.shape[0])[:, None, None], truth.shape), truth, t_ids)
+    start = LEVEL_ORDER.index(first_level)
+    ordered = t_ids[np.argsort(rows)]
+    if start + ordered.size > len(LEVEL_ORDER):
+        raise ValueError(f"{ordered.size} annotated bodies from {first_level} run past S1")
+    return {int(t): LEVEL_ORDER[start + n] for n, t in enumerate(ordered)}
+
+
+def level_outcome(expected: str | None, predicted: str | None) -> str | None:
+    """``correct`` / ``wrong`` / ``unnamed`` (no name, an unnamed ``B<n>`` body, or missed); None = not scored."""
+    if expected is None:
+        return None
+    if not predicted or predicted.startswith("B"):
+        return "unnamed"
+    return "correct" if predicted == expected else "wrong"
+
+
 def per_body_scores(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[list[dict], int]:
     """Per annotated body: matched predicted label, Dice, HD95. Returns (rows, number of extra predicted bodies)."""
     t_ids = np.unique(truth)
@@ -68,7 +107,7 @@ def per_body_scores(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[list[
 
 
 def _eval_case(args) -> dict:
-    row, out_dir, model_path, cfg, write_png = args
+    row, out_dir, model_path, cfg, write_png, first_level = args
     from . import segment
     from .io import load_nifti
 
@@ -89,14 +128,21 @@ def _eval_case(args) -> dict:
     try:
         seg = segment.segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)
         pred = seg.labels.astype(np.int32)
+        level_of = {b.value: b.level for b in seg.bodies}
         err = None
     except Exception as exc:  # noqa: BLE001 - a failed case scores 0 and says why
         pred = np.zeros_like(truth)
+        level_of = {}
         err = f"{type(exc).__name__}: {exc}"
     err = "; ".join(x for x in (err, note) if x) or None
     secs = time.perf_counter() - t
     pred = pred[: truth.shape[0], : truth.shape[1], : truth.shape[2]]
     bodies, n_extra = per_body_scores(truth, pred, img.spacing)
+    expected = expected_levels(truth, first_level) if first_level else {}
+    for b in bodies:
+        b["expected_level"] = expected.get(b["truth_label"])
+        b["predicted_level"] = level_of.get(b["pred_label"]) if b["detected"] else None
+        b["level_outcome"] = level_outcome(b["expected_level"], b["predicted_level"])
     if write_png:
         _png(img.data, truth, pred, Path(out_dir) / "png" / f"{row['case']}.png", row["case"],
              np.mean([b["dice"] for b in bodies]) if bodies else 0.0)
@@ -124,10 +170,16 @@ def _png(image, truth, pred, path: Path, title: str, dice: float) -> None:
 
 
 def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
-                  write_png: bool = True, model_path: Path | None = None) -> dict:
+                  write_png: bool = True, model_path: Path | None = None,
+                  first_levels: dict[str, str] | None = None) -> dict:
+    """Evaluate the segmentation of ``rows`` (see :func:`evaluate_segmentation`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [(r, str(out_dir), str(model_path) if model_path else None, cfg or SegmentationConfig(), write_png) for r in rows]
+    first_levels = first_levels or {}
+    for level in first_levels.values():  # fail before segmenting anything
+        check_level(level)
+    args = [(r, str(out_dir), str(model_path) if model_path else None, cfg or SegmentationConfig(), write_png,
+             first_levels.get(r["source"])) for r in rows]
     if jobs > 1:
         import multiprocessing
 
@@ -170,6 +222,10 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
         "runtime_s_median": round(float(np.median([c["seconds"] for c in per_case])), 3) if per_case else None,
         "worst_cases": sorted(per_case, key=lambda c: c["mean_dice"])[:5],
     }
+    if first_levels:
+        summary["level_naming"] = {
+            s: {k: sum(b["level_outcome"] == k for b in per_body if b["source"] == s) for k in ("correct", "wrong", "unnamed")}
+            for s in sources if s in first_levels}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
@@ -187,13 +243,17 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
-                          write_png: bool = True, limit: int | None = None) -> dict:
+                          write_png: bool = True, limit: int | None = None,
+                          first_levels: dict[str, str] | None = None) -> dict:
+    """Segment every case of ``cases_csv`` and score it against its expert mask; writes per_case.csv,
+    per_body.csv, summary.json (and a PNG per case) into ``out_dir``. ``first_levels``: source -> the level of
+    its top annotated body, to score level names as well (module doc)."""
     from .train_segmenter import read_cases
 
     rows = read_cases(Path(cases_csv))
     if limit:
         rows = rows[:limit]
-    return evaluate_rows(rows, Path(out_dir), jobs=jobs, cfg=cfg, write_png=write_png)
+    return evaluate_rows(rows, Path(out_dir), jobs=jobs, cfg=cfg, write_png=write_png, first_levels=first_levels)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,3 +50,11 @@ def test_usage_errors_exit_2_and_empty_input_exits_4(tmp_path):
     empty.mkdir()
     res = CliRunner().invoke(main, ["run", str(empty), "-o", str(tmp_path / "o2"), "--no-progress"])
     assert res.exit_code == 4
+
+
+def test_evaluate_segmentation_rejects_a_malformed_first_level(tmp_path):
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,image,labels,source\n")
+    for bad in ("vb3", "vb3=L6", "=L1"):
+        res = CliRunner().invoke(main, ["evaluate-segmentation", str(cases), "-o", str(tmp_path / "o"), "--first-level", bad])
+        assert res.exit_code == 2 and "SOURCE=LEVEL" in res.output, (bad, res.output)

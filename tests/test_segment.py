@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from pipeline.config import SegmentationConfig
-from pipeline.evaluate import hd95, per_body_scores
+from pipeline.evaluate import expected_levels, hd95, level_outcome, per_body_scores
 from pipeline.segment import (
     classified_slices,
     complete_heights,
@@ -179,6 +179,37 @@ def test_levels_counted_up_from_the_sacrum():
     assert names3[0] == "B1" and conf3 < 0.5 and "NO_SACRUM_FOUND" in flags3
 
 
+def test_a_piece_cut_by_the_bottom_of_the_field_of_view_is_no_sacrum():
+    cfg = SegmentationConfig()
+    cents = np.array([20.0, 55, 90, 125, 160, 187])  # L1 .. L5, then a piece where S1 would be
+    vols = np.array([30.0, 32, 33, 34, 33, 12])  # ... a third of a body: S1, cut by the field of view
+    names, _, _, _ = label_levels(cents, np.zeros(6), vols, cfg, others_mm=np.array([]))
+    assert names[:5] == ["L2", "L3", "L4", "L5", "S1"]  # the cut S1 taken for the sacrum: every level one too low
+    cut = np.array([False] * 5 + [True])
+    names2, conf2, flags2, _ = label_levels(cents, np.zeros(6), vols, cfg, others_mm=np.array([]), cut=cut)
+    assert names2[:5] == ["B1", "B2", "B3", "B4", "B5"] and conf2 < 0.5 and "NO_SACRUM_FOUND" in flags2
+    # body-like tissue below the last body that is not cut still counts as sacrum, whatever is cut below it
+    names3, _, _, _ = label_levels(cents, np.zeros(6), vols, cfg, others_mm=np.array([178.0]), cut=cut)
+    assert names3[:5] == ["L2", "L3", "L4", "L5", "S1"]
+
+
+def test_expected_levels_run_head_to_foot_from_the_first_annotated_level():
+    truth = np.zeros((40, 4, 2), np.int32)
+    truth[20:28] = 1  # annotators number bodies in their own order: 1 is the middle body here
+    truth[2:10] = 7
+    truth[30:38] = 3
+    assert expected_levels(truth, "L4") == {7: "L4", 1: "L5", 3: "S1"}
+    assert expected_levels(truth, "T11") == {7: "T11", 1: "T12", 3: "L1"}
+    with pytest.raises(ValueError, match="past S1"):
+        expected_levels(truth, "L5")
+    with pytest.raises(ValueError, match="unknown level"):
+        expected_levels(truth, "L6")
+    assert level_outcome("L4", "L4") == "correct"
+    assert level_outcome("L4", "L5") == "wrong"
+    assert level_outcome("L4", "B3") == level_outcome("L4", None) == "unnamed"
+    assert level_outcome(None, "L4") is None
+
+
 def test_a_small_compressed_body_in_the_rhythm_keeps_its_level():
     cfg = SegmentationConfig()
     cents = np.array([20.0, 55, 90, 125, 160, 195, 230])  # T12 .. S1, 35 mm apart
@@ -274,10 +305,15 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
 
     rows = [r for r in read_cases(vertebral_bodies_dir / "cases.csv") if r["case"] in ("vb1-15", "vb2-05", "vb3-09")]
     assert len(rows) == 3
-    summary = evaluate_rows(rows, tmp_path, write_png=False)
+    summary = evaluate_rows(rows, tmp_path, write_png=False, first_levels={"vb2": "T11", "vb3": "L1"})
     assert summary["n_annotated_bodies"] == 19
     assert summary["mean_body_dice"] >= DICE_FLOOR, summary
     assert (tmp_path / "per_body.csv").read_text().count("\n") == 1 + 19
+    # level names: vb2 annotates T11-L5 (data README), and vb2-05 shows its whole sacrum; vb3-09 ends just below
+    # L5 (S1 cut short by the field of view): its levels cannot be counted from the sacrum, so no body may carry
+    # a level name there, let alone a wrong one
+    assert summary["level_naming"]["vb2"] == {"correct": 7, "wrong": 0, "unnamed": 0}
+    assert summary["level_naming"]["vb3"]["wrong"] == 0 and "vb1" not in summary["level_naming"]
 
 
 # A regression floor for these three cases (0.54 with the one-stage classifier on 2026-11-25, 0.78 with the
