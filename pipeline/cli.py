@@ -246,14 +246,17 @@ def segment(input_path: Path, out_path: Path, config_path: str | None, png_path:
 def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png: bool, limit: int | None,
                               config_path: str | None, first_level: tuple[str, ...]) -> None:
     """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
-    from .evaluate import LEVEL_ORDER, evaluate_segmentation
+    from .evaluate import check_level, evaluate_segmentation
 
     first_levels = {}
     for item in first_level:
         source, _, level = item.partition("=")
-        if not source or level not in LEVEL_ORDER:
-            click.echo(f"modicscan: --first-level expects SOURCE=LEVEL with LEVEL one of {', '.join(LEVEL_ORDER)}, "
-                       f"got {item!r}", err=True)
+        try:
+            if not source:
+                raise ValueError("no SOURCE before '='")
+            check_level(level)
+        except ValueError as exc:
+            click.echo(f"modicscan: --first-level expects SOURCE=LEVEL, got {item!r}: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         first_levels[source] = level
     try:

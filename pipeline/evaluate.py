@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from .config import SegmentationConfig
 from .report import write_bytes_atomic, write_json_atomic
+from .types import LUMBAR_LEVELS
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float | None:
@@ -45,8 +46,9 @@ def common_box(shape_a, shape_b) -> tuple[slice, ...]:
     return tuple(slice(0, min(a, b)) for a, b in zip(shape_a, shape_b, strict=True))
 
 
-# Every level name in head-to-foot order: the expected names of a run of annotated bodies.
-LEVEL_ORDER: tuple[str, ...] = tuple(f"T{i}" for i in range(1, 13)) + ("L1", "L2", "L3", "L4", "L5", "S1")
+# Every level name in head-to-foot order (the segmentation's names: T1..T12, then LUMBAR_LEVELS = L1..L5, S1):
+# the expected names of a run of annotated bodies.
+LEVEL_ORDER: tuple[str, ...] = tuple(f"T{i}" for i in range(1, 13)) + LUMBAR_LEVELS
 
 
 def check_level(name: str) -> None:
@@ -58,12 +60,14 @@ def check_level(name: str) -> None:
 def expected_levels(truth: np.ndarray, first_level: str) -> dict[int, str]:
     """Annotated body label -> level name, for annotations of consecutive levels starting at ``first_level``
     (bodies ordered head to foot by their mean row)."""
+    from .segment import label_counts_and_centroids
+
     check_level(first_level)
     t_ids = np.unique(truth)
     t_ids = t_ids[t_ids > 0]
-    rows = ndimage.mean(np.broadcast_to(np.arange(truth.shape[0])[:, None, None], truth.shape), truth, t_ids)
+    _, cents = label_counts_and_centroids(truth, t_ids)
     start = LEVEL_ORDER.index(first_level)
-    ordered = t_ids[np.argsort(rows)]
+    ordered = t_ids[np.argsort(cents[:, 0])]
     if start + ordered.size > len(LEVEL_ORDER):
         raise ValueError(f"{ordered.size} annotated bodies from {first_level} run past S1")
     return {int(t): LEVEL_ORDER[start + n] for n, t in enumerate(ordered)}

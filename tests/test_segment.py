@@ -405,7 +405,6 @@ def test_phantom_sacrum_under_s1_is_background_for_training_but_unknown_rows_of_
     assert focus[0] == 34 and focus[-1] == min(119, 51 + below)
 
 
-
 def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():
     from pipeline.segment import _resample_inplane
 
