@@ -142,7 +142,12 @@ def _eval_case(args) -> dict:
     secs = time.perf_counter() - t
     pred = pred[: truth.shape[0], : truth.shape[1], : truth.shape[2]]
     bodies, n_extra = per_body_scores(truth, pred, img.spacing)
-    expected = expected_levels(truth, first_level) if first_level else {}
+    expected = {}
+    if first_level:
+        try:
+            expected = expected_levels(truth, first_level)
+        except ValueError as exc:  # more annotated bodies than levels from first_level down: this case's names unscored
+            err = "; ".join(x for x in (err, f"levels not scored: {exc}") if x)
     for b in bodies:
         b["expected_level"] = expected.get(b["truth_label"])
         b["predicted_level"] = level_of.get(b["pred_label"]) if b["detected"] else None

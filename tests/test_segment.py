@@ -210,6 +210,27 @@ def test_expected_levels_run_head_to_foot_from_the_first_annotated_level():
     assert level_outcome(None, "L4") is None
 
 
+def test_a_case_annotated_past_s1_keeps_its_scores_and_says_why_its_levels_are_not_scored(tmp_path):
+    import nibabel as nib
+
+    from pipeline.evaluate import _eval_case
+
+    truth = np.zeros((40, 8, 3), np.int16)
+    truth[2:10] = 7
+    truth[20:28] = 1
+    truth[30:38] = 3
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros(truth.shape, np.float32), affine), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(truth, affine), tmp_path / "lab.nii.gz")
+    row = {"case": "c", "source": "s", "image_path": str(tmp_path / "img.nii.gz"),
+           "labels_path": str(tmp_path / "lab.nii.gz")}
+    # three annotated bodies from L5 down would run past S1: that case's names cannot be scored, its Dice still is
+    res = _eval_case((row, str(tmp_path), None, SegmentationConfig(), False, "L5"))
+    assert len(res["bodies"]) == 3 and all(b["dice"] == 0.0 for b in res["bodies"])
+    assert "levels not scored" in res["error"] and "past S1" in res["error"]
+    assert all(b["expected_level"] is None and b["level_outcome"] is None for b in res["bodies"])
+
+
 def test_a_small_compressed_body_in_the_rhythm_keeps_its_level():
     cfg = SegmentationConfig()
     cents = np.array([20.0, 55, 90, 125, 160, 195, 230])  # T12 .. S1, 35 mm apart
