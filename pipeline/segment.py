@@ -17,7 +17,8 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
    interpolated).
 4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
    body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
-   bodies, seeds grow back by watershed. Each body is then completed (notches closed, holes filled, in-plane
+   bodies (a shallow dip with less than a body's height around it is a dark band inside a body, not a disc:
+   :func:`drop_shallow_cuts`), seeds grow back by watershed. Each body is then completed (notches closed, holes filled, in-plane
    convex hull per slice: a body is convex in the sagittal plane; dark marrow leaves bites).
 5. **Labelling** counts up from the sacrum: the chain of vertebra-sized bodies spaced like vertebrae ends at
    S1 when sacral tissue lies below it; levels are counted upward from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
@@ -403,6 +404,42 @@ def _column_coordinates(coef: np.ndarray, shape, sp) -> tuple[np.ndarray, np.nda
     return (x - fy) / np.sqrt(norm2), y + slope * (x - fy) / norm2
 
 
+SHALLOW_CUT = 0.3  # a disc empties the column profile (<= 0.11 of a body's peak on real scans); a dark band in a body does not
+MERGED_BODY_MAX = 1.3  # two pieces form one body when together they span at most this many typical disc-to-disc intervals
+
+
+def drop_shallow_cuts(profile: np.ndarray, minima: np.ndarray) -> np.ndarray:
+    """The profile minima (indices, sorted) that are discs: a shallow minimum whose two neighbouring intervals
+    together span no more than one body (``MERGED_BODY_MAX`` typical disc-to-disc intervals) lies inside a
+    body (a dark band of marrow, a Schmorl node, the basivertebral vein) and is dropped.
+
+    Depth is relative to the median of the profile's maxima: on held-out real scans the discs were 0.00-0.11 of
+    it, the cuts through a body 0.38-1.41, and these cuts split 11 of 249 bodies in two (each half scoring
+    ~0.5 Dice). The typical interval comes from the deep minima only; a cut next to either end of the profile is
+    kept (the interval beyond it is cut by the field of view), so is every cut when fewer than three are deep.
+    """
+    from scipy import signal
+
+    if minima.size < 3:
+        return minima
+    peaks, _ = signal.find_peaks(profile)
+    if peaks.size == 0:
+        return minima
+    depth = profile[minima] / float(np.median(profile[peaks]))
+    deep = minima[depth <= SHALLOW_CUT]
+    if deep.size < 3:
+        return minima
+    typical = float(np.median(np.diff(deep)))
+    kept = list(minima)
+    for x in minima[np.argsort(-depth)]:  # shallowest first
+        if profile[x] / float(np.median(profile[peaks])) <= SHALLOW_CUT:
+            break
+        i = kept.index(x)
+        if 0 < i < len(kept) - 1 and kept[i + 1] - kept[i - 1] <= MERGED_BODY_MAX * typical:
+            kept.pop(i)
+    return np.asarray(kept, dtype=minima.dtype)
+
+
 def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 35.0,
                  min_gap_mm: float = 18.0, core_mm: float = 4.0,
                  low_threshold: float = 0.2, grow_threshold: float | None = None,
@@ -454,6 +491,7 @@ def split_column(prob: np.ndarray, sp, threshold: float = 0.5, tube_mm: float = 
     first = int(bins.min())
     profile = ndimage.gaussian_filter1d(np.bincount(bins - first, weights=p[m]), 1.0)
     minima, _ = signal.find_peaks(-profile, distance=max(1, int(min_gap_mm / sp[0])), prominence=0.1 * profile.max())
+    minima = drop_shallow_cuts(profile, minima)
     cuts = (minima + first) * sp[0]
     which = np.digitize(u, np.r_[-np.inf, cuts, np.inf]).astype(np.int32)  # 1 .. len(cuts) + 1
     if cuts.size:

@@ -11,6 +11,7 @@ from pipeline.evaluate import expected_levels, hd95, level_outcome, per_body_sco
 from pipeline.segment import (
     classified_slices,
     complete_heights,
+    drop_shallow_cuts,
     hull_bodies,
     label_counts_and_centroids,
     label_levels,
@@ -78,6 +79,35 @@ def test_split_column_separates_bodies_bridged_through_their_discs_and_drops_off
     assert tops == sorted(tops)  # numbered top -> bottom
     empty, no_column = split_column(np.zeros_like(prob), (1.0, 1.0, 1.0))
     assert not empty.any() and no_column is None
+
+
+def test_shallow_cut_inside_a_body_is_dropped_but_shallow_discs_between_whole_bodies_are_kept():
+    # a body every 30 bins (peak 100), discs empty the profile; body 3 has a dip to 50 in its middle, and the
+    # disc below body 5 only falls to 40 (a tilted disc) but has a whole body on either side
+    x = np.arange(200)
+    profile = 100.0 * np.clip(np.abs(np.sin(np.pi * x / 30.0)) * 3.0, 0.0, 1.0)
+    profile[74:77] = 50.0
+    profile[149:152] = np.maximum(profile[149:152], 40.0)
+    minima = np.array([0, 30, 60, 75, 90, 120, 150, 180])
+    minima = minima[minima > 0]
+    kept = drop_shallow_cuts(profile, minima)
+    assert kept.tolist() == [30, 60, 90, 120, 150, 180]
+    # too few deep minima to know a typical interval: nothing is dropped
+    assert drop_shallow_cuts(profile, np.array([30, 75, 150])).tolist() == [30, 75, 150]
+
+
+def test_split_column_keeps_a_body_with_a_dark_band_in_one_piece():
+    prob, truth = _column_prob(heights=(30,) * 6)
+    prob[(truth == 0) & (prob == np.float32(0.6))] = 0.0  # the discs, empty as on real scans (no bridges)
+    rows3 = np.nonzero((truth == 3).any(axis=(1, 2)))[0]
+    cols3 = np.nonzero((truth == 3).any(axis=(0, 2)))[0]
+    mid = rows3[rows3.size // 2]
+    band = prob[mid - 2:mid + 2, cols3[0] - 3:cols3[0] + cols3.size // 2]  # anterior half of body 3 (a view)
+    band[band > 0] = 0.2  # a dark band of abnormal marrow across it
+    out, _ = split_column(prob, (1.0, 1.0, 1.0), threshold=0.5, min_gap_mm=15.0)
+    assert np.unique(out[out > 0]).size == 6
+    rows, _ = per_body_scores(truth, out, (1.0, 1.0, 1.0))
+    assert min(r["dice"] for r in rows) > 0.85
 
 
 def test_split_column_grows_bodies_into_their_under_confident_rim_but_not_beyond_grow_mm():
