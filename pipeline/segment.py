@@ -18,8 +18,8 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
 4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
    body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
    bodies (a shallow dip with less than a body's height around it is a dark band inside a body, not a disc:
-   :func:`drop_shallow_cuts`), seeds grow back by watershed. Each body is then completed (notches closed, holes filled, in-plane
-   convex hull per slice: a body is convex in the sagittal plane; dark marrow leaves bites).
+   :func:`drop_shallow_cuts`), seeds grow back by watershed. Each body is then completed (notches closed, holes
+   filled, in-plane convex hull per slice: a body is convex in the sagittal plane; dark marrow leaves bites).
 5. **Labelling** counts up from the sacrum: the chain of vertebra-sized bodies spaced like vertebrae ends at
    S1 when sacral tissue lies below it; levels are counted upward from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
    low; body-sized instances the level chain leaves out are reported as B<n> too.
@@ -431,9 +431,7 @@ def drop_shallow_cuts(profile: np.ndarray, minima: np.ndarray) -> np.ndarray:
         return minima
     typical = float(np.median(np.diff(deep)))
     kept = list(minima)
-    for x in minima[np.argsort(-depth)]:  # shallowest first
-        if profile[x] / float(np.median(profile[peaks])) <= SHALLOW_CUT:
-            break
+    for x in minima[np.argsort(-depth)][: minima.size - deep.size]:  # the shallow ones, shallowest first
         i = kept.index(x)
         if 0 < i < len(kept) - 1 and kept[i + 1] - kept[i - 1] <= MERGED_BODY_MAX * typical:
             kept.pop(i)
