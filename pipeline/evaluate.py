@@ -128,6 +128,12 @@ def _eval_case(args) -> dict:
         cropped = truth[common_box(truth.shape, img.data.shape)]
         note = f"label grid {truth.shape} != image grid {img.data.shape}; scored on the common {cropped.shape}"
         truth = cropped
+    expected, level_note = {}, None
+    if first_level:
+        try:
+            expected = expected_levels(truth, first_level)
+        except ValueError as exc:  # more annotated bodies than levels from first_level down: this case's names unscored
+            level_note = f"levels not scored: {exc}"
     t = time.perf_counter()
     try:
         seg = segment.segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)
@@ -138,16 +144,10 @@ def _eval_case(args) -> dict:
         pred = np.zeros_like(truth)
         level_of = {}
         err = f"{type(exc).__name__}: {exc}"
-    err = "; ".join(x for x in (err, note) if x) or None
     secs = time.perf_counter() - t
+    err = "; ".join(x for x in (err, note, level_note) if x) or None
     pred = pred[: truth.shape[0], : truth.shape[1], : truth.shape[2]]
     bodies, n_extra = per_body_scores(truth, pred, img.spacing)
-    expected = {}
-    if first_level:
-        try:
-            expected = expected_levels(truth, first_level)
-        except ValueError as exc:  # more annotated bodies than levels from first_level down: this case's names unscored
-            err = "; ".join(x for x in (err, f"levels not scored: {exc}") if x)
     for b in bodies:
         b["expected_level"] = expected.get(b["truth_label"])
         b["predicted_level"] = level_of.get(b["pred_label"]) if b["detected"] else None
