@@ -44,9 +44,14 @@ EXIT_NO_STUDIES = 4
 # Failures worth retrying on a rerun even without --force: they depend on the machine, not the input.
 TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT"}
 
-SEGMENTATION_METHOD = ("modicscan.segment: gradient-boosted pixel classifier (shipped model) on T2, T1 and STIR, "
-                       "watershed split at the discs, body edges re-decided at the input resolution, levels counted "
-                       "up from the sacrum")
+BODY_MODELS = {"unet": "2.5-D U-Net (shipped model, ONNX Runtime)",
+               "classifier": "gradient-boosted pixel classifier (shipped model)"}
+
+
+def segmentation_method(body_model: str) -> str:
+    """The report's one-line description of how the bodies were segmented."""
+    return (f"modicscan.segment: {BODY_MODELS[body_model]} on T2, T1 and STIR, watershed split at the discs, body "
+            "edges re-decided at the input resolution, levels counted up from the sacrum")
 
 
 @dataclass
@@ -202,7 +207,7 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
     else:
         extra = [volumes[r].data for r in ("T1", "STIR") if r in volumes]
         seg = segment.segment_vertebrae(reference.data, reference.spacing, cfg.segmentation, extra_images=extra)
-        seg_method = SEGMENTATION_METHOD
+        seg_method = segmentation_method(cfg.segmentation.body_model)
     if not seg.bodies:
         raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found in the sagittal T2 series")
     if not any(b.level in ("L1", "L2", "L3", "L4", "L5") for b in seg.bodies) and seg.labelling_confidence >= 0.5:

@@ -243,8 +243,15 @@ def segment(input_path: Path, out_path: Path, config_path: str | None, png_path:
 @click.option("--first-level", "first_level", multiple=True, metavar="SOURCE=LEVEL",
               help="Also score level names: SOURCE annotates consecutive bodies from LEVEL down "
                    "(e.g. --first-level vb2=T11 --first-level vb3=L1). Repeatable.")
+@click.option("--fold", type=click.IntRange(0, 2), default=None,
+              help="Only the cases of this fold of the 3-fold case split (train_segmenter / train_unet --fold).")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Pixel classifier (.joblib) instead of the shipped one.")
+@click.option("--unet", "unet_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="U-Net (.onnx) instead of the shipped one.")
 def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png: bool, limit: int | None,
-                              config_path: str | None, first_level: tuple[str, ...]) -> None:
+                              config_path: str | None, first_level: tuple[str, ...], fold: int | None,
+                              model_path: Path | None, unet_path: Path | None) -> None:
     """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
     from .evaluate import check_level, evaluate_segmentation
 
@@ -265,7 +272,8 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
         click.echo(f"modicscan: config error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     summary = evaluate_segmentation(cases_csv, out_dir, jobs=jobs, cfg=cfg.segmentation, write_png=not no_png,
-                                    limit=limit, first_levels=first_levels)
+                                    limit=limit, first_levels=first_levels, fold=fold, model_path=model_path,
+                                    unet_path=unet_path)
     click.echo(json.dumps(summary, indent=1))
 
 

@@ -111,8 +111,8 @@ def per_body_scores(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[list[
 
 
 def _eval_case(args) -> dict:
-    row, out_dir, model_path, cfg, write_png, first_level = args
-    from . import segment
+    row, out_dir, model_path, unet_path, cfg, write_png, first_level = args
+    from . import segment, unet
     from .io import load_nifti
 
     if model_path:
@@ -121,6 +121,10 @@ def _eval_case(args) -> dict:
         segment.load_model.cache_clear()
         segment.MODEL_PATH = Path(model_path)
         joblib.load(model_path)  # fail early on a bad path
+    if unet_path:
+        unet.load_session.cache_clear()
+        unet.UNET_PATH = Path(unet_path)
+        unet.load_session()  # fail early on a bad path
     img = load_nifti(row["image_path"])
     truth = load_nifti(row["labels_path"]).data.astype(np.int32)
     note = ""
@@ -179,16 +183,17 @@ def _png(image, truth, pred, path: Path, title: str, dice: float) -> None:
 
 
 def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
-                  write_png: bool = True, model_path: Path | None = None,
+                  write_png: bool = True, model_path: Path | None = None, unet_path: Path | None = None,
                   first_levels: dict[str, str] | None = None) -> dict:
-    """Evaluate the segmentation of ``rows`` (see :func:`evaluate_segmentation`)."""
+    """Evaluate the segmentation of ``rows`` (see :func:`evaluate_segmentation`); ``model_path`` / ``unet_path``:
+    a classifier / U-Net other than the shipped ones (e.g. trained without these rows)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first_levels = first_levels or {}
     for level in first_levels.values():  # fail before segmenting anything
         check_level(level)
-    args = [(r, str(out_dir), str(model_path) if model_path else None, cfg or SegmentationConfig(), write_png,
-             first_levels.get(r["source"])) for r in rows]
+    args = [(r, str(out_dir), str(model_path) if model_path else None, str(unet_path) if unet_path else None,
+             cfg or SegmentationConfig(), write_png, first_levels.get(r["source"])) for r in rows]
     if jobs > 1:
         import multiprocessing
 
@@ -253,16 +258,21 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
                           write_png: bool = True, limit: int | None = None,
-                          first_levels: dict[str, str] | None = None) -> dict:
+                          first_levels: dict[str, str] | None = None, fold: int | None = None,
+                          model_path: Path | None = None, unet_path: Path | None = None) -> dict:
     """Segment every case of ``cases_csv`` and score it against its expert mask; writes per_case.csv,
     per_body.csv, summary.json (and a PNG per case) into ``out_dir``. ``first_levels``: source -> the level of
-    its top annotated body, to score level names as well (module doc)."""
-    from .train_segmenter import read_cases
+    its top annotated body, to score level names as well (module doc). ``fold``: only the cases of this fold of
+    ``train_segmenter.case_folds`` (held-out evaluation of models trained with ``--fold``)."""
+    from .train_segmenter import case_folds, read_cases
 
     rows = read_cases(Path(cases_csv))
+    if fold is not None:
+        rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f == fold]
     if limit:
         rows = rows[:limit]
-    return evaluate_rows(rows, Path(out_dir), jobs=jobs, cfg=cfg, write_png=write_png, first_levels=first_levels)
+    return evaluate_rows(rows, Path(out_dir), jobs=jobs, cfg=cfg, write_png=write_png, first_levels=first_levels,
+                         model_path=model_path, unet_path=unet_path)
 
 
 if __name__ == "__main__":  # pragma: no cover

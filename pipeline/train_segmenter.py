@@ -320,7 +320,9 @@ def _held_out_band_samples(args) -> tuple[np.ndarray, np.ndarray]:
     truth = load_nifti(row["labels_path"]).data
     box = common_box(truth.shape, img.data.shape)
     image = img.data[box]
-    seg = segment_vertebrae(image, img.spacing, SegmentationConfig(refine_edges=False), keep_below_s1=True, model=model)
+    # the classifier's own output, whatever the default body model (the shipped U-Net saw every case)
+    cfg = SegmentationConfig(refine_edges=False, body_model="classifier")
+    seg = segment_vertebrae(image, img.spacing, cfg, keep_below_s1=True, model=model)
     return band_samples(image, truth[box], seg.labels, seg.body_probability, img.spacing, np.random.default_rng(seed))
 
 
@@ -391,7 +393,8 @@ def cross_validate(rows: list[dict], extra_rows: list[dict], scheme: str, jobs: 
         with tempfile.TemporaryDirectory() as tmp:
             mp = Path(tmp) / "m.joblib"
             joblib.dump(model, mp)
-            summary = evaluate_rows(held, Path(tmp) / "eval", model_path=mp, jobs=jobs, write_png=False)
+            summary = evaluate_rows(held, Path(tmp) / "eval", model_path=mp, jobs=jobs, write_png=False,
+                                    cfg=SegmentationConfig(body_model="classifier"))
             with open(Path(tmp) / "eval" / "per_body.csv", newline="") as fh:
                 per_body += list(csv.DictReader(fh))
         results[name] = {"mean_body_dice": summary["mean_body_dice"], "per_source": summary["per_source"],

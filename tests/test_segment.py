@@ -254,7 +254,7 @@ def test_a_case_annotated_past_s1_keeps_its_scores_and_says_why_its_levels_are_n
     row = {"case": "c", "source": "s", "image_path": str(tmp_path / "img.nii.gz"),
            "labels_path": str(tmp_path / "lab.nii.gz")}
     # three annotated bodies from L5 down would run past S1: that case's names cannot be scored, its Dice still is
-    res = _eval_case((row, str(tmp_path), None, SegmentationConfig(), False, "L5"))
+    res = _eval_case((row, str(tmp_path), None, None, SegmentationConfig(), False, "L5"))
     assert len(res["bodies"]) == 3 and all(b["dice"] == 0.0 for b in res["bodies"])
     assert "levels not scored" in res["error"] and "past S1" in res["error"]
     assert all(b["expected_level"] is None and b["level_outcome"] is None for b in res["bodies"])

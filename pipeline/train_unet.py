@@ -1,0 +1,191 @@
+"""Train the 2.5-D body U-Net shipped as ``pipeline/models/body_unet.onnx`` (``python -m pipeline.train_unet``).
+
+Needs PyTorch and onnx (``pip install torch==2.13.0 && pip install -e ".[train]"``; the pipeline itself runs
+the exported net with ONNX Runtime only).
+
+Training data: every slice holding an annotated body (plus ``MARGIN_MM`` either side) of the real scans in
+``../shared/data/vertebral-bodies/cases.csv``, and of synthetic phantom studies (T1 / T2 / STIR, planted
+fractures and Modic bands: abnormal marrow is still body; their sacrum under S1 is background, which no real
+scan annotates). Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` away
+(:func:`pipeline.unet.context_stack`). Target: any body voxel. The loss (BCE + soft Dice) only counts the rows
+whose labels are known (:func:`pipeline.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
+there are neither body nor background).
+
+Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % centred on a body voxel, a fraction
+``PHANTOM_SHARE`` from phantom slices, each with a random gamma on the intensities (log-sd 0.25: contrast
+between scanners). AdamW, cosine-decayed learning rate; ~0.5 s per step on two cores.
+
+``--fold K`` trains without the cases of fold K (``train_segmenter.case_folds``: the folds of ``--cv cases``), for
+held-out evaluation: ``modicscan evaluate-segmentation CASES --unet foldK.onnx --model foldK.joblib --fold K``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .segment import normalise
+from .train_segmenter import (
+    DEFAULT_CASES,
+    _rows_below,
+    _rows_known,
+    case_folds,
+    load_case,
+    phantom_rows,
+    read_cases,
+)
+from .unet import DOWNSAMPLINGS, UNET_PATH, context_stack
+
+MARGIN_MM = 8.0  # slices this far beside the outermost body slices are trained on too (background only)
+PATCH, BATCH = 128, 16
+PHANTOM_SHARE = 0.15  # of the crops; phantoms teach contrasts and lesions, the real scans the anatomy
+BASE_CHANNELS = 16
+LEARNING_RATE = 2e-3
+GAMMA_LOG_SD = 0.25
+
+
+def case_slices(row: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(input (3, H, W) float32, body (H, W) bool, known (H, W) bool) for each training slice of one image/labels row."""
+    work, lab, sp = load_case(row)
+    body = lab > 0
+    if not body.any():
+        return []
+    known = _rows_known(body, 3, _rows_below(row, sp[0]))
+    ks = np.flatnonzero(body.any(axis=(0, 1)))
+    m = int(round(MARGIN_MM / sp[2]))
+    ks = np.arange(max(0, ks[0] - m), min(body.shape[2], ks[-1] + m + 1))
+    x = context_stack(normalise(work), sp[2], ks)
+    return [(x[i], body[:, :, k], np.ascontiguousarray(known[:, :, k])) for i, k in enumerate(ks)]
+
+
+def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int = BATCH, patch: int = PATCH,
+                 phantom_share: float = PHANTOM_SHARE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (B, 3, P, P), y (B, 1, P, P), mask (B, 1, P, P)) float32 crops; zero-padded where a slice is smaller."""
+    xs = np.zeros((batch, 3, patch, patch), np.float32)
+    ys = np.zeros((batch, 1, patch, patch), np.float32)
+    ms = np.zeros((batch, 1, patch, patch), np.float32)
+    for b in range(batch):
+        pool = phantom if phantom and rng.random() < phantom_share else real
+        x, y, m = pool[rng.integers(len(pool))]
+        h, w = y.shape
+        if y.any() and rng.random() < 0.8:  # centred on a body voxel, anywhere in the crop
+            rr, cc = np.nonzero(y)
+            j = rng.integers(rr.size)
+            r0, c0 = rr[j] - rng.integers(patch), cc[j] - rng.integers(patch)
+        else:
+            r0, c0 = rng.integers(-16, max(1, h - patch + 16)), rng.integers(-16, max(1, w - patch + 16))
+        r0, c0 = int(np.clip(r0, 0, max(0, h - patch))), int(np.clip(c0, 0, max(0, w - patch)))
+        sub = x[:, r0:r0 + patch, c0:c0 + patch]
+        g = float(np.exp(rng.normal(0.0, GAMMA_LOG_SD)))  # contrast between scanners: a monotone remap
+        xs[b, :, :sub.shape[1], :sub.shape[2]] = np.sign(sub) * np.abs(sub) ** g
+        ys[b, 0, :sub.shape[1], :sub.shape[2]] = y[r0:r0 + patch, c0:c0 + patch]
+        ms[b, 0, :sub.shape[1], :sub.shape[2]] = m[r0:r0 + patch, c0:c0 + patch]
+    return xs, ys, ms
+
+
+def build_net(base: int = BASE_CHANNELS, depth: int = DOWNSAMPLINGS):
+    """2-D U-Net (Ronneberger et al. 2015): double 3x3 conv + BatchNorm + ReLU per level, max-pool down,
+    transposed conv up, skip connections, one output logit."""
+    import torch
+    from torch import nn
+
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            ch = [base * 2 ** i for i in range(depth + 1)]
+            self.down = nn.ModuleList([block(3, ch[0])] + [block(ch[i], ch[i + 1]) for i in range(depth)])
+            self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(depth))])
+            self.dec = nn.ModuleList([block(2 * ch[i], ch[i]) for i in reversed(range(depth))])
+            self.head = nn.Conv2d(ch[0], 1, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, d in enumerate(self.down):
+                x = d(x if i == 0 else nn.functional.max_pool2d(x, 2))
+                skips.append(x)
+            x = skips.pop()
+            for u, d in zip(self.up, self.dec, strict=True):
+                x = d(torch.cat([u(x), skips.pop()], 1))
+            return self.head(x)
+
+    return UNet()
+
+
+def masked_loss(logit, y, mask):
+    """BCE + soft Dice over the known pixels only."""
+    import torch
+    from torch import nn
+
+    bce = (nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
+    p = torch.sigmoid(logit) * mask
+    dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + (y * mask).sum() + 1)
+    return bce + dice
+
+
+def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100):
+    """Train a U-Net on the slices (see :func:`case_slices`); returns the net in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    net = build_net()
+    opt = torch.optim.AdamW(net.parameters(), LEARNING_RATE, weight_decay=1e-4)
+    t0 = time.time()
+    for it in range(iters):
+        for group in opt.param_groups:
+            group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * it / max(1, iters)))
+        x, y, m = (torch.from_numpy(a) for a in sample_batch(real, phantom, rng))
+        loss = masked_loss(net(x), y, m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log_every and (it + 1) % log_every == 0:
+            print(f"step {it + 1}/{iters}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True)
+    return net.eval()
+
+
+def export_onnx(net, path: Path) -> None:
+    """ONNX file with free batch, height and width (the pipeline pads to multiples of 16)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {0: "n", 2: "h", 3: "w"}
+    torch.onnx.export(net, (torch.zeros(2, 3, 160, 160),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": axes, "y": axes}, dynamo=False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train_unet")
+    ap.add_argument("cases_csv", nargs="?", default=str(DEFAULT_CASES))
+    ap.add_argument("--out", default=str(UNET_PATH))
+    ap.add_argument("--fold", type=int, help="leave out the cases of this fold (0-2, as --cv cases) for evaluation")
+    ap.add_argument("--iters", type=int, default=4500, help="training steps (default %(default)s, ~40 min on 2 cores)")
+    ap.add_argument("--phantoms", type=int, default=12, help="synthetic studies added (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    rows = read_cases(Path(a.cases_csv))
+    if a.fold is not None:
+        rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f != a.fold]
+    t = time.time()
+    real = [s for r in rows for s in case_slices(r)]
+    with tempfile.TemporaryDirectory(prefix="modicscan-unet-") as tmp:
+        phantom = [s for r in (phantom_rows(Path(tmp), a.phantoms) if a.phantoms else []) for s in case_slices(r)]
+    print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
+    net = fit(real, phantom, a.iters, a.seed, a.threads)
+    export_onnx(net, Path(a.out))
+    print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

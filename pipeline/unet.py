@@ -1,0 +1,102 @@
+"""The body probability from a small 2.5-D U-Net (ONNX, run with ONNX Runtime on the CPU; no PyTorch needed).
+
+The net (``models/body_unet.onnx``, 1.9 M parameters, trained by :mod:`pipeline.train_unet`) sees one sagittal
+slice of the normalised working grid (1.5 mm in-plane, :func:`pipeline.segment.normalise`) and the slices
+``CONTEXT_MM`` to either side (three channels: lateral context at the same physical distance for 1 mm and 4 mm
+slices), and gives one logit per pixel: vertebral body or not. It replaces the two-stage pixel classifier's
+probability (3-fold held-out per-body Dice on the 42 real scans 0.815 -> 0.886, same post-processing): a body's
+shape and its disc above and below are seen at once, not through hand-made features.
+
+Cost control, both measured without loss of Dice: only the columns within ``COLUMN_HALF_MM`` of the spinal column
+(found by the classifier's cheap stage 1) are fed to the net, and thin-slice volumes are run on slices
+``SLICE_PITCH_MM`` apart, linearly interpolated between.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StudyError
+
+UNET_PATH = Path(__file__).resolve().parent / "models" / "body_unet.onnx"
+CONTEXT_MM = 4.0  # the two side channels are the slices this far to either side (nearest slice, at least one)
+COLUMN_HALF_MM = 45.0  # in-plane crop around the column: the bodies are within ~25 mm of its axis
+SLICE_PITCH_MM = 3.0  # 3 mm instead of every slice: same held-out Dice (fold 0: 0.875 vs 0.873), a third of the work
+DOWNSAMPLINGS = 4  # the net pools four times: its input sides must be multiples of 2**4
+SLICES_PER_RUN = 8  # slices per ONNX Runtime call: bounds the activation memory (~40 MB per 256 x 256 slice)
+
+
+def context_stack(norm: np.ndarray, slice_mm: float, ks: np.ndarray | None = None) -> np.ndarray:
+    """(n, 3, H, W) float32 net input for slices ``ks`` (default all) of a normalised (H, W, K) volume: each slice
+    with the slices ``CONTEXT_MM`` to either side (clamped at the first / last slice)."""
+    n_k = norm.shape[2]
+    ks = np.arange(n_k) if ks is None else np.asarray(ks)
+    d = max(1, int(round(CONTEXT_MM / max(float(slice_mm), 1e-3))))
+    out = np.empty((ks.size, 3, norm.shape[0], norm.shape[1]), np.float32)
+    for c, off in enumerate((-d, 0, d)):
+        out[:, c] = np.moveaxis(norm[:, :, np.clip(ks + off, 0, n_k - 1)], 2, 0)
+    return out
+
+
+def _threads() -> int:
+    """One thread per process unless OMP_NUM_THREADS says otherwise: batch workers each run one study on one core."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+@functools.cache
+def load_session(path: str | None = None):
+    """ONNX Runtime session of the U-Net (default: the shipped one); cached per path."""
+    import onnxruntime as ort
+
+    p = Path(path) if path else UNET_PATH
+    if not p.is_file():
+        raise StudyError("SEGMENTATION_FAILED", f"segmentation network missing: {p} (reinstall the package)")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = _threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for a corrupt or foreign file
+        raise StudyError("SEGMENTATION_FAILED", f"segmentation network {p} cannot be loaded: {exc}") from exc
+
+
+def run_net(session, x: np.ndarray) -> np.ndarray:
+    """Sigmoid output (n, H, W) of the net for input ``x`` (n, 3, H, W): padded to multiples of 16, in chunks."""
+    n, _, h, w = x.shape
+    m = 2 ** DOWNSAMPLINGS
+    hp, wp = -(-h // m) * m, -(-w // m) * m
+    name = session.get_inputs()[0].name
+    out = np.empty((n, h, w), np.float32)
+    for s in range(0, n, SLICES_PER_RUN):
+        chunk = x[s:s + SLICES_PER_RUN]
+        if (hp, wp) != (h, w):
+            chunk = np.pad(chunk, ((0, 0), (0, 0), (0, hp - h), (0, wp - w)))
+        logit = session.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:, 0, :h, :w]
+        out[s:s + chunk.shape[0]] = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
+    return out
+
+
+def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = None, session=None) -> np.ndarray:
+    """P(body) (H, W, K) float32 on the working grid from the U-Net.
+
+    ``columns``: the in-plane columns (AP axis) to run the net on; zero elsewhere. Thin slices are run about
+    ``SLICE_PITCH_MM`` apart and interpolated (:func:`pipeline.segment.interpolate_slices`).
+    """
+    from .segment import classified_slices, interpolate_slices
+
+    session = session or load_session()
+    h, w, n_k = norm.shape
+    cols = columns or slice(0, w)
+    ks = classified_slices(n_k, slice_mm, SLICE_PITCH_MM)
+    x = context_stack(norm[:, cols], slice_mm, ks)
+    prob = np.zeros((h, w, ks.size), np.float32)
+    prob[:, cols] = np.moveaxis(run_net(session, x), 0, 2)
+    return np.ascontiguousarray(interpolate_slices(prob, ks, n_k))

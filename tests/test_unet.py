@@ -1,0 +1,227 @@
+"""The U-Net body probability: input stacking, padding and chunking, column crop, the shipped net on a phantom,
+and (with PyTorch installed) the training steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import unet
+from pipeline.errors import StudyError
+
+
+class _Input:
+    name = "x"
+
+
+class FakeSession:
+    """Stands in for an ONNX Runtime session: logit = 10 * (middle channel - 0.5); records the input shapes."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def get_inputs(self):
+        return [_Input()]
+
+    def run(self, _outputs, feeds):
+        x = feeds["x"]
+        self.shapes.append(x.shape)
+        return [10.0 * (x[:, 1:2] - 0.5)]
+
+
+def test_context_stack_pairs_each_slice_with_its_neighbours_at_the_same_distance_in_mm():
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32), (6, 5, 20))  # value of a voxel = its slice index
+    thin = unet.context_stack(ramp, 1.0, np.array([0, 10, 19]))  # 4 mm = 4 slices, clamped at the ends
+    assert thin.shape == (3, 3, 6, 5)
+    assert [tuple(thin[i, :, 0, 0]) for i in range(3)] == [(0, 0, 4), (6, 10, 14), (15, 19, 19)]
+    thick = unet.context_stack(ramp, 4.0)  # 4 mm slices: the next slice on either side
+    assert thick.shape == (20, 3, 6, 5) and tuple(thick[7, :, 0, 0]) == (6, 7, 8)
+    coarse = unet.context_stack(ramp, 6.0, np.array([5]))  # never the slice itself as its own neighbour
+    assert tuple(coarse[0, :, 0, 0]) == (4, 5, 6)
+
+
+def test_run_net_pads_to_the_pooling_grid_runs_in_chunks_and_returns_the_sigmoid():
+    rng = np.random.default_rng(0)
+    x = rng.random((unet.SLICES_PER_RUN + 3, 3, 37, 50)).astype(np.float32)
+    fake = FakeSession()
+    out = unet.run_net(fake, x)
+    assert out.shape == (x.shape[0], 37, 50)
+    assert [s[0] for s in fake.shapes] == [unet.SLICES_PER_RUN, 3]
+    assert all(s[2] % 16 == 0 and s[3] % 16 == 0 and s[2] >= 37 and s[3] >= 50 for s in fake.shapes)
+    expected = 1.0 / (1.0 + np.exp(-10.0 * (x[:, 1] - 0.5)))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unet_probability_stays_in_its_columns_and_interpolates_skipped_thin_slices():
+    norm = np.zeros((32, 40, 13), np.float32)
+    norm[:, :, :] = np.linspace(0.0, 1.0, 13)[None, None, :]  # brighter slice by slice
+    fake = FakeSession()
+    prob = unet.unet_probability(norm, 1.0, slice(10, 30), session=fake)
+    assert prob.shape == norm.shape
+    assert not prob[:, :10].any() and not prob[:, 30:].any()
+    # 1 mm slices, 3 mm pitch: slices 0, 3, 6, 9, 12 go through the net, the others are interpolated
+    assert sum(s[0] for s in fake.shapes) == 5
+    run = 1.0 / (1.0 + np.exp(-10.0 * (np.linspace(0.0, 1.0, 13)[[0, 3, 6, 9, 12]] - 0.5)))
+    np.testing.assert_allclose(prob[5, 15, [0, 3, 6, 9, 12]], run, rtol=1e-5)
+    np.testing.assert_allclose(prob[5, 15, 4], run[1] + (run[2] - run[1]) / 3, rtol=1e-5)
+
+
+def test_the_net_runs_on_the_columns_near_the_spine_and_near_a_given_region_only():
+    from pipeline.segment import WORK_MM, _unet_columns
+
+    width = 200
+    dist = np.broadcast_to((np.arange(width) - 80.0) * WORK_MM, (50, width))  # the column runs down column 80
+    cols = _unet_columns(dist, None, width)
+    half = int(unet.COLUMN_HALF_MM / WORK_MM)
+    assert (cols.start, cols.stop) == (80 - half, 80 + half + 1)
+    assert _unet_columns(None, None, width) == slice(0, width)  # no column found: everything
+    region = np.zeros((50, width, 4), bool)
+    region[10:20, 100:110, 1] = True  # e.g. the ring around the bodies T2 found, for a T1 / STIR image
+    margin = int(round(24.0 / WORK_MM))
+    near = _unet_columns(dist, region, width)
+    assert (near.start, near.stop) == (100 - margin, min(80 + half + 1, 110 + margin))
+    assert _unet_columns(dist, np.zeros_like(region), width).stop == _unet_columns(dist, np.zeros_like(region), width).start
+
+
+def test_missing_or_corrupt_network_file_is_a_clear_study_error(tmp_path):
+    with pytest.raises(StudyError, match="missing"):
+        unet.load_session(str(tmp_path / "none.onnx"))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a network")
+    with pytest.raises(StudyError, match="cannot be loaded"):
+        unet.load_session(str(bad))
+
+
+def test_the_shipped_net_finds_the_bodies_of_a_phantom_t2(tmp_path):
+    """The shipped net on a synthetic T2 with Modic bands (seed 7: not one of the training phantoms' seeds): P > 0.5
+    covers the lumbar bodies and little else around them."""
+    from pipeline.segment import normalise
+    from pipeline.train_segmenter import load_case, phantom_rows
+    from pipeline.types import level_value
+
+    (row,) = [r for r in phantom_rows(tmp_path, 1, first_seed=7) if "T2" in r["case"].upper()]
+    work, lab, sp = load_case(row)
+    prob = unet.unet_probability(normalise(work), sp[2])
+    body = np.isin(lab, [level_value(name) for name in ("L1", "L2", "L3", "L4", "L5")])
+    found = prob > 0.5
+    assert body.sum() > 1000
+    assert (found & body).sum() / body.sum() > 0.85  # the lumbar bodies, their Modic bands included
+    rows = np.flatnonzero(body.any(axis=(1, 2)))
+    between = np.zeros_like(body)
+    between[rows[0]:rows[-1] + 1] = True
+    assert (found & ~(lab > 0) & between).sum() < 0.2 * body.sum()  # little else: discs, canal, muscle
+
+
+# ------------------------------------------------------------------------------------------- training
+def _slice(value: float, body_box=None, shape=(60, 70)):
+    x = np.full((3, *shape), value, np.float32)
+    y = np.zeros(shape, bool)
+    if body_box is not None:
+        y[body_box] = True
+    return x, y, np.ones(shape, bool)
+
+
+def test_training_batches_mix_sources_as_asked_and_pad_small_slices():
+    from pipeline.train_unet import sample_batch
+
+    real = [_slice(0.25, (slice(20, 40), slice(20, 40)))]
+    phantom = [_slice(0.75, (slice(10, 30), slice(10, 30)))]
+    rng = np.random.default_rng(0)
+    x, y, m = sample_batch(real, phantom, rng, batch=400, patch=32, phantom_share=0.25)
+    assert x.shape == (400, 3, 32, 32) and y.shape == m.shape == (400, 1, 32, 32)
+    from_phantom = x[:, 0, 0, 0] > 0.5  # the gamma keeps 0.25 below and 0.75 above 0.5 for any g in reason
+    assert 0.15 < from_phantom.mean() < 0.35
+    assert (y.reshape(400, -1).any(axis=1)).mean() > 0.75  # most crops hold body
+    # a slice smaller than the patch: its crop is padded with zeros, and padding is never counted in the loss
+    x, y, m = sample_batch([_slice(0.5, (slice(2, 8), slice(2, 8)), shape=(10, 12))], [], rng, batch=4, patch=32)
+    assert (m[:, 0, :10, :12] == 1).all() and not m[:, 0, 10:].any() and not m[:, 0, :, 12:].any()
+    assert not x[:, :, 10:].any()
+
+
+def test_training_slices_know_the_phantom_sacrum_but_not_the_rows_below_a_real_scan(tmp_path):
+    import nibabel as nib
+
+    from pipeline.train_unet import MARGIN_MM, case_slices
+
+    lab = np.zeros((100, 60, 20), np.int16)
+    lab[20:35, 20:40, 8:12] = 1
+    lab[45:60, 20:40, 8:12] = 2
+    img = np.where(lab > 0, 300.0, 100.0).astype(np.float32) + np.arange(20, dtype=np.float32)
+    # sagittal slices 4 mm apart, 1.5 mm in-plane (already the working grid): rows head -> foot, columns front -> back
+    aff = np.array([[0, 0, 4.0, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(img, aff), tmp_path / "i.nii.gz")
+    nib.save(nib.Nifti1Image(lab, aff), tmp_path / "l.nii.gz")
+    row = {"image_path": str(tmp_path / "i.nii.gz"), "labels_path": str(tmp_path / "l.nii.gz")}
+    real = case_slices(row)
+    phantom = case_slices({**row, "known_below_mm": 30.0})
+    assert len(real) == 4 + 2 * round(MARGIN_MM / 4.0)  # the body slices and 8 mm either side
+    x, y, known = real[len(real) // 2]
+    assert x.shape == (3, *y.shape) and y.sum() > 0
+    # the working grid is in the scanner's head-to-foot order; whichever way it runs, the annotated rows are known,
+    # and the phantom knows 30 mm (20 rows) more below its lowest body than the real scan (3 rows margin)
+    rows_real, rows_ph = known.any(axis=1).sum(), phantom[len(real) // 2][2].any(axis=1).sum()
+    rows_body = np.flatnonzero(y.any(axis=1))
+    assert rows_real == rows_body[-1] - rows_body[0] + 1 + 2 * 3
+    assert rows_ph == rows_real + 20 - 3
+
+
+def test_a_few_training_steps_lower_the_loss_and_export_a_net_onnx_runtime_runs(tmp_path):
+    pytest.importorskip("torch", reason="PyTorch is only needed to train (pip install -e '.[train]')")
+    pytest.importorskip("onnx", reason="exporting needs the onnx package (pip install -e '.[train]')")
+    import torch
+
+    from pipeline.train_unet import build_net, export_onnx, fit, masked_loss, sample_batch
+
+    rng = np.random.default_rng(1)
+    real = []
+    for _ in range(4):
+        x, y, m = _slice(0.2, (slice(16, 40), slice(20, 44)), shape=(64, 64))
+        x[:, y] = 0.9
+        real.append((x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), y, m))
+    xb, yb, mb = (torch.from_numpy(a) for a in sample_batch(real, [], np.random.default_rng(2), batch=8, patch=32))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = float(masked_loss(build_net().eval()(xb), yb, mb))
+    net = fit(real, [], iters=40, threads=1, log_every=0)
+    with torch.no_grad():
+        after = float(masked_loss(net(xb), yb, mb))
+    assert after < before
+    path = tmp_path / "net.onnx"
+    export_onnx(net, path)
+    prob = unet.run_net(unet.load_session(str(path)), np.stack([s[0] for s in real]))
+    with torch.no_grad():
+        ref = torch.sigmoid(net(torch.from_numpy(np.stack([s[0] for s in real])))).numpy()[:, 0]
+    np.testing.assert_allclose(prob, ref, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- real scans
+@pytest.fixture(scope="module")
+def unet_on_three_real_scans(vertebral_bodies_dir, tmp_path_factory):
+    from pipeline.config import SegmentationConfig
+    from pipeline.evaluate import evaluate_rows
+    from pipeline.train_segmenter import read_cases
+
+    rows = [r for r in read_cases(vertebral_bodies_dir / "cases.csv") if r["case"] in ("vb1-15", "vb2-05", "vb3-09")]
+    assert len(rows) == 3
+    return evaluate_rows(rows, tmp_path_factory.mktemp("unet_eval"), write_png=False,
+                         cfg=SegmentationConfig(body_model="unet"), first_levels={"vb2": "T11", "vb3": "L1"})
+
+
+# A regression floor for the shipped U-Net on the three cases of test_segment's floor (in-sample: 0.874 on
+# 2026-11-27, vb1-15's S1 behind a slipped L5 missed; the classifier: 0.81), not the project target (0.92).
+UNET_DICE_FLOOR = 0.85
+
+
+def test_unet_outlines_three_real_scans_above_a_dice_floor(unet_on_three_real_scans):
+    summary = unet_on_three_real_scans
+    assert summary["n_annotated_bodies"] == 19
+    assert summary["mean_body_dice"] >= UNET_DICE_FLOOR, summary
+    assert summary["per_source"]["vb2"] >= 0.9 and summary["per_source"]["vb3"] >= 0.9, summary["per_source"]
+    assert summary["missed"] <= 1
+    assert summary["level_naming"]["vb3"]["wrong"] == 0  # vb3-09 shows no sacrum: no level names at all
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: the U-Net misses S1 on healthy T2 scans (their S1 is never "
+                   "annotated), so L5 is named S1 and every level one too low; remove this mark when it is taught S1")
+def test_unet_names_the_levels_of_a_healthy_t2_with_its_sacrum(unet_on_three_real_scans):
+    assert unet_on_three_real_scans["level_naming"]["vb2"] == {"correct": 7, "wrong": 0, "unnamed": 0}
