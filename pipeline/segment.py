@@ -11,21 +11,21 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
    intensity steps to points 6-30 mm above / below and 15-45 mm in front / behind (the body / disc alternation).
    A column curve fitted through its body map (RANSAC) says where to look.
 3. **Body or not, voxel by voxel** (``segmentation.body_model``):
-   ``classifier`` (default) — a second classifier ("auto-context", Tu & Bai 2010): fine image features *and* the
-   stage-1 map around the voxel (6-24 mm above / below, 7.5-30 mm in front / behind, 4-10 mm to the sides), within
-   40 mm of the column and near stage-1 body voxels;
-   ``unet`` — a small 2.5-D U-Net (:mod:`pipeline.unet`, ONNX Runtime) on the working-grid slices within 45 mm of
-   the column, each with its neighbours 4 mm to either side (thin slices: every ~3 mm, interpolated). 3-fold
-   held-out per-body Dice on the 42 real scans: classifier 0.815, U-Net 0.886 (same steps 4-6); but the U-Net
-   misses S1 on healthy T2 scans (its training never labels their S1), so step 5 names L5 "S1" there: it is not
-   the default until it is taught S1.
+   ``unet`` (default) — a small 2.5-D U-Net (:mod:`pipeline.unet`, ONNX Runtime) on the working-grid slices
+   within 45 mm of the column, each with its neighbours 4 mm to either side (thin slices: every ~3 mm,
+   interpolated); ``classifier`` — a second classifier ("auto-context", Tu & Bai 2010): fine image features *and*
+   the stage-1 map around the voxel (6-24 mm above / below, 7.5-30 mm in front / behind, 4-10 mm to the sides),
+   within 40 mm of the column and near stage-1 body voxels. Held-out per-body Dice on the 42 real scans (3 folds
+   of cases): classifier 0.815, U-Net 0.87-0.89 (same steps 4-6; README).
 4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
    body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
    bodies (a shallow dip with less than a body's height around it is a dark band inside a body, not a disc:
    :func:`drop_shallow_cuts`), seeds grow back by watershed. Each body is then completed (notches closed, holes
    filled, in-plane convex hull per slice: a body is convex in the sagittal plane; dark marrow leaves bites).
 5. **Labelling** counts up from the sacrum: the chain of vertebra-sized bodies spaced like vertebrae ends at
-   S1 when sacral tissue lies below it; levels are counted upward from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
+   S1 when sacral tissue lies below it, or when the column ends well inside the image at a steeply tilted body
+   (:func:`_s1_at_column_end`: the U-Net finds S1 but not the fused segments under it); levels are counted upward
+   from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
    low; body-sized instances the level chain leaves out are reported as B<n> too.
 6. **Edges at the input resolution** (:mod:`pipeline.edge_refiner`): the named bodies are mapped back to the
    input grid and the voxels within 4 mm of their surfaces are re-decided by a third classifier (contrast-free
@@ -53,6 +53,7 @@ log = logging.getLogger("modicscan")
 
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.joblib"
 WORK_MM = 1.5  # in-plane working resolution (mm)
+COLUMN_END_SPACINGS = 1.5  # image under the column's last body (in body spacings) needed to call it S1 without a sacrum
 
 STAGE1_MM = 3.0  # stage-1 in-plane grid (mm)
 # Thin slices are classified on a sub-lattice about this far apart; the slices between are interpolated.
@@ -747,9 +748,39 @@ def _fill_rhythm_gaps(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np
 FOV_EDGE_MM = 12.0
 
 
+def _s1_at_column_end(chain: list[int], centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.ndarray,
+                      spacing: float, pool: np.ndarray, cut: np.ndarray, fov_end_mm: float | None,
+                      min_ml: float) -> int | None:
+    """Index of the body that ends the column when it can be taken for S1 without a sacrum below it, else None.
+
+    The U-Net finds S1 (often only its top, a piece too small for the chain) but, unlike the pixel classifier, not
+    the fused segments under it, so "something body-like below the last body" rarely holds. The column's last
+    body is S1 when (1) the image goes on for >= ``COLUMN_END_SPACINGS`` body spacings under it and nothing
+    body-like is found there (a lumbar body would be: the models rarely miss one), and (2) the steepest endplate
+    tilt of the column is at its last two bodies (the lumbosacral junction: L5's wedge or the sacral slope; on the
+    36 real scans whose levels are known the steepest body is L5 or below in 33). An uncut piece 0.6-1.3 spacings
+    under the last major body (>= ``min_ml``) counts as that last body. It fails when S1 is missed altogether and
+    L5 is the steepest (2 of those 36 scans): L5 is then named S1."""
+    if fov_end_mm is None or len(chain) < 2:
+        return None
+    last = chain[-1]
+    gap = centroids_mm - centroids_mm[last]
+    nxt = np.flatnonzero(~cut & (gap >= 0.6 * spacing) & (gap <= 1.3 * spacing) & (volumes_ml >= min_ml))
+    if nxt.size:
+        last = int(nxt[np.argmax(volumes_ml[nxt])])
+    ends = [*chain, last] if last != chain[-1] else chain
+    if len(ends) < 3 or np.any(pool > centroids_mm[last] + 0.3 * spacing) or np.any(cut & (gap > 0.3 * spacing)):
+        return None  # something below it: the sacrum (the usual rule decides), or a body running out of view
+    if fov_end_mm - centroids_mm[last] < COLUMN_END_SPACINGS * spacing:
+        return None  # the image stops too soon under it to tell S1 from L5 with S1 out of view
+    if min(tilts[ends[-2]], tilts[ends[-1]]) > np.min(tilts[ends]):
+        return None
+    return last
+
+
 def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.ndarray,
                  cfg: SegmentationConfig, others_mm: np.ndarray | None = None,
-                 cut: np.ndarray | None = None) -> tuple[list[str], float, list[str], list[str]]:
+                 cut: np.ndarray | None = None, fov_end_mm: float | None = None) -> tuple[list[str], float, list[str], list[str]]:
     """Level names for components ordered top -> bottom (``""`` = not reported); (names, confidence, flags, notes).
 
     The vertebral column is the chain of *major* components (volume >= ``major_body_fraction`` of the typical
@@ -761,6 +792,9 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
     They are no evidence of a sacrum: a small piece at the edge is as likely the next body, cut short (on the
     42 real scans, the water-fat ones (vb3) end just below L5 with S1 cut, and counting from the cut S1 as the
     "sacrum" named L5 as S1 and every level one too low).
+
+    ``fov_end_mm``: where the image ends (same axis as the centroids); with it, a column that ends well inside the
+    image may end at S1 without a sacrum below (:func:`_s1_at_column_end`; flag ``S1_AT_COLUMN_END``).
     """
     n = len(centroids_mm)
     flags: list[str] = []
@@ -783,17 +817,25 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
             chain[-1] = int(m)  # two pieces of one level: keep the larger
     chain = _fill_rhythm_gaps(chain, centroids_mm, volumes_ml, spacing, 0.15 * typical)
     last = chain[-1]
+    cut = np.zeros(n, bool) if cut is None else np.asarray(cut, bool)
     # Anything body-like below the last body (the rest of the sacrum), including small pieces on the column.
-    pool = centroids_mm if cut is None else centroids_mm[~np.asarray(cut, bool)]
+    pool = centroids_mm[~cut]
     pool = pool if others_mm is None else np.concatenate([pool, others_mm])
     below = [c for c in pool if c > centroids_mm[last] + 0.3 * spacing]
-    if not below or len(chain) < 2:
+    end_s1 = _s1_at_column_end(chain, centroids_mm, tilts, volumes_ml, spacing, pool, cut, fov_end_mm,
+                               0.5 * cfg.min_body_volume_ml)
+    if end_s1 is not None:
+        chain = [*chain, end_s1] if end_s1 != last else chain
+        flags.append("S1_AT_COLUMN_END")
+        notes.append("S1 taken as the lowest body of the column: nothing body-like below it, and the body above it is "
+                     "the most steeply tilted (L5)")
+    elif not below or len(chain) < 2:
         flags += ["NO_SACRUM_FOUND", "PARTIAL_FOV"]
         notes.append("no sacrum below the lowest body: levels cannot be counted from S1; bodies are numbered B1.. from the top")
         for idx in chain:
             names[idx] = f"B{idx + 1}"  # position among all components, so names stay unique
         return names, 0.3, flags, notes
-    conf = 0.8
+    conf = 0.8 if end_s1 is None else 0.6
     for r, idx in enumerate(reversed(chain)):  # r = 0 for S1
         if r == 0:
             names[idx] = "S1"
@@ -906,7 +948,8 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     ids, vol_ml, cents, cut = ids[order], vol_ml[order], cents[order], cut[order]
     tilts = _tilts(lab, ids, sp_work)
     log.debug("segment: centroids %s tilts %s volumes %s", np.round(cents[:, 0] * sp_work[0]), np.round(tilts), np.round(vol_ml))
-    names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], tilts, vol_ml, cfg, others_mm, cut)
+    names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], tilts, vol_ml, cfg, others_mm, cut,
+                                             fov_end_mm=lab.shape[0] * sp_work[0])
     chain = [lid for lid, name in zip(ids, names, strict=True) if name]
     # Instances on the column that the level chain left out (a body cut by the field of view, an under-segmented
     # body) are reported unnamed (B<position>) from half the minimum body volume: dropping

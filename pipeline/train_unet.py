@@ -5,8 +5,9 @@ the exported net with ONNX Runtime only).
 
 Training data: every slice holding an annotated body (plus ``MARGIN_MM`` either side) of the real scans in
 ``../shared/data/vertebral-bodies/cases.csv``, and of synthetic phantom studies (T1 / T2 / STIR, planted
-fractures and Modic bands: abnormal marrow is still body; their sacrum under S1 is background, which no real
-scan annotates). Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` away
+fractures and Modic bands: abnormal marrow is still body; their sacrum below S1 is unknown, as on the real
+scans). The healthy T2 scans (vb2) annotate T11-L5 only: their S1, in view, is pseudo-labelled from the pixel
+classifier (:func:`pseudo_sacrum`), so the net learns the sacrum's top as a body and levels can be counted from it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` away
 (:func:`pipeline.unet.context_stack`). Target: any body voxel. The loss (BCE + soft Dice) only counts the rows
 whose labels are known (:func:`pipeline.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
 there are neither body nor background).
@@ -17,6 +18,8 @@ between scanners). AdamW, cosine-decayed learning rate; ~0.5 s per step on two c
 
 ``--fold K`` trains without the cases of fold K (``train_segmenter.case_folds``: the folds of ``--cv cases``), for
 held-out evaluation: ``modicscan evaluate-segmentation CASES --unet foldK.onnx --model foldK.joblib --fold K``.
+The pseudo-labelled S1s come from the shipped classifier also then (it saw every case; only training cases' S1s
+are labelled with it, never a held-out case's).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .segment import normalise
+from .config import SegmentationConfig
+from .segment import label_counts_and_centroids, normalise, segment_vertebrae
 from .train_segmenter import (
     DEFAULT_CASES,
     _rows_below,
@@ -46,12 +50,50 @@ PHANTOM_SHARE = 0.15  # of the crops; phantoms teach contrasts and lesions, the 
 BASE_CHANNELS = 16
 LEARNING_RATE = 2e-3
 GAMMA_LOG_SD = 0.25
+PSEUDO_S1_MIN_ML = 10.0  # a pseudo-labelled S1 smaller than this is a fragment, not the sacrum's top
+
+
+def pseudo_sacrum(lab: np.ndarray, seg: np.ndarray, sp) -> np.ndarray | None:
+    """Mask of the first sacral body under an annotation that ends at L5, taken from a segmentation ``seg`` of the
+    same working-frame (I, P, R) grid; None when no piece qualifies.
+
+    The piece is the largest one of ``seg`` that overlaps no annotated body, has >= ``PSEUDO_S1_MIN_ML`` and a
+    centroid 0.6-1.2 body spacings (median gap between the annotated bodies' centroids) below the lowest annotated
+    body's and behind it (S1 sits posterior to L5 in the lordosis; in front of it lie the pelvic organs, where the
+    pixel classifier sometimes finds a body-like blob)."""
+    ids = np.unique(lab[lab > 0])
+    if ids.size < 2:
+        return None
+    _, cents = label_counts_and_centroids(lab, ids)
+    cents = cents[np.argsort(cents[:, 0])]
+    spacing = float(np.median(np.diff(cents[:, 0]))) * sp[0]
+    lowest = cents[-1]
+    pieces = np.unique(seg[(seg > 0) & (lab == 0)])
+    if pieces.size == 0:
+        return None
+    counts, pc = label_counts_and_centroids(seg, pieces)
+    touching = np.unique(seg[(seg > 0) & (lab > 0)])
+    below = (pc[:, 0] - lowest[0]) * sp[0]
+    ok = ((below >= 0.6 * spacing) & (below <= 1.2 * spacing) & (pc[:, 1] > lowest[1])
+          & (counts * float(np.prod(sp)) / 1000.0 >= PSEUDO_S1_MIN_ML) & ~np.isin(pieces, touching))
+    if not ok.any():
+        return None
+    return seg == pieces[np.flatnonzero(ok)[np.argmax(counts[ok])]]
 
 
 def case_slices(row: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(input (3, H, W) float32, body (H, W) bool, known (H, W) bool) for each training slice of one image/labels row."""
+    """(input (3, H, W) float32, body (H, W) bool, known (H, W) bool) for each training slice of one image/labels row.
+
+    ``row["pseudo_s1"]``: the annotation ends at L5 with S1 in view; the shipped pixel classifier's S1
+    (:func:`pseudo_sacrum`) is added as body, so the net learns that the sacrum's top is a body (vb2 never annotates
+    it; without it the net missed S1 there and the levels were counted one too low)."""
     work, lab, sp = load_case(row)
     body = lab > 0
+    if row.get("pseudo_s1") and body.any():
+        seg = segment_vertebrae(work, sp, SegmentationConfig(body_model="classifier"), keep_below_s1=True).labels
+        s1 = pseudo_sacrum(lab, seg, sp)
+        if s1 is not None:
+            body = body | s1
     if not body.any():
         return []
     known = _rows_known(body, 3, _rows_below(row, sp[0]))
@@ -172,14 +214,24 @@ def main(argv=None) -> int:
     ap.add_argument("--phantoms", type=int, default=12, help="synthetic studies added (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pseudo-s1", action="append", metavar="SOURCE",
+                    help="source whose annotation ends at L5 with S1 in view: its S1 is pseudo-labelled from the pixel "
+                         "classifier (repeatable; default: vb2)")
     a = ap.parse_args(argv)
     rows = read_cases(Path(a.cases_csv))
+    for r in rows:
+        r["pseudo_s1"] = r.get("source") in (a.pseudo_s1 or ["vb2"])
     if a.fold is not None:
         rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f != a.fold]
     t = time.time()
     real = [s for r in rows for s in case_slices(r)]
     with tempfile.TemporaryDirectory(prefix="modicscan-unet-") as tmp:
-        phantom = [s for r in (phantom_rows(Path(tmp), a.phantoms) if a.phantoms else []) for s in case_slices(r)]
+        ph_rows = phantom_rows(Path(tmp), a.phantoms) if a.phantoms else []
+        for r in ph_rows:
+            # The phantoms' sacrum below S1 is left unknown, as on the real scans: trained as background it taught
+            # the net to drop the sacrum under the lowest body, and without a sacrum no level can be named.
+            r["known_below_mm"] = 0.0
+        phantom = [s for r in ph_rows for s in case_slices(r)]
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
     net = fit(real, phantom, a.iters, a.seed, a.threads)
     export_onnx(net, Path(a.out))

@@ -3,10 +3,10 @@
 The net (``models/body_unet.onnx``, 1.9 M parameters, trained by :mod:`pipeline.train_unet`) sees one sagittal
 slice of the normalised working grid (1.5 mm in-plane, :func:`pipeline.segment.normalise`) and the slices
 ``CONTEXT_MM`` to either side (three channels: lateral context at the same physical distance for 1 mm and 4 mm
-slices), and gives one logit per pixel: vertebral body or not. With ``segmentation.body_model: unet`` it takes the
-place of the classifier's stage 2 (3-fold held-out per-body Dice on the 42 real scans 0.815 -> 0.886, same
-post-processing): a body's shape and its disc above and below are seen at once, not through hand-made features.
-Not the default yet: it misses S1 on healthy T2 scans, so their levels are named one too low (README).
+slices), and gives one logit per pixel: vertebral body or not. With ``segmentation.body_model: unet`` (the
+default) it takes the place of the classifier's stage 2 (held-out per-body Dice on the 42 real scans 0.815 ->
+0.87-0.89, same post-processing): a body's shape and its disc above and below are seen at once, not through
+hand-made features.
 
 Cost control, both measured without loss of Dice: only the columns within ``COLUMN_HALF_MM`` of the spinal column
 (found by the classifier's cheap stage 1) are fed to the net, and thin-slice volumes are run on slices
