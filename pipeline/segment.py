@@ -827,8 +827,8 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
     if end_s1 is not None:
         chain = [*chain, end_s1] if end_s1 != last else chain
         flags.append("S1_AT_COLUMN_END")
-        notes.append("S1 taken as the lowest body of the column: nothing body-like below it, and the body above it is "
-                     "the most steeply tilted (L5)")
+        notes.append("S1 taken as the lowest body of the column: nothing body-like below it, and the column's most "
+                     "steeply tilted body is at its end (the lumbosacral junction)")
     elif not below or len(chain) < 2:
         flags += ["NO_SACRUM_FOUND", "PARTIAL_FOV"]
         notes.append("no sacrum below the lowest body: levels cannot be counted from S1; bodies are numbered B1.. from the top")

@@ -7,7 +7,8 @@ Training data: every slice holding an annotated body (plus ``MARGIN_MM`` either 
 ``../shared/data/vertebral-bodies/cases.csv``, and of synthetic phantom studies (T1 / T2 / STIR, planted
 fractures and Modic bands: abnormal marrow is still body; their sacrum below S1 is unknown, as on the real
 scans). The healthy T2 scans (vb2) annotate T11-L5 only: their S1, in view, is pseudo-labelled from the pixel
-classifier (:func:`pseudo_sacrum`), so the net learns the sacrum's top as a body and levels can be counted from it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` away
+classifier (:func:`pseudo_sacrum`), so the net learns the sacrum's top as a body and levels can be counted from
+it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` away
 (:func:`pipeline.unet.context_stack`). Target: any body voxel. The loss (BCE + soft Dice) only counts the rows
 whose labels are known (:func:`pipeline.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
 there are neither body nor background).
