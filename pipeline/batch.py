@@ -40,6 +40,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_NO_STUDIES = 4
+MIN_UNNAMED_COLUMN = 3  # unnamed bodies fewer than this are no spinal column (study fails with NO_LUMBAR_LEVELS)
 
 # Failures worth retrying on a rerun even without --force: they depend on the machine, not the input.
 TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT"}
@@ -210,7 +211,10 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
         seg_method = segmentation_method(cfg.segmentation.body_model)
     if not seg.bodies:
         raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found in the sagittal T2 series")
-    if not any(b.level in ("L1", "L2", "L3", "L4", "L5") for b in seg.bodies) and seg.labelling_confidence >= 0.5:
+    # No lumbar level named: surely so, or fewer than three bodies (any lumbar sagittal shows a column of them; one
+    # or two body-like blobs are another body part, e.g. the femur of a knee study)
+    if not any(b.level in ("L1", "L2", "L3", "L4", "L5") for b in seg.bodies) and (
+            seg.labelling_confidence >= 0.5 or len(seg.bodies) < MIN_UNNAMED_COLUMN):
         raise StudyError("NO_LUMBAR_LEVELS", "the segmented bodies were not labelled as lumbar levels")
     timings["segment"] = time.perf_counter() - t
 

@@ -16,7 +16,7 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
    interpolated); ``classifier`` — a second classifier ("auto-context", Tu & Bai 2010): fine image features *and*
    the stage-1 map around the voxel (6-24 mm above / below, 7.5-30 mm in front / behind, 4-10 mm to the sides),
    within 40 mm of the column and near stage-1 body voxels. Held-out per-body Dice on the 42 real scans (3 folds
-   of cases): classifier 0.815, U-Net 0.87-0.89 (same steps 4-6; README).
+   of cases): classifier 0.815, U-Net 0.884 / 0.886 (folds 0 / 1; same steps 4-6; README).
 4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
    body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
    bodies (a shallow dip with less than a body's height around it is a dark band inside a body, not a disc:
@@ -54,6 +54,7 @@ log = logging.getLogger("modicscan")
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.joblib"
 WORK_MM = 1.5  # in-plane working resolution (mm)
 COLUMN_END_SPACINGS = 1.5  # image under the column's last body (in body spacings) needed to call it S1 without a sacrum
+CUT_NEXT_BODY_SPACINGS = 1.5  # a piece cut by the image's edge closer than this under the last body may be the next body
 
 STAGE1_MM = 3.0  # stage-1 in-plane grid (mm)
 # Thin slices are classified on a sub-lattice about this far apart; the slices between are interpolated.
@@ -769,7 +770,11 @@ def _s1_at_column_end(chain: list[int], centroids_mm: np.ndarray, tilts: np.ndar
     if nxt.size:
         last = int(nxt[np.argmax(volumes_ml[nxt])])
     ends = [*chain, last] if last != chain[-1] else chain
-    if len(ends) < 3 or np.any(pool > centroids_mm[last] + 0.3 * spacing) or np.any(cut & (gap > 0.3 * spacing)):
+    # A body running out of view has its centroid within a spacing under the last one; a cut piece farther down
+    # (the lower sacrum or the coccyx at the image's edge) is not the column going on.
+    under = centroids_mm - centroids_mm[last]
+    if (len(ends) < 3 or np.any(pool > centroids_mm[last] + 0.3 * spacing)
+            or np.any(cut & (under > 0.3 * spacing) & (under <= CUT_NEXT_BODY_SPACINGS * spacing))):
         return None  # something below it: the sacrum (the usual rule decides), or a body running out of view
     if fov_end_mm - centroids_mm[last] < COLUMN_END_SPACINGS * spacing:
         return None  # the image stops too soon under it to tell S1 from L5 with S1 out of view

@@ -353,13 +353,33 @@ def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int
     return _refiner_classifier(seed).fit(X, y), int(y.size)
 
 
+def _content_key(row: dict) -> str | None:
+    """Hash of a row's image file (None without one): two rows with the same bytes are the same scan."""
+    import hashlib
+
+    path = row.get("image_path")
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
 def case_folds(rows: list[dict], k: int = 3) -> list[int]:
-    """Fold of each row for k-fold cross-validation over cases, stratified by source (i-th case of a source -> i mod k)."""
+    """Fold of each row for k-fold cross-validation over cases, stratified by source (i-th case of a source -> i mod k).
+
+    A row whose image file is byte-identical to an earlier row's goes to that row's fold (the shared data holds one
+    scan twice, vb3-51 and vb3-53: in two folds, one held-out case was seen in training)."""
     seen: dict[str, int] = {}
+    first_fold: dict[str, int] = {}
     folds = []
     for r in rows:
+        key = _content_key(r)
+        if key is not None and key in first_fold:
+            folds.append(first_fold[key])
+            continue
         folds.append(seen.get(r["source"], 0) % k)
         seen[r["source"]] = seen.get(r["source"], 0) + 1
+        if key is not None:
+            first_fold[key] = folds[-1]
     return folds
 
 

@@ -13,9 +13,10 @@ it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` a
 whose labels are known (:func:`pipeline.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
 there are neither body nor background).
 
-Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % centred on a body voxel, a fraction
-``PHANTOM_SHARE`` from phantom slices, each with a random gamma on the intensities (log-sd 0.25: contrast
-between scanners). AdamW, cosine-decayed learning rate; ~0.5 s per step on two cores.
+Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % holding a body voxel, a fraction ``PHANTOM_SHARE``
+from phantom slices, each rotated (up to ``ROTATE_DEG``) and zoomed (up to exp(+-``SCALE_LOG``)), its side slices
+swapped half of the time, and a random gamma on the intensities (log-sd 0.25: contrast between scanners;
+:func:`sample_batch`). AdamW, cosine-decayed learning rate; ~0.55 s per step on two cores.
 
 ``--fold K`` trains without the cases of fold K (``train_segmenter.case_folds``: the folds of ``--cv cases``), for
 held-out evaluation: ``modicscan evaluate-segmentation CASES --unet foldK.onnx --model foldK.joblib --fold K``.
@@ -51,6 +52,8 @@ PHANTOM_SHARE = 0.15  # of the crops; phantoms teach contrasts and lesions, the 
 BASE_CHANNELS = 16
 LEARNING_RATE = 2e-3
 GAMMA_LOG_SD = 0.25
+ROTATE_DEG = 15.0  # crops are rotated by up to this (sample_batch)
+SCALE_LOG = 0.15  # and zoomed by up to exp(+-this): +-16 %
 PSEUDO_S1_MIN_ML = 10.0  # a pseudo-labelled S1 smaller than this is a fragment, not the sacrum's top
 
 
@@ -105,9 +108,25 @@ def case_slices(row: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return [(x[i], body[:, :, k], np.ascontiguousarray(known[:, :, k])) for i, k in enumerate(ks)]
 
 
+def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
+    """(2, P, P) slice coordinates of a ``patch`` x ``patch`` crop around ``centre``, rotated by ``angle`` (radians)
+    and zoomed by ``scale`` (> 1: the crop covers more of the slice, anatomy looks smaller)."""
+    g = np.arange(patch, dtype=np.float64) - (patch - 1) / 2.0
+    rr, cc = np.meshgrid(g, g, indexing="ij")
+    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+    return np.stack([centre[0] + cos * rr - sin * cc, centre[1] + sin * rr + cos * cc])
+
+
 def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int = BATCH, patch: int = PATCH,
-                 phantom_share: float = PHANTOM_SHARE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x (B, 3, P, P), y (B, 1, P, P), mask (B, 1, P, P)) float32 crops; zero-padded where a slice is smaller."""
+                 phantom_share: float = PHANTOM_SHARE, rotate_deg: float = ROTATE_DEG,
+                 scale_log: float = SCALE_LOG) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (B, 3, P, P), y (B, 1, P, P), mask (B, 1, P, P)) float32 crops; zero (and unknown) outside the slice.
+
+    Each crop is rotated by up to ``rotate_deg`` and zoomed by up to exp(+-``scale_log``) (spines lean and scanners
+    and patients differ in size; the 41 real scans alone do not show enough of either), its two side slices swap
+    places half of the time (left and right context are alike), and its intensities get a random gamma."""
+    from scipy import ndimage
+
     xs = np.zeros((batch, 3, patch, patch), np.float32)
     ys = np.zeros((batch, 1, patch, patch), np.float32)
     ms = np.zeros((batch, 1, patch, patch), np.float32)
@@ -115,18 +134,25 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
         pool = phantom if phantom and rng.random() < phantom_share else real
         x, y, m = pool[rng.integers(len(pool))]
         h, w = y.shape
-        if y.any() and rng.random() < 0.8:  # centred on a body voxel, anywhere in the crop
+        if y.any() and rng.random() < 0.8:  # a body voxel anywhere in the crop
             rr, cc = np.nonzero(y)
             j = rng.integers(rr.size)
-            r0, c0 = rr[j] - rng.integers(patch), cc[j] - rng.integers(patch)
+            centre = np.array([rr[j], cc[j]], float) + rng.uniform(-patch / 2, patch / 2, 2)
         else:
-            r0, c0 = rng.integers(-16, max(1, h - patch + 16)), rng.integers(-16, max(1, w - patch + 16))
-        r0, c0 = int(np.clip(r0, 0, max(0, h - patch))), int(np.clip(c0, 0, max(0, w - patch)))
-        sub = x[:, r0:r0 + patch, c0:c0 + patch]
+            centre = np.array([rng.uniform(-16, h + 16), rng.uniform(-16, w + 16)])
+        # keep the crop inside the slice where the slice is large enough (as an unrotated crop would be)
+        for a, n in enumerate((h, w)):
+            centre[a] = np.clip(centre[a], min(patch / 2, n / 2), max(n - patch / 2, n / 2)) - 0.5
+        angle = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg))
+        coords = _crop_coords(centre, patch, angle, float(np.exp(rng.uniform(-scale_log, scale_log))))
+        inside = ((coords[0] > -0.5) & (coords[0] < h - 0.5) & (coords[1] > -0.5) & (coords[1] < w - 0.5))
+        channels = (2, 1, 0) if rng.random() < 0.5 else (0, 1, 2)
         g = float(np.exp(rng.normal(0.0, GAMMA_LOG_SD)))  # contrast between scanners: a monotone remap
-        xs[b, :, :sub.shape[1], :sub.shape[2]] = np.sign(sub) * np.abs(sub) ** g
-        ys[b, 0, :sub.shape[1], :sub.shape[2]] = y[r0:r0 + patch, c0:c0 + patch]
-        ms[b, 0, :sub.shape[1], :sub.shape[2]] = m[r0:r0 + patch, c0:c0 + patch]
+        for c, src in enumerate(channels):  # "nearest" up to the slice's outer pixel edge, zero beyond it
+            sub = ndimage.map_coordinates(x[src], coords, order=1, mode="nearest") * inside
+            xs[b, c] = np.sign(sub) * np.abs(sub) ** g
+        ys[b, 0] = (ndimage.map_coordinates(y.astype(np.float32), coords, order=1, mode="nearest") >= 0.5) & inside
+        ms[b, 0] = (ndimage.map_coordinates(m.astype(np.float32), coords, order=0, mode="nearest") > 0) & inside
     return xs, ys, ms
 
 
@@ -173,8 +199,10 @@ def masked_loss(logit, y, mask):
     return bce + dice
 
 
-def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100):
-    """Train a U-Net on the slices (see :func:`case_slices`); returns the net in eval mode."""
+def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100,
+        rotate_deg: float = ROTATE_DEG, scale_log: float = SCALE_LOG):
+    """Train a U-Net on the slices (see :func:`case_slices`; augmentation: :func:`sample_batch`); returns the net in
+    eval mode."""
     import torch
 
     torch.manual_seed(seed)
@@ -186,7 +214,8 @@ def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, 
     for it in range(iters):
         for group in opt.param_groups:
             group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * it / max(1, iters)))
-        x, y, m = (torch.from_numpy(a) for a in sample_batch(real, phantom, rng))
+        batch = sample_batch(real, phantom, rng, rotate_deg=rotate_deg, scale_log=scale_log)
+        x, y, m = (torch.from_numpy(a) for a in batch)
         loss = masked_loss(net(x), y, m)
         opt.zero_grad()
         loss.backward()
@@ -215,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--phantoms", type=int, default=12, help="synthetic studies added (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rotate-deg", type=float, default=ROTATE_DEG, help="crop rotation range (default +-%(default)s)")
+    ap.add_argument("--scale-log", type=float, default=SCALE_LOG, help="crop zoom range, log (default +-%(default)s)")
     ap.add_argument("--pseudo-s1", action="append", metavar="SOURCE",
                     help="source whose annotation ends at L5 with S1 in view: its S1 is pseudo-labelled from the pixel "
                          "classifier (repeatable; default: vb2)")
@@ -234,7 +265,7 @@ def main(argv=None) -> int:
             r["known_below_mm"] = 0.0
         phantom = [s for r in ph_rows for s in case_slices(r)]
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
-    net = fit(real, phantom, a.iters, a.seed, a.threads)
+    net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log)
     export_onnx(net, Path(a.out))
     print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {a.out}")
     return 0

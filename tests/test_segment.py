@@ -252,6 +252,17 @@ def test_a_column_that_ends_well_inside_the_image_ends_at_s1():
     # a sacrum found below S1 decides as before, without the flag
     names6, _, flags6, _ = label_levels(cents, lordosis, vols, cfg, others_mm=np.array([255.0]), fov_end_mm=330.0)
     assert names6 == names and "S1_AT_COLUMN_END" not in flags6
+    # a piece cut by the image's edge right under S1 may be the next body running out of view: no S1 named; one
+    # 2.5 spacings down (the lower sacrum, the coccyx) is not the column going on
+    with_edge = np.append(cents, 0.0)
+    edge_vols = np.append(vols, 8.0)
+    edge_tilts = np.append(lordosis, 0.0)
+    edge_cut = np.array([False] * 7 + [True])
+    for under_mm, named in ((30.0, False), (87.5, True)):
+        with_edge[-1] = cents[-1] + under_mm
+        names7, _, flags7, _ = label_levels(with_edge, edge_tilts, edge_vols, cfg, others_mm=np.array([]), cut=edge_cut,
+                                            fov_end_mm=with_edge[-1] + 4.0)
+        assert (names7[:7] == names) is named and ("S1_AT_COLUMN_END" in flags7) is named
 
 
 def test_expected_levels_run_head_to_foot_from_the_first_annotated_level():
@@ -486,6 +497,26 @@ def test_phantom_sacrum_under_s1_is_background_for_training_but_unknown_rows_of_
     assert rows_real[-1] == 54 and rows_phantom[-1] == 51 + below  # under S1: a margin of a real scan, the sacrum of a phantom
     focus = np.flatnonzero(_focus_rows(lab, [6], 6, below)[:, 0, 0])
     assert focus[0] == 34 and focus[-1] == min(119, 51 + below)
+
+
+def test_case_folds_stratify_by_source_and_keep_a_duplicated_scan_in_one_fold(tmp_path):
+    from pipeline.train_segmenter import case_folds
+
+    rows = []
+    for src, n in (("a", 5), ("b", 4)):
+        for i in range(n):
+            path = tmp_path / f"{src}{i}.nii.gz"
+            path.write_bytes(f"{src}-{i}".encode())
+            rows.append({"case": f"{src}{i}", "source": src, "image_path": str(path)})
+    folds = case_folds(rows)
+    assert folds == [0, 1, 2, 0, 1, 0, 1, 2, 0]  # i-th case of a source -> i mod 3
+    # the same bytes under another name (the shared data holds one scan twice): the first copy's fold; the other
+    # cases keep theirs
+    (tmp_path / "copy.nii.gz").write_bytes(b"a-1")
+    dup = {"case": "a9", "source": "a", "image_path": str(tmp_path / "copy.nii.gz")}
+    folds = case_folds(rows[:5] + [dup] + rows[5:])
+    assert folds[5] == folds[1] == 1 and folds[:5] + folds[6:] == [0, 1, 2, 0, 1, 0, 1, 2, 0]
+    assert case_folds([{"case": "x", "source": "a"}, {"case": "y", "source": "a"}]) == [0, 1]  # no files: by order
 
 
 def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():

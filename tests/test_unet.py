@@ -130,13 +130,35 @@ def test_training_batches_mix_sources_as_asked_and_pad_small_slices():
     rng = np.random.default_rng(0)
     x, y, m = sample_batch(real, phantom, rng, batch=400, patch=32, phantom_share=0.25)
     assert x.shape == (400, 3, 32, 32) and y.shape == m.shape == (400, 1, 32, 32)
-    from_phantom = x[:, 0, 0, 0] > 0.5  # the gamma keeps 0.25 below and 0.75 above 0.5 for any g in reason
+    from_phantom = x[:, 0, 16, 16] > 0.5  # the gamma keeps 0.25 below and 0.75 above 0.5 for any g in reason
     assert 0.15 < from_phantom.mean() < 0.35
     assert (y.reshape(400, -1).any(axis=1)).mean() > 0.75  # most crops hold body
     # a slice smaller than the patch: its crop is padded with zeros, and padding is never counted in the loss
-    x, y, m = sample_batch([_slice(0.5, (slice(2, 8), slice(2, 8)), shape=(10, 12))], [], rng, batch=4, patch=32)
-    assert (m[:, 0, :10, :12] == 1).all() and not m[:, 0, 10:].any() and not m[:, 0, :, 12:].any()
-    assert not x[:, :, 10:].any()
+    small = [_slice(0.5, (slice(2, 8), slice(2, 8)), shape=(10, 12))]
+    x, y, m = sample_batch(small, [], rng, batch=4, patch=32, rotate_deg=0, scale_log=0)
+    assert (m[:, 0, 11:21, 10:22] == 1).all() and m.sum() == 4 * 10 * 12  # the slice, centred; nothing else known
+    assert not x[np.broadcast_to(m == 0, x.shape)].any()
+    x, y, m = sample_batch(small, [], rng, batch=50, patch=32)  # rotated and zoomed: still only the slice is known
+    assert not x[np.broadcast_to(m == 0, x.shape)].any()
+    known = m.reshape(50, -1).sum(axis=1)
+    assert (known > 120 * np.exp(-0.3) - 12).all() and (known < 120 * np.exp(0.3) + 12).all()
+
+
+def test_training_crops_move_image_and_target_together_and_swap_the_side_slices():
+    from pipeline.train_unet import sample_batch
+
+    x, y, m = _slice(0.2, (slice(15, 45), slice(20, 40)))
+    x[1][y] = 1.0  # the centre channel shows the body
+    x[0], x[2] = 0.1, 0.9  # the side channels tell left from right
+    xb, yb, mb = sample_batch([(x, y, m)], [], np.random.default_rng(3), batch=200, patch=32)
+    known = mb[:, 0] > 0
+    bright = xb[:, 1] > 0.6  # any gamma in reason keeps 1.0 above and 0.2 below
+    agree = (bright == (yb[:, 0] > 0))[known].mean()
+    assert agree > 0.97  # rotated and zoomed alike (the rest: interpolated edge pixels)
+    body_px = yb[:, 0].sum(axis=(1, 2))
+    assert body_px.std() > 0  # zoom varies the apparent size
+    swapped = xb[:, 0, 16, 16] > xb[:, 2, 16, 16]
+    assert 0.35 < swapped.mean() < 0.65
 
 
 def test_training_slices_know_the_phantom_sacrum_but_not_the_rows_below_a_real_scan(tmp_path):
@@ -231,9 +253,10 @@ def unet_on_three_real_scans(vertebral_bodies_dir, tmp_path_factory):
                          cfg=SegmentationConfig(body_model="unet"), first_levels={"vb2": "T11", "vb3": "L1"})
 
 
-# A regression floor for the shipped U-Net on the three cases of test_segment's floor (in-sample: 0.875 on
-# 2026-11-27, vb1-15's S1 behind a slipped L5 missed; the classifier: 0.81), not the project target (0.92).
-UNET_DICE_FLOOR = 0.85
+# A regression floor for the shipped U-Net on the three cases of test_segment's floor (in-sample: 0.913 on
+# 2026-11-27 with the net trained on rotated and zoomed crops, 0.875 before it, when vb1-15's S1 behind a slipped
+# L5 was missed; the classifier: 0.81), not the project target (0.92).
+UNET_DICE_FLOOR = 0.89
 
 
 def test_unet_outlines_three_real_scans_above_a_dice_floor(unet_on_three_real_scans):
@@ -241,7 +264,7 @@ def test_unet_outlines_three_real_scans_above_a_dice_floor(unet_on_three_real_sc
     assert summary["n_annotated_bodies"] == 19
     assert summary["mean_body_dice"] >= UNET_DICE_FLOOR, summary
     assert summary["per_source"]["vb2"] >= 0.9 and summary["per_source"]["vb3"] >= 0.9, summary["per_source"]
-    assert summary["missed"] <= 1
+    assert summary["missed"] == 0
     assert summary["level_naming"]["vb3"]["wrong"] == 0  # vb3-09 shows no sacrum: no level names at all
 
 
