@@ -54,7 +54,8 @@ log = logging.getLogger("modicscan")
 MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.joblib"
 WORK_MM = 1.5  # in-plane working resolution (mm)
 COLUMN_END_SPACINGS = 1.5  # image under the column's last body (in body spacings) needed to call it S1 without a sacrum
-CUT_NEXT_BODY_SPACINGS = 1.5  # a piece cut by the image's edge closer than this under the last body may be the next body
+# A piece cut by the image's edge closer than this (in body spacings) under the last body may be the next body.
+CUT_NEXT_BODY_SPACINGS = 1.5
 
 STAGE1_MM = 3.0  # stage-1 in-plane grid (mm)
 # Thin slices are classified on a sub-lattice about this far apart; the slices between are interpolated.

@@ -5,8 +5,8 @@ slice of the normalised working grid (1.5 mm in-plane, :func:`pipeline.segment.n
 ``CONTEXT_MM`` to either side (three channels: lateral context at the same physical distance for 1 mm and 4 mm
 slices), and gives one logit per pixel: vertebral body or not. With ``segmentation.body_model: unet`` (the
 default) it takes the place of the classifier's stage 2 (held-out per-body Dice on the 42 real scans 0.815 ->
-0.884 / 0.886 in folds 0 / 1, same post-processing): a body's shape and its disc above and below are seen at once, not through
-hand-made features.
+0.884 / 0.886 in folds 0 / 1, same post-processing): a body's shape and its disc above and below are seen at
+once, not through hand-made features.
 
 Cost control, both measured without loss of Dice: only the columns within ``COLUMN_HALF_MM`` of the spinal column
 (found by the classifier's cheap stage 1) are fed to the net, and thin-slice volumes are run on slices
