@@ -18,7 +18,10 @@ classified and the ones between take the mean probability of their neighbours (m
 in-plane on matrices finer than ~1 mm (:func:`_lattice`).
 
 The classifier is trained by :mod:`pipeline.train_segmenter` on *held-out* pipeline output (each real case
-segmented by a stage model that did not see it), so it learns the errors the segmenter makes on new scans.
+segmented by a stage model that did not see it), so it learns the errors the segmenter makes on new scans. The U-Net
+body model has its own (``refiner_unet`` in the model file, ``--unet-refiner``): learnt on the output of the 3 fold
+nets, it gained 0.003 held-out Dice over the classifier's refiner on all three folds (nested: each fold scored
+with a refiner learnt on the other two).
 """
 
 from __future__ import annotations

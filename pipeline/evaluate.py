@@ -122,9 +122,7 @@ def _eval_case(args) -> dict:
         segment.MODEL_PATH = Path(model_path)
         joblib.load(model_path)  # fail early on a bad path
     if unet_path:
-        unet.load_session.cache_clear()
-        unet.UNET_PATH = Path(unet_path)
-        unet.load_session()  # fail early on a bad path
+        unet.use_network(unet_path)
     img = load_nifti(row["image_path"])
     truth = load_nifti(row["labels_path"]).data.astype(np.int32)
     note = ""

@@ -16,7 +16,7 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
    interpolated); ``classifier`` — a second classifier ("auto-context", Tu & Bai 2010): fine image features *and*
    the stage-1 map around the voxel (6-24 mm above / below, 7.5-30 mm in front / behind, 4-10 mm to the sides),
    within 40 mm of the column and near stage-1 body voxels. Held-out per-body Dice on the 42 real scans (3 folds
-   of cases): classifier 0.815, U-Net 0.884 / 0.886 (folds 0 / 1; same steps 4-6; README).
+   of cases): classifier 0.815, U-Net 0.888 (same steps 4-6), 0.891 with its own edge refiner (README).
 4. **Instances along the column** (:func:`split_column`): the column curve is fitted (RANSAC) through the
    body mask; the probability mass projected onto the curve dips at every disc; the dips cut the column into
    bodies (a shallow dip with less than a body's height around it is a dark band inside a body, not a disc:
@@ -29,7 +29,9 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/m
    low; body-sized instances the level chain leaves out are reported as B<n> too.
 6. **Edges at the input resolution** (:mod:`pipeline.edge_refiner`): the named bodies are mapped back to the
    input grid and the voxels within 4 mm of their surfaces are re-decided by a third classifier (contrast-free
-   features relative to each body's own interior), trained on held-out segmentations of the real scans.
+   features relative to each body's own interior), trained on held-out segmentations of the real scans: one
+   refiner per body model (:func:`edge_refiner_for`), the U-Net's learnt on the output of U-Nets that did not see
+   the case (``python -m pipeline.train_segmenter --unet-refiner``).
 
 The classifiers and the U-Net are trained on the expert-annotated real scans of ``../shared/data/vertebral-bodies``
 and on synthetic phantoms (``python -m pipeline.train_segmenter``, cross-validation estimates with ``--cv``;
@@ -991,9 +993,9 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     box = crop_box(labels, spacing)  # everything the refiner reads or changes
     if resampled:
         prob = _resample_inplane(prob, image.shape, box)
-    # (learnt on the classifier's held-out output; on the U-Net's it still adds ~0.02 held-out Dice)
-    if cfg.refine_edges and model.get("refiner") is not None:
-        labels = refine_labels(image, labels, prob, spacing, model["refiner"], box)
+    refiner = edge_refiner_for(model, cfg.body_model)
+    if cfg.refine_edges and refiner is not None:
+        labels = refine_labels(image, labels, prob, spacing, refiner, box)
     vox_in = spacing[0] * spacing[1] * spacing[2]
     bodies = []
     present = np.bincount(labels.ravel(), minlength=max(v for _, v, _ in bodies_meta) + 1) if bodies_meta else []
@@ -1010,6 +1012,14 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     bodies.sort(key=lambda b: b.centroid_vox[0])
     return Segmentation(labels=labels.astype(np.int16), bodies=bodies, labelling_confidence=conf, flags=flags, notes=notes,
                         body_probability=prob)
+
+
+def edge_refiner_for(model: dict, body_model: str):
+    """The edge refiner for a body model: each learns from its own model's held-out output (the U-Net's probability
+    is sharper than stage 2's, its errors differ); a model file without a U-Net refiner falls back to the
+    classifier's. None: no refiner."""
+    refiner = model.get("refiner_unet") if body_model == "unet" else None
+    return refiner if refiner is not None else model.get("refiner")
 
 
 def _inplane_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

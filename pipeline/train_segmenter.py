@@ -19,6 +19,10 @@ The edge refiner (:mod:`pipeline.edge_refiner`) learns from held-out output: the
 (stratified by source), each fold segmented by stages trained without it (same recipe), 40 000 voxels of the
 4 mm surface band per case. Training therefore fits the stages four times (~10 min on two cores, `--jobs 2`).
 
+The U-Net has its own edge refiner, learnt the same way from the U-Net's held-out output: ``--unet-refiner
+f0.onnx f1.onnx f2.onnx`` segments each fold's cases with the net trained without them (``python -m
+pipeline.train_unet --fold K``) and stores the refiner as ``refiner_unet`` in the model file (~1 min on two cores).
+
 ``--cv cases`` / ``--cv loso`` print a cross-validation estimate instead: train without each held-out group,
 segment its cases with the full pipeline segmenter, and score per-body Dice (pipeline.evaluate).
 """
@@ -312,18 +316,35 @@ def _train_stages(rows: list[dict], seed: int, phantom_share: tuple[int, int], a
 
 
 def _held_out_band_samples(args) -> tuple[np.ndarray, np.ndarray]:
-    """Segment one real case with a stage model that did not see it; band samples of that segmentation."""
-    row, model, seed = args
+    """Segment one real case with a body model that did not see it; band samples of that segmentation.
+    ``unet_path``: a U-Net fold net gives the body probability (the classifier ``model`` still finds the column);
+    None: the classifier ``model`` does."""
+    row, model, seed, unet_path = args
     from .io import load_nifti
 
     img = load_nifti(row["image_path"])
     truth = load_nifti(row["labels_path"]).data
     box = common_box(truth.shape, img.data.shape)
     image = img.data[box]
-    # the classifier's own output, whatever the default body model (the shipped U-Net saw every case)
-    cfg = SegmentationConfig(refine_edges=False, body_model="classifier")
+    if unet_path:
+        from .unet import use_network
+
+        use_network(unet_path)
+    cfg = SegmentationConfig(refine_edges=False, body_model="unet" if unet_path else "classifier")
     seg = segment_vertebrae(image, img.spacing, cfg, keep_below_s1=True, model=model)
     return band_samples(image, truth[box], seg.labels, seg.body_probability, img.spacing, np.random.default_rng(seed))
+
+
+def _segment_held_out(held: list[tuple], jobs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_held_out_band_samples` of every argument tuple, ``jobs`` cases in parallel."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if jobs <= 1:
+        return [_held_out_band_samples(a) for a in held]
+    # forkserver: a forked child can hang on the OpenMP state of the fitted classifiers
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as ex:
+        return list(ex.map(_held_out_band_samples, held))
 
 
 def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int] = PHANTOM_SHARE,
@@ -331,9 +352,6 @@ def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int
     """Edge refiner (:mod:`pipeline.edge_refiner`) learnt from held-out segmentations: the real cases in ``k`` folds
     (stratified by source), each fold segmented by stages trained without it (phantoms are in every fold's
     training set, so they give no held-out output and are not used here). Returns (classifier, samples)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     real = [r for r in rows if r.get("source") != "phantom"]
     phantoms = [r for r in rows if r.get("source") == "phantom"]
     folds = case_folds(real, k)
@@ -342,13 +360,26 @@ def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int
         t = time.time()
         model, _ = _train_stages([r for r, g in zip(real, folds, strict=True) if g != f] + phantoms, seed,
                                  phantom_share, augment)
-        held = [(r, model, seed * 1000 + i) for i, (r, g) in enumerate(zip(real, folds, strict=True)) if g == f]
-        if jobs > 1:  # forkserver: a forked child can hang on the OpenMP state of the fitted classifiers
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as ex:
-                parts += list(ex.map(_held_out_band_samples, held))
-        else:
-            parts += [_held_out_band_samples(a) for a in held]
+        held = [(r, model, seed * 1000 + i, None) for i, (r, g) in enumerate(zip(real, folds, strict=True)) if g == f]
+        parts += _segment_held_out(held, jobs)
         print(f"refiner fold {f}: {len(held)} held-out cases segmented ({time.time() - t:.0f} s)", flush=True)
+    X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _refiner_classifier(seed).fit(X, y), int(y.size)
+
+
+def train_unet_refiner(rows: list[dict], nets: list[Path], model: dict, seed: int = 0, jobs: int = 1,
+                       skip_fold: int | None = None):
+    """Edge refiner for the U-Net body model, learnt from its held-out output: fold ``f`` of the ``len(nets)``-fold
+    case split (:func:`case_folds`) is segmented by ``nets[f]`` (``python -m pipeline.train_unet --fold f``), which
+    did not see it. ``model``: the classifier whose stage 1 finds the column. ``skip_fold``: leave that fold's cases
+    out (a refiner for evaluating that fold held out). Returns (classifier, samples)."""
+    real = [r for r in rows if r.get("source") != "phantom"]
+    folds = case_folds(real, len(nets))
+    held = [(r, model, seed * 1000 + i, str(nets[g])) for i, (r, g) in enumerate(zip(real, folds, strict=True))
+            if g != skip_fold]
+    t = time.time()
+    parts = _segment_held_out(held, jobs)
+    print(f"U-Net refiner: {len(held)} held-out cases segmented ({time.time() - t:.0f} s)", flush=True)
     X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return _refiner_classifier(seed).fit(X, y), int(y.size)
 
@@ -450,10 +481,33 @@ def main(argv=None) -> int:
                     "highest planted lesion down to S1 (default %(default)s)")
     ap.add_argument("--augment", default="", help="comma-separated intensity remaps added as training copies of the "
                     "real cases at half weight (invert, gamma<g>)")
+    ap.add_argument("--unet-refiner", nargs="+", metavar="FOLD_NET",
+                    help="instead of training the classifier: learn the U-Net's edge refiner from the held-out output "
+                    "of these fold nets (fold 0, 1, ... of train_unet --fold) and store it in --out (an existing "
+                    "classifier file, default the shipped one)")
+    ap.add_argument("--skip-fold", type=int, default=None,
+                    help="with --unet-refiner: leave this fold's cases out (a refiner for evaluating that fold)")
+    ap.add_argument("--fold", type=int, help="train without the cases of this fold (0-2, as --cv cases and train_unet "
+                    "--fold), for held-out evaluation with evaluate-segmentation --fold --model")
     a = ap.parse_args(argv)
+    if a.fold is not None and (a.cv or a.loso or a.unet_refiner):
+        ap.error("--fold trains a classifier without that fold; with --unet-refiner use --skip-fold")
+    if a.unet_refiner and not Path(a.out).is_file():
+        ap.error(f"--unet-refiner stores the refiner in an existing classifier file; {a.out} does not exist")
+    rows = read_cases(Path(a.cases_csv))
+    if a.unet_refiner:
+        t = time.time()
+        model = joblib.load(a.out)
+        model["refiner_unet"], n = train_unet_refiner(rows, [Path(p) for p in a.unet_refiner], model,
+                                                      jobs=a.jobs, skip_fold=a.skip_fold)
+        model["refiner_unet_nets"] = [Path(p).name for p in a.unet_refiner]
+        joblib.dump(model, a.out, compress=3)
+        print(f"U-Net edge refiner trained on {n} samples in {time.time() - t:.1f} s -> {a.out}")
+        return 0
+    if a.fold is not None:
+        rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f != a.fold]
     share = tuple(int(x) for x in a.phantom_share.split(","))
     ap_aug = tuple(k for k in a.augment.split(",") if k)
-    rows = read_cases(Path(a.cases_csv))
     ph_tmp = tempfile.TemporaryDirectory(prefix="modicscan-train-")
     ph_rows = phantom_rows(Path(ph_tmp.name), a.phantoms) if a.phantoms else []
     scheme = "loso" if a.loso else a.cv

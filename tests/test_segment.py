@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -519,6 +521,32 @@ def test_case_folds_stratify_by_source_and_keep_a_duplicated_scan_in_one_fold(tm
     assert case_folds([{"case": "x", "source": "a"}, {"case": "y", "source": "a"}]) == [0, 1]  # no files: by order
 
 
+
+def test_unet_refiner_learns_from_each_case_segmented_by_the_net_of_its_own_fold(monkeypatch):
+    from sklearn.tree import DecisionTreeClassifier
+
+    from pipeline import train_segmenter as ts
+
+    rows = [{"case": f"{s}{i}", "source": s} for s in "ab" for i in range(4)] + [{"case": "p", "source": "phantom"}]
+    nets = [Path(f"f{k}.onnx") for k in range(3)]
+    seen = []
+
+    def fake_segment(held, jobs):  # one band sample per case: y = 1 for source a, 0 for source b
+        seen.extend((r["case"], net) for r, _, _, net in held)
+        return [(np.full((1, 16), float(r["source"] == "a"), np.float32), np.array([r["source"] == "a"], np.int8))
+                for r, _, _, _ in held]
+
+    monkeypatch.setattr(ts, "_segment_held_out", fake_segment)
+    monkeypatch.setattr(ts, "_refiner_classifier", lambda seed: DecisionTreeClassifier())
+    folds = ts.case_folds(rows[:-1], 3)
+    clf, n = ts.train_unet_refiner(rows, nets, model={})
+    assert n == 8 and "p" not in [c for c, _ in seen]  # the phantoms are in every fold net's training set
+    assert seen == [(r["case"], str(nets[f])) for r, f in zip(rows[:-1], folds, strict=True)]
+    assert clf.predict(np.ones((1, 16), np.float32))[0] == 1 and clf.predict(np.zeros((1, 16), np.float32))[0] == 0
+    seen.clear()
+    _, n = ts.train_unet_refiner(rows, nets, model={}, skip_fold=1)
+    assert n == folds.count(0) + folds.count(2) and all(net != "f1.onnx" for _, net in seen)
+
 def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():
     from pipeline.segment import _resample_inplane
 
@@ -534,3 +562,25 @@ def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slic
     box = (slice(10, 40), slice(5, 20), slice(1, 2))  # only where asked, the same values there
     part = _resample_inplane(work, (60, 36, 2), box)
     assert np.array_equal(part[box], fine[box]) and part.sum() == part[box].sum()
+
+
+def test_each_body_model_gets_its_own_edge_refiner_and_the_unet_falls_back_to_the_classifiers():
+    from pipeline.segment import edge_refiner_for
+
+    cls_ref, unet_ref = object(), object()
+    both = {"stage1": None, "stage2": None, "refiner": cls_ref, "refiner_unet": unet_ref}
+    assert edge_refiner_for(both, "unet") is unet_ref
+    assert edge_refiner_for(both, "classifier") is cls_ref
+    assert edge_refiner_for({"refiner": cls_ref}, "unet") is cls_ref  # a model file from before the U-Net refiner
+    assert edge_refiner_for({}, "unet") is None
+
+
+def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, capsys):
+    from pipeline.train_segmenter import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--fold", "0", "--cv", "cases"])
+    assert exc.value.code == 2 and "--fold" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--unet-refiner", "f0.onnx", "f1.onnx", "f2.onnx", "--out", str(tmp_path / "none.joblib")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

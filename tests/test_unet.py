@@ -272,3 +272,23 @@ def test_unet_names_the_levels_of_a_healthy_t2_with_its_sacrum(unet_on_three_rea
     # vb2 annotates T11-L5; vb2-05 shows its sacrum. (The net trained before S1 was pseudo-labelled missed S1 here:
     # L5 was named S1 and every level one too low.)
     assert unet_on_three_real_scans["level_naming"]["vb2"] == {"correct": 7, "wrong": 0, "unnamed": 0}
+
+
+def test_use_network_switches_the_process_net_and_refuses_a_bad_file(tmp_path):
+    import shutil
+
+    shipped = unet.UNET_PATH
+    before = unet.load_session()
+    copy = tmp_path / "fold0.onnx"
+    shutil.copy(shipped, copy)
+    try:
+        unet.use_network(copy)
+        assert unet.UNET_PATH == copy and unet.load_session() is not before  # a new session, from the copy
+        with pytest.raises(StudyError, match="missing"):
+            unet.use_network(tmp_path / "fold9.onnx")  # fails when asked, not at the first study
+        (tmp_path / "bad.onnx").write_bytes(b"not a network")
+        with pytest.raises(StudyError, match="cannot be loaded"):
+            unet.use_network(tmp_path / "bad.onnx")
+    finally:
+        unet.use_network(shipped)
+    assert unet.UNET_PATH == shipped
