@@ -57,7 +57,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(tmp_path):
     inp = _sample_input(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(inp), "-o", str(out), "--no-progress", "--jobs", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # A batch started from a terminal has SIGINT at its default; a test runner started in the background of a
+    # script (`cmd &`) ignores it, and the batch would inherit that: start the batch as a terminal would.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(out.glob("*/report.json")):
         time.sleep(0.05)
