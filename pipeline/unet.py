@@ -70,12 +70,12 @@ def load_session(path: str | None = None):
 
 
 def use_network(path) -> None:
-    """Make ``path`` the net of this process (held-out fold nets in evaluation and refiner training); fails early on
-    a missing or unreadable file."""
+    """Make ``path`` the net of this process (held-out fold nets in evaluation and refiner training). A missing or
+    unreadable file fails here, and the current net stays."""
     global UNET_PATH
+    load_session(str(path))
     load_session.cache_clear()
     UNET_PATH = Path(path)
-    load_session()
 
 
 def run_net(session, x: np.ndarray) -> np.ndarray:

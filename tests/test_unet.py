@@ -289,6 +289,8 @@ def test_use_network_switches_the_process_net_and_refuses_a_bad_file(tmp_path):
         (tmp_path / "bad.onnx").write_bytes(b"not a network")
         with pytest.raises(StudyError, match="cannot be loaded"):
             unet.use_network(tmp_path / "bad.onnx")
+        assert unet.UNET_PATH == copy  # a refused file leaves the current net in place
+        unet.load_session()
     finally:
         unet.use_network(shipped)
     assert unet.UNET_PATH == shipped
