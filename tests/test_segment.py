@@ -97,6 +97,31 @@ def test_shallow_cut_inside_a_body_is_dropped_but_shallow_discs_between_whole_bo
     assert drop_shallow_cuts(profile, np.array([30, 75, 150])).tolist() == [30, 75, 150]
 
 
+
+def test_a_stretch_two_bodies_long_gets_the_disc_the_peak_finder_missed():
+    from scipy import signal
+
+    from pipeline.segment import add_missed_cuts
+
+    # bodies every 30 bins (peak 100, discs empty the profile), except the disc at 150: a shallow dip to 76 between
+    # shoulders at 85 (a steep lumbosacral disc seen along the column), too little prominence to be found
+    x = np.arange(200)
+    profile = 100.0 * np.clip(np.abs(np.sin(np.pi * x / 30.0)) * 3.0, 0.0, 1.0)
+    profile[125:196] = 100.0 - 15.0 * np.clip((x[125:196] - 125) / 20.0, 0.0, 1.0)  # 100 -> 85 over the stretch
+    profile[148:153] = [82.0, 79.0, 76.0, 79.0, 82.0]
+    profile[196:] = [60.0, 40.0, 20.0, 5.0]
+    found, _ = signal.find_peaks(-profile, distance=18, prominence=0.1 * profile.max())
+    assert 150 not in found.tolist() and found.tolist() == [30, 60, 90, 120]
+    assert add_missed_cuts(profile, found).tolist() == [30, 60, 90, 120, 150]
+    # the same stretch with its dip above MISSED_CUT_DEPTH of the peaks (one long body): no cut
+    flat = profile.copy()
+    flat[148:153] = [84.0, 83.0, 82.0, 83.0, 84.0]
+    assert add_missed_cuts(flat, found).tolist() == [30, 60, 90, 120]
+    # every disc found: nothing added; too few deep minima to know a typical interval: unchanged
+    regular = 100.0 * np.clip(np.abs(np.sin(np.pi * x / 30.0)) * 3.0, 0.0, 1.0)
+    assert add_missed_cuts(regular, np.array([30, 60, 90, 120, 150, 180])).tolist() == [30, 60, 90, 120, 150, 180]
+    assert add_missed_cuts(profile, np.array([30, 60])).tolist() == [30, 60]
+
 def test_split_column_keeps_a_body_with_a_dark_band_in_one_piece():
     prob, truth = _column_prob(heights=(30,) * 6)
     prob[(truth == 0) & (prob == np.float32(0.6))] = 0.0  # the discs, empty as on real scans (no bridges)
