@@ -448,6 +448,23 @@ SHALLOW_CUT = 0.3  # a disc empties the column profile (<= 0.11 of a body's peak
 MERGED_BODY_MAX = 1.3  # two pieces form one body when together they span at most this many typical disc-to-disc intervals
 
 
+def _disc_rhythm(profile: np.ndarray, minima: np.ndarray) -> tuple[float, float] | None:
+    """(median height of the profile's maxima, typical disc-to-disc interval in bins from the minima at most
+    ``SHALLOW_CUT`` of that height deep), or None when fewer than three minima are that deep."""
+    from scipy import signal
+
+    if minima.size < 3:
+        return None
+    peaks, _ = signal.find_peaks(profile)
+    if peaks.size == 0:
+        return None
+    med = float(np.median(profile[peaks]))
+    deep = minima[profile[minima] / med <= SHALLOW_CUT]
+    if deep.size < 3:
+        return None
+    return med, float(np.median(np.diff(deep)))
+
+
 def drop_shallow_cuts(profile: np.ndarray, minima: np.ndarray) -> np.ndarray:
     """The profile minima (indices, sorted) that are discs: a shallow minimum whose two neighbouring intervals
     together span no more than one body (``MERGED_BODY_MAX`` typical disc-to-disc intervals) lies inside a
@@ -458,20 +475,13 @@ def drop_shallow_cuts(profile: np.ndarray, minima: np.ndarray) -> np.ndarray:
     ~0.5 Dice). The typical interval comes from the deep minima only; a cut next to either end of the profile is
     kept (the interval beyond it is cut by the field of view), so is every cut when fewer than three are deep.
     """
-    from scipy import signal
-
-    if minima.size < 3:
+    rhythm = _disc_rhythm(profile, minima)
+    if rhythm is None:
         return minima
-    peaks, _ = signal.find_peaks(profile)
-    if peaks.size == 0:
-        return minima
-    depth = profile[minima] / float(np.median(profile[peaks]))
-    deep = minima[depth <= SHALLOW_CUT]
-    if deep.size < 3:
-        return minima
-    typical = float(np.median(np.diff(deep)))
+    med, typical = rhythm
+    depth = profile[minima] / med
     kept = list(minima)
-    for x in minima[np.argsort(-depth)][: minima.size - deep.size]:  # the shallow ones, shallowest first
+    for x in minima[np.argsort(-depth)][: int((depth > SHALLOW_CUT).sum())]:  # the shallow ones, shallowest first
         i = kept.index(x)
         if 0 < i < len(kept) - 1 and kept[i + 1] - kept[i - 1] <= MERGED_BODY_MAX * typical:
             kept.pop(i)
@@ -493,16 +503,10 @@ def add_missed_cuts(profile: np.ndarray, minima: np.ndarray) -> np.ndarray:
     """
     from scipy import signal
 
-    if minima.size < 3:
+    rhythm = _disc_rhythm(profile, minima)
+    if rhythm is None:
         return minima
-    peaks, _ = signal.find_peaks(profile)
-    if peaks.size == 0:
-        return minima
-    med = float(np.median(profile[peaks]))
-    deep = minima[profile[minima] <= SHALLOW_CUT * med]
-    if deep.size < 3:
-        return minima
-    typical = float(np.median(np.diff(deep)))
+    med, typical = rhythm
     margin = int(np.ceil(0.6 * typical))
     bounds = np.r_[0, minima, profile.size - 1]
     added = []
