@@ -347,6 +347,12 @@ def _segment_held_out(held: list[tuple], jobs: int) -> list[tuple[np.ndarray, np
         return list(ex.map(_held_out_band_samples, held))
 
 
+def _fit_refiner(parts: list[tuple[np.ndarray, np.ndarray]], seed: int):
+    """The edge refiner fitted on the band samples of all held-out cases. Returns (classifier, samples)."""
+    X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _refiner_classifier(seed).fit(X, y), int(y.size)
+
+
 def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int] = PHANTOM_SHARE,
                   augment: tuple[str, ...] = (), k: int = REFINER_FOLDS, jobs: int = 1):
     """Edge refiner (:mod:`pipeline.edge_refiner`) learnt from held-out segmentations: the real cases in ``k`` folds
@@ -363,8 +369,7 @@ def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int
         held = [(r, model, seed * 1000 + i, None) for i, (r, g) in enumerate(zip(real, folds, strict=True)) if g == f]
         parts += _segment_held_out(held, jobs)
         print(f"refiner fold {f}: {len(held)} held-out cases segmented ({time.time() - t:.0f} s)", flush=True)
-    X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return _refiner_classifier(seed).fit(X, y), int(y.size)
+    return _fit_refiner(parts, seed)
 
 
 def train_unet_refiner(rows: list[dict], nets: list[Path], model: dict, seed: int = 0, jobs: int = 1,
@@ -380,8 +385,7 @@ def train_unet_refiner(rows: list[dict], nets: list[Path], model: dict, seed: in
     t = time.time()
     parts = _segment_held_out(held, jobs)
     print(f"U-Net refiner: {len(held)} held-out cases segmented ({time.time() - t:.0f} s)", flush=True)
-    X, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return _refiner_classifier(seed).fit(X, y), int(y.size)
+    return _fit_refiner(parts, seed)
 
 
 def _content_key(row: dict) -> str | None:

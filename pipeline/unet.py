@@ -73,6 +73,8 @@ def use_network(path) -> None:
     """Make ``path`` the net of this process (held-out fold nets in evaluation and refiner training). A missing or
     unreadable file fails here, and the current net stays."""
     global UNET_PATH
+    if Path(path) == UNET_PATH:
+        return  # already this process's net: evaluation and refiner training call this once per case
     load_session(str(path))
     load_session.cache_clear()
     UNET_PATH = Path(path)
