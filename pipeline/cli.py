@@ -245,15 +245,18 @@ def segment(input_path: Path, out_path: Path, config_path: str | None, png_path:
                    "(e.g. --first-level vb2=T11 --first-level vb3=L1). Repeatable.")
 @click.option("--fold", type=click.IntRange(0, 2), default=None,
               help="Only the cases of this fold of the 3-fold case split (train_segmenter / train_unet --fold).")
+@click.option("--source", default=None, metavar="SOURCE",
+              help="Only the cases of this source (leave-one-source-out: train_segmenter / train_unet --source).")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Pixel classifier (.joblib) instead of the shipped one.")
 @click.option("--unet", "unet_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="U-Net (.onnx) instead of the shipped one.")
 def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png: bool, limit: int | None,
                               config_path: str | None, first_level: tuple[str, ...], fold: int | None,
-                              model_path: Path | None, unet_path: Path | None) -> None:
+                              source: str | None, model_path: Path | None, unet_path: Path | None) -> None:
     """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
-    from .evaluate import check_level, evaluate_segmentation
+    from .evaluate import check_level, check_source, evaluate_segmentation
+    from .train_segmenter import read_cases
 
     first_levels = {}
     for item in first_level:
@@ -271,9 +274,15 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
     except ConfigError as exc:
         click.echo(f"modicscan: config error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    if source is not None:
+        try:
+            check_source(read_cases(Path(cases_csv)), source)
+        except ValueError as exc:
+            click.echo(f"modicscan: --source: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
     summary = evaluate_segmentation(cases_csv, out_dir, jobs=jobs, cfg=cfg.segmentation, write_png=not no_png,
-                                    limit=limit, first_levels=first_levels, fold=fold, model_path=model_path,
-                                    unet_path=unet_path)
+                                    limit=limit, first_levels=first_levels, fold=fold, source=source,
+                                    model_path=model_path, unet_path=unet_path)
     click.echo(json.dumps(summary, indent=1))
 
 

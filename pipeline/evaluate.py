@@ -254,19 +254,30 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
+def check_source(rows: list[dict], source: str) -> None:
+    """ValueError unless some case row is of ``source`` (a mistyped --source would evaluate nothing)."""
+    sources = sorted({r["source"] for r in rows})
+    if source not in sources:
+        raise ValueError(f"no case of source {source!r} (sources: {', '.join(sources)})")
+
+
 def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
                           write_png: bool = True, limit: int | None = None,
                           first_levels: dict[str, str] | None = None, fold: int | None = None,
-                          model_path: Path | None = None, unet_path: Path | None = None) -> dict:
+                          source: str | None = None, model_path: Path | None = None,
+                          unet_path: Path | None = None) -> dict:
     """Segment every case of ``cases_csv`` and score it against its expert mask; writes per_case.csv,
     per_body.csv, summary.json (and a PNG per case) into ``out_dir``. ``first_levels``: source -> the level of
     its top annotated body, to score level names as well (module doc). ``fold``: only the cases of this fold of
-    ``train_segmenter.case_folds`` (held-out evaluation of models trained with ``--fold``)."""
-    from .train_segmenter import case_folds, read_cases
+    ``train_segmenter.case_folds``, ``source``: only this source's cases (held-out evaluation of models trained
+    with ``--fold`` / ``--source``)."""
+    from .train_segmenter import held_out, read_cases
 
     rows = read_cases(Path(cases_csv))
-    if fold is not None:
-        rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f == fold]
+    if source is not None:
+        check_source(rows, source)
+    if fold is not None or source is not None:
+        rows = [r for r, keep in zip(rows, held_out(rows, fold, source), strict=True) if keep]
     if limit:
         rows = rows[:limit]
     return evaluate_rows(rows, Path(out_dir), jobs=jobs, cfg=cfg, write_png=write_png, first_levels=first_levels,

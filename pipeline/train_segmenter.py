@@ -373,15 +373,16 @@ def train_refiner(rows: list[dict], seed: int = 0, phantom_share: tuple[int, int
 
 
 def train_unet_refiner(rows: list[dict], nets: list[Path], model: dict, seed: int = 0, jobs: int = 1,
-                       skip_fold: int | None = None):
+                       skip_fold: int | None = None, skip_source: str | None = None):
     """Edge refiner for the U-Net body model, learnt from its held-out output: fold ``f`` of the ``len(nets)``-fold
     case split (:func:`case_folds`) is segmented by ``nets[f]`` (``python -m pipeline.train_unet --fold f``), which
     did not see it. ``model``: the classifier whose stage 1 finds the column. ``skip_fold``: leave that fold's cases
-    out (a refiner for evaluating that fold held out). Returns (classifier, samples)."""
+    out (a refiner for evaluating that fold held out); ``skip_source``: the same for a source (leave-one-source-out).
+    Returns (classifier, samples)."""
     real = [r for r in rows if r.get("source") != "phantom"]
     folds = case_folds(real, len(nets))
     held = [(r, model, seed * 1000 + i, str(nets[g])) for i, (r, g) in enumerate(zip(real, folds, strict=True))
-            if g != skip_fold]
+            if g != skip_fold and r["source"] != skip_source]
     t = time.time()
     parts = _segment_held_out(held, jobs)
     print(f"U-Net refiner: {len(held)} held-out cases segmented ({time.time() - t:.0f} s)", flush=True)
@@ -416,6 +417,16 @@ def case_folds(rows: list[dict], k: int = 3) -> list[int]:
         if key is not None:
             first_fold[key] = folds[-1]
     return folds
+
+
+def held_out(rows: list[dict], fold: int | None = None, source: str | None = None) -> list[bool]:
+    """Per row: is it held out, as a case of fold ``fold`` of :func:`case_folds` or of source ``source``.
+
+    Training commands leave these rows out (``--fold`` / ``--source``), evaluation keeps only them, so a model and
+    its evaluation name the same split."""
+    folds = case_folds(rows) if fold is not None else [None] * len(rows)
+    return [(fold is not None and f == fold) or (source is not None and r["source"] == source)
+            for r, f in zip(rows, folds, strict=True)]
 
 
 def cross_validate(rows: list[dict], extra_rows: list[dict], scheme: str, jobs: int = 1,
@@ -493,7 +504,11 @@ def main(argv=None) -> int:
                     help="with --unet-refiner: leave this fold's cases out (a refiner for evaluating that fold)")
     ap.add_argument("--fold", type=int, help="train without the cases of this fold (0-2, as --cv cases and train_unet "
                     "--fold), for held-out evaluation with evaluate-segmentation --fold --model")
+    ap.add_argument("--source", help="train without the cases of this source (leave-one-source-out; with "
+                    "--unet-refiner the refiner leaves them out), for evaluate-segmentation --source --model")
     a = ap.parse_args(argv)
+    if a.source and (a.cv or a.loso):
+        ap.error("--source trains without that source; --cv loso leaves out each source in turn")
     if a.fold is not None and (a.cv or a.loso or a.unet_refiner):
         ap.error("--fold trains a classifier without that fold; with --unet-refiner use --skip-fold")
     if a.unet_refiner and not Path(a.out).is_file():
@@ -503,13 +518,13 @@ def main(argv=None) -> int:
         t = time.time()
         model = joblib.load(a.out)
         model["refiner_unet"], n = train_unet_refiner(rows, [Path(p) for p in a.unet_refiner], model,
-                                                      jobs=a.jobs, skip_fold=a.skip_fold)
+                                                      jobs=a.jobs, skip_fold=a.skip_fold, skip_source=a.source)
         model["refiner_unet_nets"] = [Path(p).name for p in a.unet_refiner]
         joblib.dump(model, a.out, compress=3)
         print(f"U-Net edge refiner trained on {n} samples in {time.time() - t:.1f} s -> {a.out}")
         return 0
-    if a.fold is not None:
-        rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f != a.fold]
+    if a.fold is not None or a.source:
+        rows = [r for r, out in zip(rows, held_out(rows, a.fold, a.source), strict=True) if not out]
     share = tuple(int(x) for x in a.phantom_share.split(","))
     ap_aug = tuple(k for k in a.augment.split(",") if k)
     ph_tmp = tempfile.TemporaryDirectory(prefix="modicscan-train-")

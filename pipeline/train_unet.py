@@ -20,6 +20,7 @@ swapped half of the time, and a random gamma on the intensities (log-sd 0.25: co
 
 ``--fold K`` trains without the cases of fold K (``train_segmenter.case_folds``: the folds of ``--cv cases``), for
 held-out evaluation: ``modicscan evaluate-segmentation CASES --unet foldK.onnx --model foldK.joblib --fold K``.
+``--source S`` trains without source S's cases (leave-one-source-out; evaluate with ``--source S``).
 The pseudo-labelled S1s come from the shipped classifier also then (it saw every case; only training cases' S1s
 are labelled with it, never a held-out case's).
 """
@@ -39,7 +40,7 @@ from .train_segmenter import (
     DEFAULT_CASES,
     _rows_below,
     _rows_known,
-    case_folds,
+    held_out,
     load_case,
     phantom_rows,
     read_cases,
@@ -240,6 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("cases_csv", nargs="?", default=str(DEFAULT_CASES))
     ap.add_argument("--out", default=str(UNET_PATH))
     ap.add_argument("--fold", type=int, help="leave out the cases of this fold (0-2, as --cv cases) for evaluation")
+    ap.add_argument("--source", help="leave out the cases of this source (leave-one-source-out evaluation)")
     ap.add_argument("--iters", type=int, default=4500, help="training steps (default %(default)s, ~40 min on 2 cores)")
     ap.add_argument("--phantoms", type=int, default=12, help="synthetic studies added (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
@@ -253,8 +255,8 @@ def main(argv=None) -> int:
     rows = read_cases(Path(a.cases_csv))
     for r in rows:
         r["pseudo_s1"] = r.get("source") in (a.pseudo_s1 or ["vb2"])
-    if a.fold is not None:
-        rows = [r for r, f in zip(rows, case_folds(rows), strict=True) if f != a.fold]
+    if a.fold is not None or a.source:
+        rows = [r for r, out in zip(rows, held_out(rows, a.fold, a.source), strict=True) if not out]
     t = time.time()
     real = [s for r in rows for s in case_slices(r)]
     with tempfile.TemporaryDirectory(prefix="modicscan-unet-") as tmp:

@@ -58,3 +58,11 @@ def test_evaluate_segmentation_rejects_a_malformed_first_level(tmp_path):
     for bad in ("vb3", "vb3=L6", "=L1"):
         res = CliRunner().invoke(main, ["evaluate-segmentation", str(cases), "-o", str(tmp_path / "o"), "--first-level", bad])
         assert res.exit_code == 2 and "SOURCE=LEVEL" in res.output, (bad, res.output)
+
+
+def test_evaluate_segmentation_refuses_a_source_no_case_has_before_any_work(tmp_path):
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,image,labels\nvb1-01,missing.nii.gz,missing_labels.nii.gz\n")
+    res = CliRunner().invoke(main, ["evaluate-segmentation", str(cases), "-o", str(tmp_path / "o"), "--source", "vb9"])
+    assert res.exit_code == 2 and "vb9" in res.output and "vb1" in res.output, res.output
+    assert not (tmp_path / "o").exists()

@@ -546,6 +546,16 @@ def test_case_folds_stratify_by_source_and_keep_a_duplicated_scan_in_one_fold(tm
     assert case_folds([{"case": "x", "source": "a"}, {"case": "y", "source": "a"}]) == [0, 1]  # no files: by order
 
 
+def test_held_out_rows_are_a_fold_or_a_source_and_training_and_evaluation_split_the_same_way():
+    from pipeline.train_segmenter import held_out
+
+    rows = [{"case": f"{s}{i}", "source": s} for s in "ab" for i in range(4)]  # folds 0 1 2 0 | 0 1 2 0
+    assert held_out(rows) == [False] * 8
+    assert held_out(rows, fold=0) == [True, False, False, True] * 2
+    assert held_out(rows, source="b") == [False] * 4 + [True] * 4
+    assert held_out(rows, fold=1, source="a") == [True] * 4 + [False, True, False, False]
+
+
 
 def test_unet_refiner_learns_from_each_case_segmented_by_the_net_of_its_own_fold(monkeypatch):
     from sklearn.tree import DecisionTreeClassifier
@@ -571,6 +581,9 @@ def test_unet_refiner_learns_from_each_case_segmented_by_the_net_of_its_own_fold
     seen.clear()
     _, n = ts.train_unet_refiner(rows, nets, model={}, skip_fold=1)
     assert n == folds.count(0) + folds.count(2) and all(net != "f1.onnx" for _, net in seen)
+    seen.clear()
+    _, n = ts.train_unet_refiner(rows, nets, model={}, skip_source="a")  # leave-one-source-out
+    assert n == 4 and {c[0] for c, _ in seen} == {"b"}
 
 def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():
     from pipeline.segment import _resample_inplane
@@ -606,6 +619,9 @@ def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, 
     with pytest.raises(SystemExit) as exc:
         main(["--fold", "0", "--cv", "cases"])
     assert exc.value.code == 2 and "--fold" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--source", "vb1", "--cv", "loso"])
+    assert exc.value.code == 2 and "--source" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["--unet-refiner", "f0.onnx", "f1.onnx", "f2.onnx", "--out", str(tmp_path / "none.joblib")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
