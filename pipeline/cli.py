@@ -255,8 +255,8 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
                               config_path: str | None, first_level: tuple[str, ...], fold: int | None,
                               source: str | None, model_path: Path | None, unet_path: Path | None) -> None:
     """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
-    from .evaluate import check_level, check_source, evaluate_segmentation
-    from .train_segmenter import read_cases
+    from .evaluate import check_level, evaluate_segmentation
+    from .train_segmenter import check_source, read_cases
 
     first_levels = {}
     for item in first_level:

@@ -254,13 +254,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
-def check_source(rows: list[dict], source: str) -> None:
-    """ValueError unless some case row is of ``source`` (a mistyped --source would evaluate nothing)."""
-    sources = sorted({r["source"] for r in rows})
-    if source not in sources:
-        raise ValueError(f"no case of source {source!r} (sources: {', '.join(sources)})")
-
-
 def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
                           write_png: bool = True, limit: int | None = None,
                           first_levels: dict[str, str] | None = None, fold: int | None = None,
@@ -271,7 +264,7 @@ def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg:
     its top annotated body, to score level names as well (module doc). ``fold``: only the cases of this fold of
     ``train_segmenter.case_folds``, ``source``: only this source's cases (held-out evaluation of models trained
     with ``--fold`` / ``--source``)."""
-    from .train_segmenter import held_out, read_cases
+    from .train_segmenter import check_source, held_out, read_cases
 
     rows = read_cases(Path(cases_csv))
     if source is not None:

@@ -419,6 +419,14 @@ def case_folds(rows: list[dict], k: int = 3) -> list[int]:
     return folds
 
 
+def check_source(rows: list[dict], source: str) -> None:
+    """ValueError unless some case row is of ``source``: a mistyped ``--source`` would otherwise train on every
+    case (or evaluate none)."""
+    sources = sorted({r["source"] for r in rows})
+    if source not in sources:
+        raise ValueError(f"no case of source {source!r} (sources: {', '.join(sources)})")
+
+
 def held_out(rows: list[dict], fold: int | None = None, source: str | None = None) -> list[bool]:
     """Per row: is it held out, as a case of fold ``fold`` of :func:`case_folds` or of source ``source``.
 
@@ -514,6 +522,11 @@ def main(argv=None) -> int:
     if a.unet_refiner and not Path(a.out).is_file():
         ap.error(f"--unet-refiner stores the refiner in an existing classifier file; {a.out} does not exist")
     rows = read_cases(Path(a.cases_csv))
+    if a.source:
+        try:
+            check_source(rows, a.source)
+        except ValueError as exc:
+            ap.error(f"--source: {exc}")
     if a.unet_refiner:
         t = time.time()
         model = joblib.load(a.out)

@@ -622,6 +622,11 @@ def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, 
     with pytest.raises(SystemExit) as exc:
         main(["--source", "vb1", "--cv", "loso"])
     assert exc.value.code == 2 and "--source" in capsys.readouterr().err
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,image,labels\nvb1-01,i.nii.gz,l.nii.gz\n")
+    with pytest.raises(SystemExit) as exc:
+        main([str(cases), "--source", "vb9"])  # a mistyped source would train on every case
+    assert exc.value.code == 2 and "vb9" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["--unet-refiner", "f0.onnx", "f1.onnx", "f2.onnx", "--out", str(tmp_path / "none.joblib")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

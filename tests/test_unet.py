@@ -294,3 +294,15 @@ def test_use_network_switches_the_process_net_and_refuses_a_bad_file(tmp_path):
     finally:
         unet.use_network(shipped)
     assert unet.UNET_PATH == shipped
+
+
+def test_train_unet_refuses_a_source_no_case_has_before_loading_anything(tmp_path, capsys):
+    from pipeline.train_unet import main
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,image,labels\nvb1-01,missing.nii.gz,missing_labels.nii.gz\n")
+    with pytest.raises(SystemExit) as exc:
+        main([str(cases), "--source", "vb9", "--out", str(tmp_path / "net.onnx")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "vb9" in err and "vb1" in err
+    assert not (tmp_path / "net.onnx").exists()
