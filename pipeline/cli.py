@@ -260,15 +260,15 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
 
     first_levels = {}
     for item in first_level:
-        source, _, level = item.partition("=")
+        item_source, _, level = item.partition("=")
         try:
-            if not source:
+            if not item_source:
                 raise ValueError("no SOURCE before '='")
             check_level(level)
         except ValueError as exc:
             click.echo(f"modicscan: --first-level expects SOURCE=LEVEL, got {item!r}: {exc}", err=True)
             sys.exit(EXIT_USAGE)
-        first_levels[source] = level
+        first_levels[item_source] = level
     try:
         cfg = _load_config(config_path, {})
     except ConfigError as exc:

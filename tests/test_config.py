@@ -66,3 +66,25 @@ def test_evaluate_segmentation_refuses_a_source_no_case_has_before_any_work(tmp_
     res = CliRunner().invoke(main, ["evaluate-segmentation", str(cases), "-o", str(tmp_path / "o"), "--source", "vb9"])
     assert res.exit_code == 2 and "vb9" in res.output and "vb1" in res.output, res.output
     assert not (tmp_path / "o").exists()
+    # --first-level names a source too: it must not take --source's place (it did: vb1 LOSO scored vb3's cases)
+    res = CliRunner().invoke(main, ["evaluate-segmentation", str(cases), "-o", str(tmp_path / "o"), "--source", "vb9",
+                                    "--first-level", "vb1=L1"])
+    assert res.exit_code == 2 and "'vb9'" in res.output, res.output
+
+
+def test_evaluate_segmentation_source_with_first_levels_scores_only_that_source(tmp_path, monkeypatch):
+    from pipeline import evaluate
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,image,labels\nvb1-01,a.nii.gz,a_l.nii.gz\nvb3-01,b.nii.gz,b_l.nii.gz\n")
+    seen = {}
+
+    def fake_rows(rows, out_dir, **kw):
+        seen["cases"], seen["first_levels"] = [r["case"] for r in rows], kw["first_levels"]
+        return {"mean_body_dice": 0.0}
+
+    monkeypatch.setattr(evaluate, "evaluate_rows", fake_rows)
+    res = CliRunner().invoke(main, ["evaluate-segmentation", str(cases), "-o", str(tmp_path / "o"), "--source", "vb1",
+                                    "--first-level", "vb3=L1"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"cases": ["vb1-01"], "first_levels": {"vb3": "L1"}}
