@@ -427,6 +427,15 @@ def check_source(rows: list[dict], source: str) -> None:
         raise ValueError(f"no case of source {source!r} (sources: {', '.join(sources)})")
 
 
+def refuse_unknown_source(ap, rows: list[dict], source: str | None) -> None:
+    """Usage error (exit 2) of the training commands for a ``--source`` no case has (:func:`check_source`)."""
+    if source:
+        try:
+            check_source(rows, source)
+        except ValueError as exc:
+            ap.error(f"--source: {exc}")
+
+
 def held_out(rows: list[dict], fold: int | None = None, source: str | None = None) -> list[bool]:
     """Per row: is it held out, as a case of fold ``fold`` of :func:`case_folds` or of source ``source``.
 
@@ -522,11 +531,7 @@ def main(argv=None) -> int:
     if a.unet_refiner and not Path(a.out).is_file():
         ap.error(f"--unet-refiner stores the refiner in an existing classifier file; {a.out} does not exist")
     rows = read_cases(Path(a.cases_csv))
-    if a.source:
-        try:
-            check_source(rows, a.source)
-        except ValueError as exc:
-            ap.error(f"--source: {exc}")
+    refuse_unknown_source(ap, rows, a.source)
     if a.unet_refiner:
         t = time.time()
         model = joblib.load(a.out)

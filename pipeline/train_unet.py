@@ -40,11 +40,11 @@ from .train_segmenter import (
     DEFAULT_CASES,
     _rows_below,
     _rows_known,
-    check_source,
     held_out,
     load_case,
     phantom_rows,
     read_cases,
+    refuse_unknown_source,
 )
 from .unet import DOWNSAMPLINGS, UNET_PATH, context_stack
 
@@ -254,11 +254,7 @@ def main(argv=None) -> int:
                          "classifier (repeatable; default: vb2)")
     a = ap.parse_args(argv)
     rows = read_cases(Path(a.cases_csv))
-    if a.source:
-        try:
-            check_source(rows, a.source)
-        except ValueError as exc:
-            ap.error(f"--source: {exc}")
+    refuse_unknown_source(ap, rows, a.source)
     for r in rows:
         r["pseudo_s1"] = r.get("source") in (a.pseudo_s1 or ["vb2"])
     if a.fold is not None or a.source:
