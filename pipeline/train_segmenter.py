@@ -428,8 +428,9 @@ def check_source(rows: list[dict], source: str) -> None:
 
 
 def refuse_unknown_source(ap, rows: list[dict], source: str | None) -> None:
-    """Usage error (exit 2) of the training commands for a ``--source`` no case has (:func:`check_source`)."""
-    if source:
+    """Usage error (exit 2) of the training commands for a ``--source`` no case has (:func:`check_source`); an empty
+    ``--source ""`` too (it would train on every case, as evaluate-segmentation refuses it)."""
+    if source is not None:
         try:
             check_source(rows, source)
         except ValueError as exc:

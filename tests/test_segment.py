@@ -628,5 +628,8 @@ def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, 
         main([str(cases), "--source", "vb9"])  # a mistyped source would train on every case
     assert exc.value.code == 2 and "vb9" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
+        main([str(cases), "--source", ""])  # nor an empty one
+    assert exc.value.code == 2 and "''" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         main(["--unet-refiner", "f0.onnx", "f1.onnx", "f2.onnx", "--out", str(tmp_path / "none.joblib")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -305,4 +305,7 @@ def test_train_unet_refuses_a_source_no_case_has_before_loading_anything(tmp_pat
         main([str(cases), "--source", "vb9", "--out", str(tmp_path / "net.onnx")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "vb9" in err and "vb1" in err
+    with pytest.raises(SystemExit) as exc:  # an empty source is no source: it would train on every case
+        main([str(cases), "--source", "", "--out", str(tmp_path / "net.onnx")])
+    assert exc.value.code == 2 and "''" in capsys.readouterr().err
     assert not (tmp_path / "net.onnx").exists()
