@@ -428,8 +428,8 @@ def check_source(rows: list[dict], source: str) -> None:
 
 
 def refuse_unknown_source(ap, rows: list[dict], source: str | None) -> None:
-    """Usage error (exit 2) of the training commands for a ``--source`` no case has (:func:`check_source`); an empty
-    ``--source ""`` too (it would train on every case, as evaluate-segmentation refuses it)."""
+    """Usage error (exit 2) of the training commands for a ``--source`` no case has (:func:`check_source`), an empty
+    ``--source ""`` included: it would train on every case (evaluate-segmentation refuses it the same way)."""
     if source is not None:
         try:
             check_source(rows, source)
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", help="train without the cases of this source (leave-one-source-out; with "
                     "--unet-refiner the refiner leaves them out), for evaluate-segmentation --source --model")
     a = ap.parse_args(argv)
-    if a.source and (a.cv or a.loso):
+    if a.source is not None and (a.cv or a.loso):
         ap.error("--source trains without that source; --cv loso leaves out each source in turn")
     if a.fold is not None and (a.cv or a.loso or a.unet_refiner):
         ap.error("--fold trains a classifier without that fold; with --unet-refiner use --skip-fold")
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
         joblib.dump(model, a.out, compress=3)
         print(f"U-Net edge refiner trained on {n} samples in {time.time() - t:.1f} s -> {a.out}")
         return 0
-    if a.fold is not None or a.source:
+    if a.fold is not None or a.source is not None:
         rows = [r for r, out in zip(rows, held_out(rows, a.fold, a.source), strict=True) if not out]
     share = tuple(int(x) for x in a.phantom_share.split(","))
     ap_aug = tuple(k for k in a.augment.split(",") if k)

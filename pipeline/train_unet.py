@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     refuse_unknown_source(ap, rows, a.source)
     for r in rows:
         r["pseudo_s1"] = r.get("source") in (a.pseudo_s1 or ["vb2"])
-    if a.fold is not None or a.source:
+    if a.fold is not None or a.source is not None:
         rows = [r for r, out in zip(rows, held_out(rows, a.fold, a.source), strict=True) if not out]
     t = time.time()
     real = [s for r in rows for s in case_slices(r)]
