@@ -47,7 +47,7 @@ print("output:", OUT)"""),
 
 Same as `modicscan run sample_data -o notebooks/_out --overlays flagged`. A rerun skips studies that are
 already analysed (resume); pass `force=True` to recompute."""),
-    ("code", """from pipeline.batch import run_batch
+    ("code", """from pipeline.batch.run import run_batch
 from pipeline.config import config_from_dict
 
 result = run_batch(SAMPLE, OUT, config_from_dict({}), jobs=1, progress=False, options={"overlays": "flagged"})

@@ -85,7 +85,7 @@ def _stats(values: list[float]) -> dict:
 
 
 def bench_size(n_studies: int, slices: int, matrix: int, workdir: Path, jobs_list: list[int]) -> dict:
-    from . import phantom
+    from pipeline import phantom
 
     inp = workdir / f"in_{slices}x{matrix}"
     for seed in range(n_studies):
@@ -132,9 +132,10 @@ def memory_profile(n_studies: int, workdir: Path, matrix: int = 128, slices: int
     """RSS of one in-process batch after every study: a flat profile means nothing accumulates."""
     import psutil
 
-    from . import phantom
-    from .batch import process_study, run_batch
-    from .config import Config
+    from pipeline import phantom
+    from pipeline.batch.run import run_batch
+    from pipeline.batch.study import process_study
+    from pipeline.config import Config
 
     inp = workdir / "memory_in"
     for seed in range(n_studies):

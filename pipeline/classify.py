@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import ClassificationConfig
-from .measure import ZONE_INFERIOR, ZONE_SUPERIOR, StudyMeasurements
+from pipeline.config import ClassificationConfig
+from pipeline.measure import ZONE_INFERIOR, ZONE_SUPERIOR, StudyMeasurements
 
 CLASS_NONE, CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III, CLASS_EDEMA = 0, 1, 2, 3, 4
 _TYPE_NAMES = {CLASS_MODIC_I: "I", CLASS_MODIC_II: "II", CLASS_MODIC_III: "III"}
@@ -203,7 +203,7 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
 
 
 def _group_median(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
-    from .measure import group_quantiles
+    from pipeline.measure import group_quantiles
 
     q = group_quantiles(values.astype(np.float32), groups, n, qs=(0.5,))[:, 0]
     return np.nan_to_num(q, nan=1.0)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .batch import EXIT_INTERNAL, EXIT_NO_STUDIES, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
-from .errors import ConfigError
+from pipeline import __version__
+from pipeline.batch.run import EXIT_INTERNAL, EXIT_NO_STUDIES, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("modicscan")
 
@@ -39,7 +39,7 @@ def setup_logging(log_file: Path | None = None, verbose: bool = False) -> None:
 
 
 def _load_config(path: str | None, overrides: dict[str, dict]) -> object:
-    from .config import config_from_dict
+    from pipeline.config import config_from_dict
 
     raw: dict = {}
     if path:
@@ -97,7 +97,7 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         shard: str | None, masks_dir: Path | None, overlays: str, zone_masks: bool, dicom_out: bool,
         no_progress: bool, verbose: bool) -> None:
     """Analyse every study found under INPUT_DIR (any depth) and write reports to OUT."""
-    from .batch import run_batch
+    from pipeline.batch.run import run_batch
 
     overrides: dict[str, dict] = {}
     if pseudonymise_key is not None:
@@ -123,7 +123,7 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         except ValueError:
             click.echo(f"modicscan: --shard must be i/N with 0 <= i < N, got {shard!r}", err=True)
             sys.exit(EXIT_USAGE)
-    from .executors import get_executor
+    from pipeline.batch.executors import get_executor
 
     if dask_scheduler:
         executor = "dask"
@@ -160,7 +160,7 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def validate(out_dir: Path) -> None:
     """Check every report.json / error.json under OUT_DIR against the shipped JSON Schemas."""
-    from .report import schema_errors
+    from pipeline.report.schema import schema_errors
 
     paths = sorted(list(out_dir.rglob("report.json")) + list(out_dir.rglob("error.json")))
     if not paths:
@@ -192,7 +192,7 @@ def validate(out_dir: Path) -> None:
 @click.option("--sample-set", is_flag=True, help="Regenerate exactly the committed sample_data/ set into OUT_DIR.")
 def phantom(out_dir: Path, seed: int, matrix: int, n_slices: int, sample_set: bool) -> None:
     """Write a synthetic lumbar study (DICOM T1/T2/STIR + truth) with planted findings."""
-    from . import phantom as ph
+    from pipeline import phantom as ph
 
     if sample_set:
         ph.make_sample_data(out_dir)
@@ -211,8 +211,8 @@ def phantom(out_dir: Path, seed: int, matrix: int, n_slices: int, sample_set: bo
               help="Also write a QC picture (mid-sagittal slice, body outlines, level names) to this PNG file.")
 def segment(input_path: Path, out_path: Path, config_path: str | None, png_path: Path | None) -> None:
     """Segment and label the vertebral bodies of one series (DICOM folder or NIfTI file)."""
-    from .errors import StudyError
-    from .segment import segment_path
+    from pipeline.batch.segment_file import segment_path
+    from pipeline.errors import StudyError
 
     try:
         cfg = _load_config(config_path, {})
@@ -255,8 +255,8 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
                               config_path: str | None, first_level: tuple[str, ...], fold: int | None,
                               source: str | None, model_path: Path | None, unet_path: Path | None) -> None:
     """Per-body Dice / HD95 of our segmentation against expert masks listed in CASES_CSV."""
-    from .evaluate import check_level, evaluate_segmentation
-    from .train_segmenter import check_source, read_cases
+    from pipeline.evaluation.cases import check_source, read_cases
+    from pipeline.evaluation.segmentation import check_level, evaluate_segmentation
 
     first_levels = {}
     for item in first_level:
@@ -290,9 +290,9 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def summarize(out_dir: Path) -> None:
     """Rebuild the cohort outputs of OUT_DIR from its reports."""
-    from . import cohort
+    from pipeline.report.cohort import write_cohort
 
-    path = cohort.write_cohort(out_dir)
+    path = write_cohort(out_dir)
     click.echo(f"wrote {path}")
 
 
@@ -300,7 +300,7 @@ def summarize(out_dir: Path) -> None:
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """Speed / memory benchmark on generated phantoms (options: see `python -m pipeline.bench --help`)."""
-    from .bench import main as bench_main
+    from pipeline.bench import main as bench_main
 
     sys.exit(bench_main(list(ctx.args)))
 

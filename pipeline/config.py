@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 def _f(default: Any, lo: float | None = None, hi: float | None = None, choices: tuple | None = None, doc: str = ""):

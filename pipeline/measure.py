@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import MeasurementConfig
-from .types import Segmentation
+from pipeline.config import MeasurementConfig
+from pipeline.types import Segmentation
 
 ZONE_CORE, ZONE_SUPERIOR, ZONE_INFERIOR = 1, 2, 3
 ZONE_NAMES = {ZONE_CORE: "core", ZONE_SUPERIOR: "superior", ZONE_INFERIOR: "inferior"}

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.uid import ExplicitVRBigEndian, generate_uid
 
 from pipeline import phantom
-from pipeline.report import schema_errors
+from pipeline.report.schema import schema_errors
 
 MATRIX = 96
 N_SLICES = 12

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.cohort import prevalence_summary
+from pipeline.report.cohort import prevalence_summary
 
 
 def _row(study, level, side, mtype, edema=False):

@@ -73,7 +73,7 @@ def test_evaluate_segmentation_refuses_a_source_no_case_has_before_any_work(tmp_
 
 
 def test_evaluate_segmentation_source_with_first_levels_scores_only_that_source(tmp_path, monkeypatch):
-    from pipeline import evaluate
+    from pipeline.evaluation import segmentation as evaluate
 
     cases = tmp_path / "cases.csv"
     cases.write_text("case,image,labels\nvb1-01,a.nii.gz,a_l.nii.gz\nvb3-01,b.nii.gz,b_l.nii.gz\n")

@@ -18,7 +18,7 @@ from corpus import (
     strict_json,
 )
 
-from pipeline.batch import run_batch
+from pipeline.batch.run import run_batch
 from pipeline.config import Config
 from pipeline.errors import REASON_CODES
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.report import schema_errors
+from pipeline.report.schema import schema_errors
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

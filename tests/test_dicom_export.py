@@ -15,11 +15,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from pipeline import phantom
-from pipeline.batch import run_batch
+from pipeline.batch.run import run_batch
 from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.dicom_export import SCHEME, _apply_identity, modic_code, vertebra_code
-from pipeline.report import schema_errors
+from pipeline.report.dicom_export import SCHEME, _apply_identity, modic_code, vertebra_code
+from pipeline.report.schema import schema_errors
 from pipeline.types import level_value
 
 PATIENT = {"patient_name": "DICOMOUT^PLANTED", "patient_id": "PID-DICOMOUT-77"}
@@ -240,7 +240,7 @@ def test_cli_accepts_dicom_out(tmp_path):
 
 
 def test_a_failing_export_keeps_the_report_with_a_warning(tmp_path, monkeypatch):
-    from pipeline import dicom_export
+    from pipeline.report import dicom_export
 
     def broken(*args, **kwargs):
         raise ValueError("planted export failure")

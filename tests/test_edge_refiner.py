@@ -1,11 +1,11 @@
-"""Edge refiner (pipeline.edge_refiner) on synthetic bodies with known outlines."""
+"""Edge refiner (pipeline.segmentation.refine) on synthetic bodies with known outlines."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-from pipeline.edge_refiner import (
+from pipeline.segmentation.refine import (
     BAND_MM,
     N_FEATURES,
     PROFILE_MM,

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.report import schema_errors
+from pipeline.report.schema import schema_errors
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -75,6 +75,30 @@ def _endplate_cases():
 # failures (the test fails once they are fixed, so the list is updated). Empty since the 2026-11-26 model fixed
 # the last one (seed 1's S1 read as I/II; the earlier seed-3 S1 leak was fixed before).
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
+
+
+def test_sample_reports_equal_the_golden_reports(sample_run):
+    """Refactorings leave every report on sample_data/ unchanged (tests/report_compare.py says how to regenerate the
+    golden reports when a change is meant to change them)."""
+    from report_compare import compare_with_golden
+
+    _, out = sample_run
+    assert compare_with_golden(out) == []
+
+
+def test_report_comparison_sees_a_changed_value(tmp_path):
+    from report_compare import GOLDEN, compare_with_golden
+
+    golden = sorted(GOLDEN.glob("*.json"))
+    assert len(golden) == len(list(SAMPLE.glob("phantom_seed*")))
+    for path in golden:  # a run that equals the golden reports but for one endplate ratio
+        report = json.loads(path.read_text())
+        (tmp_path / path.stem).mkdir()
+        if path == golden[0]:
+            report["vertebrae"][0]["heights_mm"] = "changed"
+        (tmp_path / path.stem / "report.json").write_text(json.dumps(report))
+    diffs = compare_with_golden(tmp_path)
+    assert len(diffs) == 1 and "heights_mm" in diffs[0] and golden[0].stem in diffs[0]
 
 
 @pytest.mark.parametrize("study,level,side,expected", [
@@ -165,7 +189,7 @@ def test_bad_studies_fail_alone_with_reasons_and_exit_partial(tmp_path):
 
 def test_external_masks_replace_our_segmentation_and_find_every_planted_type(tmp_path):
     """With the expert (here: phantom truth) masks plugged in via --masks, every planted type is found."""
-    from pipeline.report import study_key
+    from pipeline.report.identity import study_key
 
     src = SAMPLE / "phantom_seed0002"
     t = json.loads((src / "truth" / "findings.json").read_text())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.batch import make_tasks, run_batch, select_shard
+from pipeline.batch.executors import get_executor
+from pipeline.batch.run import make_tasks, run_batch, select_shard
 from pipeline.config import Config
-from pipeline.executors import get_executor
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 VOLATILE = ("generated_at", "timings_s")
@@ -66,7 +66,7 @@ def test_dask_and_local_reports_are_identical(three_studies, tmp_path):
 
 
 def test_shards_are_disjoint_and_complete(three_studies, tmp_path):
-    from pipeline import io
+    from pipeline.io import discovery as io
 
     cfg = Config()
     tasks = make_tasks(three_studies, tmp_path, cfg, io.discover(three_studies))

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline import phantom
-from pipeline.batch import run_batch
+from pipeline.batch.run import run_batch
 from pipeline.config import Config
 from pipeline.errors import REASON_CODES
 

@@ -10,10 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline import io, phantom
+from pipeline import phantom
 from pipeline.config import RolesConfig
 from pipeline.errors import StudyError
-from pipeline.series import weighting
+from pipeline.io.discovery import discover
+from pipeline.io.nifti import load_nifti, resample_to, save_nifti
+from pipeline.io.volumes import load_series
+from pipeline.roles import weighting
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -35,18 +38,18 @@ def small_studies(tmp_path_factory):
 
 
 def _only_volume(folder):
-    d = io.discover(folder)
+    d = discover(folder)
     (st,) = d.studies.values()
     (s,) = st.series.values()
-    return io.load_series(s), s
+    return load_series(s), s
 
 
 def test_sample_geometry_matches_the_phantom_truth():
-    d = io.discover(SAMPLE)
+    d = discover(SAMPLE)
     assert len(d.studies) == 4
     for st in d.studies.values():
         t2 = next(s for s in st.series.values() if s.repetition_time and s.repetition_time > 3000 and not s.inversion_time)
-        vol = io.load_series(t2)
+        vol = load_series(t2)
         truth = nib.load(Path(st.root).parent / "truth" / "labels.nii.gz")
         assert vol.shape == truth.shape
         np.testing.assert_allclose(vol.affine, truth.affine, atol=1e-3)
@@ -73,10 +76,10 @@ def test_slices_sorted_by_position_not_instance_number(tmp_path):
 
 
 def _only_volume_series(folder, word):
-    d = io.discover(folder)
+    d = discover(folder)
     (st,) = d.studies.values()
     s = _series_by_desc(st, word)
-    return io.load_series(s), s
+    return load_series(s), s
 
 
 @pytest.mark.parametrize("ts", ["rle", "jpeg2000", "jpegls", "enhanced"])
@@ -100,7 +103,7 @@ def test_enhanced_fat_suppression_read_from_its_value_not_its_presence(small_stu
         ds = pydicom.dcmread(src)
         ds.SpectrallySelectedSuppression = value
         ds.save_as(folder / "IM_0001.dcm")
-        (st,) = io.discover(folder).studies.values()
+        (st,) = discover(folder).studies.values()
         (s,) = st.series.values()
         kinds[value] = weighting(s, RolesConfig()).kind
     assert kinds == {"NONE": "T2", "FAT": "T2FS"}
@@ -108,28 +111,28 @@ def test_enhanced_fat_suppression_read_from_its_value_not_its_presence(small_stu
 
 def test_missing_slice_is_a_spacing_error(small_studies, tmp_path):
     shutil.copytree(small_studies["explicit"] / "DICOM", tmp_path / "DICOM")
-    d = io.discover(tmp_path)
+    d = discover(tmp_path)
     (st,) = d.studies.values()
     (s,) = st.series.values()
-    vol = io.load_series(s)
+    vol = load_series(s)
     # remove the file holding the middle slice (by position)
     middle = vol.meta["slice_files"][len(s.files) // 2]
     Path(middle).unlink()
-    d = io.discover(tmp_path)
+    d = discover(tmp_path)
     (st,) = d.studies.values()
     (s,) = st.series.values()
     with pytest.raises(StudyError) as e:
-        io.load_series(s)
+        load_series(s)
     assert e.value.code == "SLICE_SPACING_INCONSISTENT" and "missing" in e.value.message
 
 
 def test_missing_geometry_tag_is_named(tmp_path):
     phantom.make_study(tmp_path, 6, matrix=64, n_slices=6, series=("T2",), extra_tags={"PixelSpacing": None},
                        study_name="s")
-    d = io.discover(tmp_path)
+    d = discover(tmp_path)
     (s,) = next(iter(d.studies.values())).series.values()
     with pytest.raises(StudyError) as e:
-        io.load_series(s)
+        load_series(s)
     assert e.value.code == "GEOMETRY_MISSING" and "PixelSpacing" in e.value.message
 
 
@@ -141,7 +144,7 @@ def test_discovery_skips_bad_files_with_reasons_and_counts_duplicates_once(small
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (tmp_path / "truncated.dcm").write_bytes(one.read_bytes()[:200])
-    d = io.discover(tmp_path)
+    d = discover(tmp_path)
     reasons = {Path(s.path).name: s.reason for s in d.skipped}
     assert reasons["empty.dcm"] == "EMPTY_FILE"
     assert reasons["notes.txt"] == "NOT_DICOM" and reasons[".DS_Store"] == "NOT_DICOM"
@@ -149,7 +152,7 @@ def test_discovery_skips_bad_files_with_reasons_and_counts_duplicates_once(small
     assert "DUPLICATE_INSTANCE" in reasons.values()
     (st,) = d.studies.values()
     (s,) = st.series.values()
-    assert s.n_frames == 8 and io.load_series(s).shape[2] == 8
+    assert s.n_frames == 8 and load_series(s).shape[2] == 8
 
 
 def test_nifti_roundtrip_reorients_to_the_working_frame(tmp_path):
@@ -157,14 +160,14 @@ def test_nifti_roundtrip_reorients_to_the_working_frame(tmp_path):
     data = rng.random((5, 6, 7)).astype(np.float32)
     aff = np.array([[2.0, 0, 0, -10], [0, 0, 1.5, 4], [0, -1.0, 0, 30], [0, 0, 0, 1]])  # RAS-ish, permuted
     nib.save(nib.Nifti1Image(data, aff), tmp_path / "x.nii.gz")
-    vol = io.load_nifti(tmp_path / "x.nii.gz")
+    vol = load_nifti(tmp_path / "x.nii.gz")
     assert nib.aff2axcodes(vol.affine) == ("I", "P", "R")
     # the same world point carries the same value
     ijk = np.array([1, 2, 3])
     world = aff @ np.r_[ijk, 1]
     ijk2 = np.rint(np.linalg.inv(vol.affine) @ world).astype(int)[:3]
     assert vol.data[tuple(ijk2)] == data[tuple(ijk)]
-    io.save_nifti(vol.data, vol.affine, tmp_path / "y.nii.gz")
+    save_nifti(vol.data, vol.affine, tmp_path / "y.nii.gz")
     back = nib.load(tmp_path / "y.nii.gz")
     np.testing.assert_allclose(back.affine, vol.affine)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -177,10 +180,10 @@ def test_resample_to_is_identity_on_same_grid_and_follows_affines():
     field = (2.0 * i + 3.0 * j + 5.0 * k).astype(np.float32)  # linear: trilinear resampling is exact
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
     src = Volume(field, aff)
-    assert io.resample_to(src, Volume(field, aff.copy())) is src
+    assert resample_to(src, Volume(field, aff.copy())) is src
     shifted = aff.copy()
     shifted[:3, 3] = [1.0, 2.0, 2.0]  # target voxel (0,0,0) is source voxel (1,2,1)
-    out = io.resample_to(src, Volume(np.zeros((10, 10, 5), np.float32), shifted))
+    out = resample_to(src, Volume(np.zeros((10, 10, 5), np.float32), shifted))
     assert out.data[0, 0, 0] == pytest.approx(2 * 1 + 3 * 2 + 5 * 1)
     assert out.data[3, 4, 2] == pytest.approx(2 * 4 + 3 * 6 + 5 * 3)
 

@@ -218,7 +218,7 @@ def test_t2_only_fluid_lowers_confidence():
 def test_vertebra_records_validate_against_the_schema():
     import jsonschema
 
-    from pipeline.report import load_schema
+    from pipeline.report.schema import load_schema
 
     seg, imgs = make_case(_band("L4", "inferior", {"T1": 50.0, "T2": 90.0, "STIR": 60.0}))
     _, f = run(seg, imgs)

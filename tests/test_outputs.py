@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import outputs
-from pipeline.outputs import MODIC_COLOURS, OUTLINE_COLOUR, OVERLAY_ALPHA, display_window, render_panel
+from pipeline.report import overlays, study_outputs
+from pipeline.report.overlays import (
+    MODIC_COLOURS,
+    OUTLINE_COLOUR,
+    OVERLAY_ALPHA,
+    display_window,
+    render_panel,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 # planted: seed 0 Modic I at L4 inferior / L5 superior with edema; seed 2 an L1 fracture (flag) and Modic III L3/L4.
@@ -22,21 +28,21 @@ STUDIES = ("phantom_seed0000", "phantom_seed0002")
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     """A two-study phantom batch run in-process (default --overlays flagged); the artefacts are kept per study."""
-    from pipeline.batch import run_batch
+    from pipeline.batch.run import run_batch
     from pipeline.config import config_from_dict
 
     root = tmp_path_factory.mktemp("outputs")
     for name in STUDIES:
         shutil.copytree(SAMPLE / name / "DICOM", root / "in" / name / "DICOM")
     captured: dict[str, tuple[dict, dict]] = {}
-    real = outputs.write_study_outputs
+    real = study_outputs.write_study_outputs
 
     def spy(out_dir, report, artefacts, options):
         captured[report["study"]["key"]] = (report, artefacts)
         return real(out_dir, report, artefacts, options)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(outputs, "write_study_outputs", spy)
+        mp.setattr(study_outputs, "write_study_outputs", spy)
         result = run_batch(root / "in", root / "out", config_from_dict({}), jobs=1, progress=False,
                            options={"overlays": "flagged", "write_masks": True})
     assert result.exit_code == 0
@@ -97,16 +103,16 @@ def test_all_writes_one_png_per_vertebra_and_none_writes_no_png(batch, tmp_path)
     report, artefacts = next(iter(captured.values()))
     folder = tmp_path / "study"
     folder.mkdir()
-    written = outputs.write_study_outputs(folder, report, artefacts, {"overlays": "all", "write_masks": False})
+    written = study_outputs.write_study_outputs(folder, report, artefacts, {"overlays": "all", "write_masks": False})
     levels = {v["level"] for v in report["vertebrae"]}
     assert _level_pngs(folder) == levels and len(levels) >= 6
     assert (folder / "overview.png").is_file() and set(written) == {"overview.png"} | {f"level_{lv}.png" for lv in levels}
     # rerun into the same folder with "none": no picture remains (stale ones removed)
-    written = outputs.write_study_outputs(folder, report, artefacts, {"overlays": "none", "write_masks": False})
+    written = study_outputs.write_study_outputs(folder, report, artefacts, {"overlays": "none", "write_masks": False})
     assert written == [] and not list(folder.glob("*.png"))
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    outputs.write_study_outputs(fresh, report, artefacts, {"overlays": "none", "write_masks": True})
+    study_outputs.write_study_outputs(fresh, report, artefacts, {"overlays": "none", "write_masks": True})
     assert not list(fresh.glob("*.png")) and (fresh / "vertebrae.nii.gz").is_file()
 
 
@@ -167,7 +173,7 @@ def test_render_panel_marks_flagged_bodies_and_ignores_unknown_codes():
     cls = np.zeros((30, 40), np.uint8)
     cls[20:24, 8:12] = 9  # not a class code: drawn as plain image
     rgb = render_panel(img, cls, lab, flagged_values=[2])
-    assert np.allclose(rgb[18, 8], outputs.FLAGGED_OUTLINE_COLOUR) and np.allclose(rgb[5, 8], OUTLINE_COLOUR)
+    assert np.allclose(rgb[18, 8], overlays.FLAGGED_OUTLINE_COLOUR) and np.allclose(rgb[5, 8], OUTLINE_COLOUR)
     assert rgb[22, 10, 0] == rgb[22, 10, 1] == rgb[22, 10, 2]
     assert rgb[0, 0].tolist() == [0.0, 0.0, 0.0] and rgb[0, -1].tolist() == [1.0, 1.0, 1.0]  # window 1..99.5 %
 
@@ -176,18 +182,18 @@ def test_png_writers_use_the_panel_renderer(batch, tmp_path, monkeypatch):
     _, captured = batch
     report, artefacts = next(iter(captured.values()))
     calls = []
-    real = outputs.render_panel
+    real = overlays.render_panel
 
     def spy(*a, **kw):
         calls.append(a[0].shape)
         return real(*a, **kw)
 
-    monkeypatch.setattr(outputs, "render_panel", spy)
-    outputs.write_overview(tmp_path / "o.png", report, artefacts)
+    monkeypatch.setattr(overlays, "render_panel", spy)
+    overlays.write_overview(tmp_path / "o.png", report, artefacts)
     assert len(calls) == len(artefacts["volumes"])
-    outputs.write_level_png(tmp_path / "l.png", report, artefacts, report["vertebrae"][2]["level"])
+    overlays.write_level_png(tmp_path / "l.png", report, artefacts, report["vertebrae"][2]["level"])
     assert len(calls) == 2 * len(artefacts["volumes"])
-    outputs.write_segmentation_png(tmp_path / "s.png", artefacts["volumes"]["T2"], artefacts["segmentation"], "x")
+    overlays.write_segmentation_png(tmp_path / "s.png", artefacts["volumes"]["T2"], artefacts["segmentation"], "x")
     assert len(calls) == 2 * len(artefacts["volumes"]) + 2
     assert all(p.stat().st_size > 10_000 for p in tmp_path.glob("*.png"))
 
@@ -199,10 +205,10 @@ def test_level_caption_names_types_edema_ratios_and_flags(batch):
     for rep in reports:
         for flag in rep["flags"]:
             for lv in flag["levels"]:
-                text = outputs.level_caption(rep, lv)
+                text = overlays.level_caption(rep, lv)
                 assert text.startswith(f"{lv}: ") and flag["code"] in text
         for v in rep["vertebrae"]:
-            text = outputs.level_caption(rep, v["level"])
+            text = overlays.level_caption(rep, v["level"])
             assert "height ratios: anterior/posterior" in text and "signal / normal marrow (T1/T2/STIR)" in text
             assert ("edema: yes" in text) == v["edema"]["present"]
             for side in ("superior", "inferior"):
@@ -212,8 +218,8 @@ def test_level_caption_names_types_edema_ratios_and_flags(batch):
 
 
 def test_cli_passes_overlays_option(monkeypatch, tmp_path):
-    import pipeline.batch
-    from pipeline.batch import BatchResult
+    import pipeline.batch.run
+    from pipeline.batch.run import BatchResult
     from pipeline.cli import main
 
     seen = {}
@@ -222,7 +228,7 @@ def test_cli_passes_overlays_option(monkeypatch, tmp_path):
         seen.update(kw["options"])
         return BatchResult([], 0, Path(out) / "batch.json")
 
-    monkeypatch.setattr(pipeline.batch, "run_batch", fake_run_batch)
+    monkeypatch.setattr(pipeline.batch.run, "run_batch", fake_run_batch)
     (tmp_path / "in").mkdir()
     for args, want in (([], "flagged"), (["--overlays", "all"], "all"), (["--overlays", "none"], "none")):
         res = CliRunner().invoke(main, ["run", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--no-progress", *args])

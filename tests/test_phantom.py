@@ -19,7 +19,8 @@ import pydicom
 import pytest
 
 from pipeline.config import ClassificationConfig
-from pipeline.phantom import make_sample_data, make_study, normalise_findings, scenario_findings
+from pipeline.phantom.scenarios import normalise_findings, scenario_findings
+from pipeline.phantom.study import make_sample_data, make_study
 from pipeline.types import level_value
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -6,14 +6,9 @@ import json
 
 import pytest
 
-from pipeline.report import (
-    Identity,
-    keyed_hash,
-    load_schema,
-    schema_errors,
-    study_key,
-    write_json_atomic,
-)
+from pipeline.io.atomic import write_json_atomic
+from pipeline.report.identity import Identity, keyed_hash, study_key
+from pipeline.report.schema import load_schema, schema_errors
 from pipeline.types import StudyFiles
 
 
@@ -29,7 +24,7 @@ def test_schemas_are_valid_draft_2020_12():
 def test_schema_rejects_missing_disclaimer_and_bad_modic_type():
     errs = schema_errors({"report_type": "modicscan.study_report"})
     assert any("disclaimer" in e for e in errs)
-    from pipeline.report import load_schema as ls
+    from pipeline.report.schema import load_schema as ls
 
     endplate_enum = ls("report.schema.json")["$defs"]["endplate"]["properties"]["modic_type"]["enum"]
     assert set(endplate_enum) == {"0", "I", "II", "III", "I/II", "II/III"}
@@ -91,7 +86,7 @@ def test_keyed_hash_is_hmac_sha256():
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     import os
 
-    from pipeline.report import remove_stale_temp_files
+    from pipeline.io.atomic import remove_stale_temp_files
 
     dead = tmp_path / ".report.json.999999.x1y2.tmp"  # pid 999999: almost surely not a running process
     dead_nii = tmp_path / ".vertebrae.nii.gz.999998.tmp.nii.gz"

@@ -8,23 +8,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.arrays import label_counts_and_centroids
 from pipeline.config import SegmentationConfig
-from pipeline.evaluate import expected_levels, hd95, level_outcome, per_body_scores
-from pipeline.segment import (
-    classified_slices,
-    complete_heights,
-    drop_shallow_cuts,
-    hull_bodies,
-    label_counts_and_centroids,
-    label_levels,
-    normalise,
-    smooth_bodies,
-    spine_curve,
-    split_column,
-    stage1_probability,
-    stage2_features,
-    to_work_grid,
-)
+from pipeline.evaluation.segmentation import expected_levels, hd95, level_outcome, per_body_scores
+from pipeline.segmentation.bodies import complete_heights, hull_bodies, smooth_bodies
+from pipeline.segmentation.column import drop_shallow_cuts, spine_curve, split_column
+from pipeline.segmentation.features import stage2_features
+from pipeline.segmentation.grid import classified_slices, normalise, to_work_grid
+from pipeline.segmentation.labelling import label_levels
+from pipeline.segmentation.probability import stage1_probability
 
 
 def _stack(heights=(20,) * 6, gap=8, width=30, depth=5, start=5):
@@ -101,7 +93,7 @@ def test_shallow_cut_inside_a_body_is_dropped_but_shallow_discs_between_whole_bo
 def test_a_stretch_two_bodies_long_gets_the_disc_the_peak_finder_missed():
     from scipy import signal
 
-    from pipeline.segment import add_missed_cuts
+    from pipeline.segmentation.column import add_missed_cuts
 
     # bodies every 30 bins (peak 100, discs empty the profile), except the disc at 150: a shallow dip to 76 between
     # shoulders at 85 (a steep lumbosacral disc seen along the column), too little prominence to be found
@@ -312,7 +304,7 @@ def test_expected_levels_run_head_to_foot_from_the_first_annotated_level():
 def test_a_case_annotated_past_s1_keeps_its_scores_and_says_why_its_levels_are_not_scored(tmp_path):
     import nibabel as nib
 
-    from pipeline.evaluate import _eval_case
+    from pipeline.evaluation.segmentation import _eval_case
 
     truth = np.zeros((40, 8, 3), np.int16)
     truth[2:10] = 7
@@ -420,8 +412,8 @@ def test_hd95_of_shifted_cubes_is_the_shift():
 
 
 def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_path):
-    from pipeline.evaluate import evaluate_rows
-    from pipeline.train_segmenter import read_cases
+    from pipeline.evaluation.cases import read_cases
+    from pipeline.evaluation.segmentation import evaluate_rows
 
     rows = [r for r in read_cases(vertebral_bodies_dir / "cases.csv") if r["case"] in ("vb1-15", "vb2-05", "vb3-09")]
     assert len(rows) == 3
@@ -444,7 +436,7 @@ DICE_FLOOR = 0.76
 
 
 def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
-    from pipeline.segment import _to_input_grid
+    from pipeline.segmentation.grid import to_input_grid
 
     # two discs (bodies) on a fine 0.5 mm grid, the working grid is 3x coarser
     yy, xx = np.mgrid[0:150, 0:120]
@@ -453,7 +445,7 @@ def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
     fine[((yy - 110) ** 2 + (xx - 60) ** 2 <= 30 ** 2)] = 3  # touching body 1 at one point, other value
     coarse = fine[1::3, 1::3]  # what the working grid holds (centre sampling)
     nearest = np.repeat(np.repeat(coarse, 3, axis=0), 3, axis=1)
-    mapped = _to_input_grid(coarse, fine.shape)
+    mapped = to_input_grid(coarse, fine.shape)
     assert mapped.shape == fine.shape and set(np.unique(mapped)) == {0, 1, 3}
 
     def dice(a, b, v):
@@ -463,11 +455,11 @@ def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
         assert dice(mapped, fine, v) > 0.98
         assert dice(mapped, fine, v) > dice(nearest, fine, v)  # smoother than the staircase copy
     # the same grid: nothing changes
-    assert np.array_equal(_to_input_grid(fine, fine.shape), fine)
+    assert np.array_equal(to_input_grid(fine, fine.shape), fine)
 
 
 def test_inverted_training_copy_reverses_tissue_contrast_and_keeps_air_dark():
-    from pipeline.train_segmenter import remap_intensity
+    from pipeline.training.samples import remap_intensity
 
     img = np.zeros((80, 80, 3), np.float32)  # air
     img[10:70, 10:70] = 100.0  # muscle
@@ -484,7 +476,7 @@ def test_inverted_training_copy_reverses_tissue_contrast_and_keeps_air_dark():
 
 
 def test_phantom_samples_concentrate_on_the_focus_rows():
-    from pipeline.train_segmenter import _draw, _focus_rows, _per_class
+    from pipeline.training.samples import _draw, _focus_rows, _per_class
 
     lab = np.zeros((100, 40, 2), np.int16)
     for v, top in enumerate(range(5, 95, 18), start=1):
@@ -506,7 +498,7 @@ def test_phantom_samples_concentrate_on_the_focus_rows():
 
 
 def test_phantom_sacrum_under_s1_is_background_for_training_but_unknown_rows_of_real_scans_are_not_used():
-    from pipeline.train_segmenter import SACRUM_KNOWN_MM, _focus_rows, _rows_below, _rows_known
+    from pipeline.training.samples import SACRUM_KNOWN_MM, _focus_rows, _rows_below, _rows_known
 
     lab = np.zeros((120, 10, 2), np.int16)
     lab[20:32, 2:8] = 5  # L5
@@ -527,7 +519,7 @@ def test_phantom_sacrum_under_s1_is_background_for_training_but_unknown_rows_of_
 
 
 def test_case_folds_stratify_by_source_and_keep_a_duplicated_scan_in_one_fold(tmp_path):
-    from pipeline.train_segmenter import case_folds
+    from pipeline.evaluation.cases import case_folds
 
     rows = []
     for src, n in (("a", 5), ("b", 4)):
@@ -547,7 +539,7 @@ def test_case_folds_stratify_by_source_and_keep_a_duplicated_scan_in_one_fold(tm
 
 
 def test_held_out_rows_are_a_fold_or_a_source_and_training_and_evaluation_split_the_same_way():
-    from pipeline.train_segmenter import held_out
+    from pipeline.evaluation.cases import held_out
 
     rows = [{"case": f"{s}{i}", "source": s} for s in "ab" for i in range(4)]  # folds 0 1 2 0 | 0 1 2 0
     assert held_out(rows) == [False] * 8
@@ -560,7 +552,7 @@ def test_held_out_rows_are_a_fold_or_a_source_and_training_and_evaluation_split_
 def test_unet_refiner_learns_from_each_case_segmented_by_the_net_of_its_own_fold(monkeypatch):
     from sklearn.tree import DecisionTreeClassifier
 
-    from pipeline import train_segmenter as ts
+    from pipeline.training import train_segmenter as ts
 
     rows = [{"case": f"{s}{i}", "source": s} for s in "ab" for i in range(4)] + [{"case": "p", "source": "phantom"}]
     nets = [Path(f"f{k}.onnx") for k in range(3)]
@@ -586,11 +578,11 @@ def test_unet_refiner_learns_from_each_case_segmented_by_the_net_of_its_own_fold
     assert n == 4 and {c[0] for c, _ in seen} == {"b"}
 
 def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slices():
-    from pipeline.segment import _resample_inplane
+    from pipeline.segmentation.grid import resample_inplane
 
     rows, cols = np.mgrid[0:20, 0:12].astype(np.float32)
     work = np.stack([rows, 2 * cols], axis=2)  # 1.5 mm working grid: a ramp per slice
-    fine = _resample_inplane(work, (60, 36, 2))  # 0.5 mm input grid, same extent
+    fine = resample_inplane(work, (60, 36, 2))  # 0.5 mm input grid, same extent
     assert fine.shape == (60, 36, 2)
     # pixel centres aligned: input row i sits at working row (i + 0.5) / 3 - 0.5 (inside the ramp's range)
     i = np.arange(3, 57)
@@ -598,12 +590,12 @@ def test_probability_resampled_to_the_input_grid_keeps_linear_ramps_and_the_slic
     j = np.arange(3, 33)
     assert np.allclose(fine[30, j, 1], 2 * ((j + 0.5) / 3 - 0.5), atol=1e-5)
     box = (slice(10, 40), slice(5, 20), slice(1, 2))  # only where asked, the same values there
-    part = _resample_inplane(work, (60, 36, 2), box)
+    part = resample_inplane(work, (60, 36, 2), box)
     assert np.array_equal(part[box], fine[box]) and part.sum() == part[box].sum()
 
 
 def test_each_body_model_gets_its_own_edge_refiner_and_the_unet_falls_back_to_the_classifiers():
-    from pipeline.segment import edge_refiner_for
+    from pipeline.segmentation.refine import edge_refiner_for
 
     cls_ref, unet_ref = object(), object()
     both = {"stage1": None, "stage2": None, "refiner": cls_ref, "refiner_unet": unet_ref}
@@ -614,7 +606,7 @@ def test_each_body_model_gets_its_own_edge_refiner_and_the_unet_falls_back_to_th
 
 
 def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, capsys):
-    from pipeline.train_segmenter import main
+    from pipeline.training.train_segmenter import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--fold", "0", "--cv", "cases"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import StudyError
-from pipeline.series import assign_roles
+from pipeline.roles import assign_roles
 from pipeline.types import SeriesSummary, StudyFiles
 
 SAG = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

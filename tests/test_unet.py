@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import unet
 from pipeline.errors import StudyError
+from pipeline.segmentation import unet
 
 
 class _Input:
@@ -67,7 +67,8 @@ def test_unet_probability_stays_in_its_columns_and_interpolates_skipped_thin_sli
 
 
 def test_the_net_runs_on_the_columns_near_the_spine_and_near_a_given_region_only():
-    from pipeline.segment import WORK_MM, _unet_columns
+    from pipeline.segmentation.grid import WORK_MM
+    from pipeline.segmentation.probability import _unet_columns
 
     width = 200
     dist = np.broadcast_to((np.arange(width) - 80.0) * WORK_MM, (50, width))  # the column runs down column 80
@@ -96,8 +97,9 @@ def test_missing_or_corrupt_network_file_is_a_clear_study_error(tmp_path):
 def test_the_shipped_net_finds_the_bodies_of_a_phantom_t2(tmp_path):
     """The shipped net on a synthetic T2 with Modic bands (seed 7: not one of the training phantoms' seeds): P > 0.5
     covers the lumbar bodies and little else around them."""
-    from pipeline.segment import normalise
-    from pipeline.train_segmenter import load_case, phantom_rows
+    from pipeline.evaluation.cases import load_case
+    from pipeline.segmentation.grid import normalise
+    from pipeline.training.samples import phantom_rows
     from pipeline.types import level_value
 
     (row,) = [r for r in phantom_rows(tmp_path, 1, first_seed=7) if "T2" in r["case"].upper()]
@@ -123,7 +125,7 @@ def _slice(value: float, body_box=None, shape=(60, 70)):
 
 
 def test_training_batches_mix_sources_as_asked_and_pad_small_slices():
-    from pipeline.train_unet import sample_batch
+    from pipeline.training.train_unet import sample_batch
 
     real = [_slice(0.25, (slice(20, 40), slice(20, 40)))]
     phantom = [_slice(0.75, (slice(10, 30), slice(10, 30)))]
@@ -145,7 +147,7 @@ def test_training_batches_mix_sources_as_asked_and_pad_small_slices():
 
 
 def test_training_crops_move_image_and_target_together_and_swap_the_side_slices():
-    from pipeline.train_unet import sample_batch
+    from pipeline.training.train_unet import sample_batch
 
     x, y, m = _slice(0.2, (slice(15, 45), slice(20, 40)))
     x[1][y] = 1.0  # the centre channel shows the body
@@ -164,7 +166,7 @@ def test_training_crops_move_image_and_target_together_and_swap_the_side_slices(
 def test_training_slices_know_the_phantom_sacrum_but_not_the_rows_below_a_real_scan(tmp_path):
     import nibabel as nib
 
-    from pipeline.train_unet import MARGIN_MM, case_slices
+    from pipeline.training.train_unet import MARGIN_MM, case_slices
 
     lab = np.zeros((100, 60, 20), np.int16)
     lab[20:35, 20:40, 8:12] = 1
@@ -189,7 +191,7 @@ def test_training_slices_know_the_phantom_sacrum_but_not_the_rows_below_a_real_s
 
 
 def test_pseudo_sacrum_takes_the_body_sized_piece_behind_and_one_level_below_the_lowest_annotated_body():
-    from pipeline.train_unet import pseudo_sacrum
+    from pipeline.training.train_unet import pseudo_sacrum
 
     sp = (1.5, 1.5, 4.0)  # working frame (I, P, R): rows head -> foot, columns front -> back
     lab = np.zeros((160, 80, 8), np.int16)
@@ -216,7 +218,7 @@ def test_a_few_training_steps_lower_the_loss_and_export_a_net_onnx_runtime_runs(
     pytest.importorskip("onnx", reason="exporting needs the onnx package (pip install -e '.[train]')")
     import torch
 
-    from pipeline.train_unet import build_net, export_onnx, fit, masked_loss, sample_batch
+    from pipeline.training.train_unet import build_net, export_onnx, fit, masked_loss, sample_batch
 
     rng = np.random.default_rng(1)
     real = []
@@ -244,8 +246,8 @@ def test_a_few_training_steps_lower_the_loss_and_export_a_net_onnx_runtime_runs(
 @pytest.fixture(scope="module")
 def unet_on_three_real_scans(vertebral_bodies_dir, tmp_path_factory):
     from pipeline.config import SegmentationConfig
-    from pipeline.evaluate import evaluate_rows
-    from pipeline.train_segmenter import read_cases
+    from pipeline.evaluation.cases import read_cases
+    from pipeline.evaluation.segmentation import evaluate_rows
 
     rows = [r for r in read_cases(vertebral_bodies_dir / "cases.csv") if r["case"] in ("vb1-15", "vb2-05", "vb3-09")]
     assert len(rows) == 3
@@ -297,7 +299,7 @@ def test_use_network_switches_the_process_net_and_refuses_a_bad_file(tmp_path):
 
 
 def test_train_unet_refuses_a_source_no_case_has_before_loading_anything(tmp_path, capsys):
-    from pipeline.train_unet import main
+    from pipeline.training.train_unet import main
 
     cases = tmp_path / "cases.csv"
     cases.write_text("case,image,labels\nvb1-01,missing.nii.gz,missing_labels.nii.gz\n")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import RolesConfig
-from .errors import StudyError
-from .types import RoleAssignment, RoleChoice, SeriesSummary, StudyFiles
+from pipeline.config import RolesConfig
+from pipeline.errors import StudyError
+from pipeline.types import RoleAssignment, RoleChoice, SeriesSummary, StudyFiles
 
 _FS_OPTIONS = {"FS", "SFS", "FAT_SAT", "FATSAT", "SP_FS", "FSA", "FSP", "FSA_GEMS", "FSS_GEMS", "FSI_GEMS", "SPIR", "SPAIR", "CHESS"}
 _DERIVED_WORDS = ("WATER", "FAT", "IN_PHASE", "OUT_PHASE", "OPP_PHASE", "MPR", "SUB", "PROJECTION IMAGE", "MIP")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 
-from .batch import StudyOutcome, StudyTask, process_study, write_failure
+from pipeline.batch.study import StudyOutcome, StudyTask, process_study, write_failure
 
 log = logging.getLogger("modicscan")
 

@@ -1,50 +1,27 @@
-"""Per-study files beside report.json: label and zone masks, QC pictures (overview, per level); external masks in."""
+"""PNG pictures of a study: the overview (mid-sagittal T1 / T2 / STIR with outlines, level names,
+Modic / edema colours, flags), per-level crops with captions, and the segmentation QC picture."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import StudyError
-from .types import Segmentation, VertebralBody, Volume, value_level
-
-log = logging.getLogger("modicscan")
+from pipeline.types import Segmentation, VertebralBody, Volume
 
 MODIC_COLOURS = {1: (1.0, 0.2, 0.2), 2: (1.0, 0.85, 0.1), 3: (0.3, 0.5, 1.0), 4: (1.0, 0.3, 1.0)}
+
+
 MODIC_NAMES = {1: "Modic I", 2: "Modic II", 3: "Modic III", 4: "edema (outside endplate bands)"}
 
 
-def write_study_outputs(out_dir: Path, report: dict, artefacts: dict[str, Any], options: dict[str, Any]) -> list[str]:
-    """Write the extra outputs of one analysed study; returns the file names written (relative to out_dir)."""
-    from . import io
-
-    written = []
-    seg = artefacts["segmentation"]
-    ref = artefacts["volumes"]["T2"]
-    if options.get("write_masks", True):
-        io.save_nifti(seg.labels, ref.affine, out_dir / "vertebrae.nii.gz")
-        written.append("vertebrae.nii.gz")
-    if options.get("zone_masks"):
-        io.save_nifti(artefacts["findings"].zone_map, ref.affine, out_dir / "zones.nii.gz")
-        written.append("zones.nii.gz")
-    written += write_overlays(out_dir, report, artefacts, options.get("overlays", "flagged"))
-    if options.get("dicom_out"):
-        from .dicom_export import write_dicom_outputs
-
-        try:
-            written += write_dicom_outputs(out_dir, report, artefacts, artefacts.get("t2_files") or [])
-        except Exception as exc:  # noqa: BLE001 - the analysis stands without its DICOM copy; never lose the report
-            log.exception("DICOM export failed for study %s", report["study"]["key"])
-            report["qc"]["warnings"].append(f"DICOM SR / SEG export failed ({type(exc).__name__}: {exc}); "
-                                            "report.json holds the findings")
-    return written
-
-
 OUTLINE_COLOUR = (0.0, 1.0, 1.0)  # cyan: vertebral body outline
+
+
 FLAGGED_OUTLINE_COLOUR = (1.0, 0.55, 0.0)  # orange: outline of a body with a review flag
+
+
 OVERLAY_ALPHA = 0.55  # opacity of the Modic / edema colours over the grey image
 
 
@@ -218,7 +195,7 @@ def _study_panels(report: dict, artefacts: dict[str, Any], k: int, crop=None, fo
 
 def write_overview(path: Path, report: dict, artefacts: dict[str, Any]) -> None:
     """Mid-sagittal T1 / T2 / STIR side by side: body outlines, level names, Modic / edema colours, flags."""
-    from .report import write_bytes_atomic
+    from pipeline.io.atomic import write_bytes_atomic
 
     seg: Segmentation = artefacts["segmentation"]
     k = _mid_slice(seg)
@@ -274,7 +251,7 @@ def write_level_png(path: Path, report: dict, artefacts: dict[str, Any], level: 
     """
     from scipy import ndimage
 
-    from .report import write_bytes_atomic
+    from pipeline.io.atomic import write_bytes_atomic
 
     seg: Segmentation = artefacts["segmentation"]
     ix = next((i for i, b in enumerate(seg.bodies) if b.level == level), None)
@@ -305,7 +282,7 @@ def write_level_png(path: Path, report: dict, artefacts: dict[str, Any], level: 
 def write_segmentation_png(path: Path, volume: Volume, seg: Segmentation, title: str = "") -> None:
     """QC picture of a segmentation alone (``modicscan segment --png``): the mid-sagittal slice of the
     bodies without and with outlines and level names, drawn with the same panel renderer as the study overlays."""
-    from .report import write_bytes_atomic
+    from pipeline.io.atomic import write_bytes_atomic
 
     k = _mid_slice(seg)
     img = volume.data[:, :, k]
@@ -319,37 +296,3 @@ def write_segmentation_png(path: Path, volume: Volume, seg: Segmentation, title:
     head += f"\nsagittal slice {k + 1} of {seg.labels.shape[2]} (head up, anterior left); research output, not a diagnosis"
     sp = volume.spacing
     write_bytes_atomic(path, _figure_png(panels, (sp[0], sp[1]), texts, head, legend=("outline",)))
-
-
-def segmentation_from_masks(masks_dir: Path, task, reference: Volume) -> Segmentation:
-    """An external label image for the study (``--masks DIR``) instead of our segmentation.
-
-    The file is ``DIR/<study key>.nii.gz`` or ``DIR/<StudyInstanceUID>.nii.gz`` (first found); values follow
-    the documented convention (L1=1 ... S1=6, T12=7, ...; 101+ unlabelled). It is resampled (nearest
-    neighbour) onto the T2 grid through the affines when the grids differ.
-    """
-    from . import io
-    from .segment import label_counts_and_centroids
-
-    candidates = [masks_dir / f"{task.key}.nii.gz", masks_dir / f"{task.study.study_uid}.nii.gz",
-                  masks_dir / f"{task.key}.nii", masks_dir / f"{task.study.study_uid}.nii"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise StudyError("EXTERNAL_MASK_MISSING", f"no label image for this study in {masks_dir} "
-                         f"(looked for {task.key}.nii.gz and <StudyInstanceUID>.nii.gz)")
-    vol = io.resample_to(io.load_nifti(path), reference, order=0)
-    labels = np.rint(vol.data).astype(np.int16)
-    values = [int(v) for v in np.unique(labels) if v > 0]
-    if not values:
-        raise StudyError("EXTERNAL_MASK_MISMATCH", f"{path.name} holds no labelled voxel on the T2 grid")
-    try:
-        names = [value_level(v) for v in values]
-    except ValueError as exc:
-        raise StudyError("EXTERNAL_MASK_MISMATCH", f"{path.name}: {exc} (see README, label values)") from exc
-    counts, cents = label_counts_and_centroids(labels, values)
-    vox = float(np.prod(reference.spacing))
-    bodies = sorted((VertebralBody(n, v, tuple(float(x) for x in c), float(cnt * vox))
-                     for n, v, c, cnt in zip(names, values, cents, counts, strict=True)), key=lambda b: b.centroid_vox[0])
-    confident = all(1 <= v <= 6 or 7 <= v < 101 for v in values)
-    return Segmentation(labels=labels, bodies=bodies, labelling_confidence=1.0 if confident else 0.3,
-                        flags=[] if confident else ["COUNT_AMBIGUOUS"], notes=[f"external label image {path.name}"])

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .config import SegmentationConfig
-from .report import write_bytes_atomic, write_json_atomic
-from .types import LUMBAR_LEVELS
+from pipeline.config import SegmentationConfig
+from pipeline.evaluation.cases import common_box
+from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.types import LUMBAR_LEVELS
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float | None:
@@ -40,10 +41,6 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float | None:
     return float(np.percentile(d, 95))
 
 
-def common_box(shape_a, shape_b) -> tuple[slice, ...]:
-    """Index of the grid an image and its label file share: a few label files (vb2-02) have one slice more than
-    their image."""
-    return tuple(slice(0, min(a, b)) for a, b in zip(shape_a, shape_b, strict=True))
 
 
 # Every level name in head-to-foot order (the segmentation's names: T1..T12, then LUMBAR_LEVELS = L1..L5, S1):
@@ -60,7 +57,7 @@ def check_level(name: str) -> None:
 def expected_levels(truth: np.ndarray, first_level: str) -> dict[int, str]:
     """Annotated body label -> level name, for annotations of consecutive levels starting at ``first_level``
     (bodies ordered head to foot by their mean row)."""
-    from .segment import label_counts_and_centroids
+    from pipeline.arrays import label_counts_and_centroids
 
     check_level(first_level)
     t_ids = np.unique(truth)
@@ -112,14 +109,15 @@ def per_body_scores(truth: np.ndarray, pred: np.ndarray, spacing) -> tuple[list[
 
 def _eval_case(args) -> dict:
     row, out_dir, model_path, unet_path, cfg, write_png, first_level = args
-    from . import segment, unet
-    from .io import load_nifti
+    from pipeline.io.nifti import load_nifti
+    from pipeline.segmentation import probability, unet
+    from pipeline.segmentation.segment import segment_vertebrae
 
     if model_path:
         import joblib
 
-        segment.load_model.cache_clear()
-        segment.MODEL_PATH = Path(model_path)
+        probability.load_model.cache_clear()
+        probability.MODEL_PATH = Path(model_path)
         joblib.load(model_path)  # fail early on a bad path
     if unet_path:
         unet.use_network(unet_path)
@@ -138,7 +136,7 @@ def _eval_case(args) -> dict:
             level_note = f"levels not scored: {exc}"
     t = time.perf_counter()
     try:
-        seg = segment.segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)
+        seg = segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)
         pred = seg.labels.astype(np.int32)
         level_of = {b.value: b.level for b in seg.bodies}
         err = None
@@ -264,7 +262,7 @@ def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg:
     its top annotated body, to score level names as well (module doc). ``fold``: only the cases of this fold of
     ``train_segmenter.case_folds``, ``source``: only this source's cases (held-out evaluation of models trained
     with ``--fold`` / ``--source``)."""
-    from .train_segmenter import check_source, held_out, read_cases
+    from pipeline.evaluation.cases import check_source, held_out, read_cases
 
     rows = read_cases(Path(cases_csv))
     if source is not None:

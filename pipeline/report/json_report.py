@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
-import hmac
-import json
-import math
-import os
 import platform
-import tempfile
-from importlib import metadata, resources
-from pathlib import Path
+from importlib import metadata
 from typing import Any
 
-import jsonschema
-
-from . import DISCLAIMER, __version__
-from .types import RoleAssignment, Segmentation, StudyFiles, Volume, level_value
-
-SCHEMA_VERSION = "1.0.0"
-REPORT_SCHEMA = "report.schema.json"
-ERROR_SCHEMA = "error.schema.json"
+from pipeline import DISCLAIMER, __version__
+from pipeline.io.atomic import finite_json
+from pipeline.report.identity import Identity
+from pipeline.report.schema import SCHEMA_VERSION
+from pipeline.types import RoleAssignment, Segmentation, StudyFiles, Volume, level_value
 
 UNITS = {
     "heights_mm": "mm",
@@ -37,158 +27,8 @@ UNITS = {
     "timings_s": "s",
 }
 
+
 _PACKAGES = ("numpy", "scipy", "pydicom", "nibabel", "scikit-image", "scikit-learn", "jsonschema")
-
-
-# ---------------------------------------------------------------------------------------------- schema
-@functools.cache
-def load_schema(name: str = REPORT_SCHEMA) -> dict:
-    text = resources.files("pipeline").joinpath("schemas", name).read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-@functools.cache
-def _validator(name: str) -> jsonschema.protocols.Validator:
-    schema = load_schema(name)
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
-
-
-def schema_errors(obj: Any, name: str | None = None) -> list[str]:
-    """Every way ``obj`` breaks its schema, as 'path: message' strings (empty list = valid).
-
-    ``name`` defaults to the schema matching ``obj['report_type']``.
-    """
-    if name is None:
-        rtype = obj.get("report_type") if isinstance(obj, dict) else None
-        name = ERROR_SCHEMA if rtype == "modicscan.study_error" else REPORT_SCHEMA
-    errors = sorted(_validator(name).iter_errors(obj), key=lambda e: list(e.absolute_path))
-    return [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors]
-
-
-def validate_report(obj: Any, name: str | None = None) -> None:
-    """Raise ``ValueError`` listing the schema violations, if any."""
-    errs = schema_errors(obj, name)
-    if errs:
-        raise ValueError("report does not validate against its schema:\n  " + "\n  ".join(errs[:20]))
-
-
-# ---------------------------------------------------------------------------------------------- writing
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/inf: turn them into null so the report stays valid (schema then says where)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # NumPy scalar
-        return _finite(obj.item())
-    return obj
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + fsync + os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer's pid is in the temp name so a later run can remove temp files of killed writers.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def remove_stale_temp_files(folder: str | Path) -> int:
-    """Delete temp files left by writers that were killed mid-write (their pid no longer runs)."""
-    import re
-
-    n = 0
-    pat = re.compile(r"^\..+?\.(\d+)\.(?:[^.]+\.)?tmp(?:\..*)?$")
-    for p in Path(folder).rglob(".*tmp*"):
-        m = pat.match(p.name)
-        if not m or not p.is_file():
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    text = json.dumps(_finite(obj), indent=2, allow_nan=False, ensure_ascii=False)
-    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------------------- identity
-def keyed_hash(value: str, key: str, n: int = 16) -> str:
-    """HMAC-SHA256 of ``value`` under ``key``: stable across runs, not reversible without the key."""
-    return hmac.new(key.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:n]
-
-
-def study_key(study_uid: str, pseudonymise_key: str = "") -> str:
-    """Name of the study's output folder: a hash of the StudyInstanceUID, never a patient name or ID."""
-    if pseudonymise_key:
-        return keyed_hash("study:" + study_uid, pseudonymise_key)
-    return hashlib.sha256(("modicscan-study:" + study_uid).encode("utf-8")).hexdigest()[:16]
-
-
-class Identity:
-    """Decides which identifiers reach the outputs: removed (default), pseudonymised (HMAC) or original."""
-
-    def __init__(self, pseudonymise_key: str = "", keep_identifiers: bool = False):
-        if pseudonymise_key and keep_identifiers:
-            raise ValueError("--pseudonymise and --keep-identifiers exclude each other")
-        self.key = pseudonymise_key
-        self.keep = keep_identifiers
-
-    @property
-    def mode(self) -> str:
-        return "original" if self.keep else "pseudonymised" if self.key else "removed"
-
-    def uid(self, uid: str, kind: str) -> str | None:
-        """Study / series UIDs: kept by default (they are not direct identifiers), hashed when pseudonymising."""
-        if self.key:
-            return "2.25." + str(int(keyed_hash(f"{kind}:{uid}", self.key, 30), 16))
-        return uid
-
-    def patient_id(self, value: str) -> str | None:
-        if self.keep:
-            return value or None
-        if self.key and value:
-            return keyed_hash("patient:" + value, self.key)
-        return None
-
-    def study_block(self, study: StudyFiles, input_hash: str, n_files: int, source_folder: str | None) -> dict:
-        return {
-            "key": study_key(study.study_uid, self.key),
-            "study_uid": self.uid(study.study_uid, "study"),
-            "identifiers": self.mode,
-            "patient_id": self.patient_id(study.patient_id),
-            "patient_name": (study.patient_name or None) if self.keep else None,
-            "study_date": (study.study_date or None) if self.keep else None,
-            "input_hash": input_hash,
-            "n_files": n_files,
-            # Folder names can carry patient names: only with --keep-identifiers.
-            "source_folder": source_folder if self.keep else None,
-        }
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -336,7 +176,7 @@ def build_report(
         "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
         "units": UNITS,
     }
-    return _finite(rep)
+    return finite_json(rep)
 
 
 def build_error_record(
@@ -353,7 +193,7 @@ def build_error_record(
     details: dict | None = None,
     warnings: list[str] | None = None,
 ) -> dict:
-    return _finite({
+    return finite_json({
         "schema_version": SCHEMA_VERSION,
         "report_type": "modicscan.study_error",
         "status": "failed",

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from .report import write_bytes_atomic
+from pipeline.io.atomic import write_bytes_atomic
 
 log = logging.getLogger("modicscan")
 
@@ -138,7 +138,7 @@ def write_cohort(out_root: str | Path) -> Path:
     pq = _io.BytesIO()
     table.to_parquet(pq, index=False)
     write_bytes_atomic(out_root / "cohort.parquet", pq.getvalue())
-    from .report import write_json_atomic
+    from pipeline.io.atomic import write_json_atomic
 
     write_json_atomic(out_root / "summary.json", prevalence_summary(rows, len(reports)))
     return path

@@ -1,4 +1,4 @@
-"""Train the 2.5-D body U-Net shipped as ``pipeline/models/body_unet.onnx`` (``python -m pipeline.train_unet``).
+"""Train the 2.5-D body U-Net shipped as ``pipeline/segmentation/models/body_unet.onnx`` (``python -m pipeline.training.train_unet``).
 
 Needs PyTorch and onnx (``pip install torch==2.13.0 && pip install -e ".[train]"``; the pipeline itself runs
 the exported net with ONNX Runtime only).
@@ -9,8 +9,8 @@ fractures and Modic bands: abnormal marrow is still body; their sacrum below S1 
 scans). The healthy T2 scans (vb2) annotate T11-L5 only: their S1, in view, is pseudo-labelled from the pixel
 classifier (:func:`pseudo_sacrum`), so the net learns the sacrum's top as a body and levels can be counted from
 it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` away
-(:func:`pipeline.unet.context_stack`). Target: any body voxel. The loss (BCE + soft Dice) only counts the rows
-whose labels are known (:func:`pipeline.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
+(:func:`pipeline.segmentation.unet.context_stack`). Target: any body voxel. The loss (BCE + soft Dice) only counts the rows
+whose labels are known (:func:`pipeline.training.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
 there are neither body nor background).
 
 Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % holding a body voxel, a fraction ``PHANTOM_SHARE``
@@ -34,19 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SegmentationConfig
-from .segment import label_counts_and_centroids, normalise, segment_vertebrae
-from .train_segmenter import (
-    DEFAULT_CASES,
-    _rows_below,
-    _rows_known,
-    held_out,
-    load_case,
-    phantom_rows,
-    read_cases,
-    refuse_unknown_source,
-)
-from .unet import DOWNSAMPLINGS, UNET_PATH, context_stack
+from pipeline.arrays import label_counts_and_centroids
+from pipeline.config import SegmentationConfig
+from pipeline.evaluation.cases import DEFAULT_CASES, held_out, load_case, read_cases, refuse_unknown_source
+from pipeline.segmentation.grid import normalise
+from pipeline.segmentation.segment import segment_vertebrae
+from pipeline.segmentation.unet import DOWNSAMPLINGS, UNET_PATH, context_stack
+from pipeline.training.samples import _rows_below, _rows_known, phantom_rows
 
 MARGIN_MM = 8.0  # slices this far beside the outermost body slices are trained on too (background only)
 PATCH, BATCH = 128, 16
@@ -238,7 +232,7 @@ def export_onnx(net, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train_unet")
+    ap = argparse.ArgumentParser(prog="python -m pipeline.training.train_unet")
     ap.add_argument("cases_csv", nargs="?", default=str(DEFAULT_CASES))
     ap.add_argument("--out", default=str(UNET_PATH))
     ap.add_argument("--fold", type=int, help="leave out the cases of this fold (0-2, as --cv cases) for evaluation")

@@ -1,7 +1,7 @@
 """The body probability from a small 2.5-D U-Net (ONNX, run with ONNX Runtime on the CPU; no PyTorch needed).
 
-The net (``models/body_unet.onnx``, 1.9 M parameters, trained by :mod:`pipeline.train_unet`) sees one sagittal
-slice of the normalised working grid (1.5 mm in-plane, :func:`pipeline.segment.normalise`) and the slices
+The net (``models/body_unet.onnx``, 1.9 M parameters, trained by :mod:`pipeline.training.train_unet`) sees one sagittal
+slice of the normalised working grid (1.5 mm in-plane, :func:`pipeline.segmentation.grid.normalise`) and the slices
 ``CONTEXT_MM`` to either side (three channels: lateral context at the same physical distance for 1 mm and 4 mm
 slices), and gives one logit per pixel: vertebral body or not. With ``segmentation.body_model: unet`` (the
 default) it takes the place of the classifier's stage 2 (held-out per-body Dice on the 42 real scans, 3-fold case
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StudyError
+from pipeline.errors import StudyError
 
 UNET_PATH = Path(__file__).resolve().parent / "models" / "body_unet.onnx"
 CONTEXT_MM = 4.0  # the two side channels are the slices this far to either side (nearest slice, at least one)
@@ -100,9 +100,9 @@ def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = 
     """P(body) (H, W, K) float32 on the working grid from the U-Net.
 
     ``columns``: the in-plane columns (AP axis) to run the net on; zero elsewhere. Thin slices are run about
-    ``SLICE_PITCH_MM`` apart and interpolated (:func:`pipeline.segment.interpolate_slices`).
+    ``SLICE_PITCH_MM`` apart and interpolated (:func:`pipeline.segmentation.grid.interpolate_slices`).
     """
-    from .segment import classified_slices, interpolate_slices
+    from pipeline.segmentation.grid import classified_slices, interpolate_slices
 
     session = session or load_session()
     h, w, n_k = norm.shape

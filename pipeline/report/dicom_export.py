@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import level_value
+from pipeline.types import level_value
 
 SCHEME = "99MODICSCAN"
 SEG_FILE = "seg.dcm"
@@ -170,7 +170,7 @@ def _uid(*parts: Any) -> str:
 def frame_geometry(ds) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per frame of a source image: (IPP, IOP, PixelSpacing) in DICOM LPS, in stored frame order (read as the
     loader reads them, :func:`pipeline.io.frame_geometry`); every frame must have all three."""
-    from .io import frame_geometry as read_geometry
+    from pipeline.io.volumes import frame_geometry as read_geometry
 
     out = read_geometry(ds)
     if any(v is None for geo in out for v in geo):
@@ -237,7 +237,7 @@ def build_seg(sources: list, labels: np.ndarray, affine: np.ndarray, bodies: lis
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from . import __version__
+    from pipeline import __version__
 
     planes = labels_on_source_frames(labels, affine, sources)
     present = set(np.unique(planes).tolist()) - {0}
@@ -291,7 +291,7 @@ def build_measurement_groups(report: dict, seg, segment_of: dict[int, int], *, u
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from . import __version__
+    from pipeline import __version__
 
     algorithm = hd.sr.AlgorithmIdentification(name="modicscan", version=__version__)
     ratio_unit = codes.UCUM.NoUnits
@@ -357,7 +357,7 @@ def build_sr(sources: list, seg, report: dict, segment_of: dict[int, int], *, ui
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
 
-    from . import __version__
+    from pipeline import __version__
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -398,7 +398,7 @@ def write_dicom_outputs(out_dir: Path, report: dict, artefacts: dict[str, Any], 
     """
     import pydicom
 
-    from .report import write_bytes_atomic
+    from pipeline.io.atomic import write_bytes_atomic
 
     if not source_files:
         raise ValueError("DICOM export needs the source T2 files (artefacts['t2_files'])")

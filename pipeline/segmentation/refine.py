@@ -1,4 +1,4 @@
-"""Edge refinement of the vertebral-body masks at the input resolution (last step of :mod:`pipeline.segment`).
+"""Edge refinement of the vertebral-body masks at the input resolution (last step of :mod:`pipeline.segmentation.segment`).
 
 The bodies are decided on the 1.5 mm working grid and interpolated to the input grid; on real scans most of
 the remaining Dice loss of well-found bodies is edge noise of about one working pixel. A second, small
@@ -17,7 +17,7 @@ its largest connected piece and per-slice holes are filled. Thin slices (< 1.5 m
 classified and the ones between take the mean probability of their neighbours (measured: no loss); likewise
 in-plane on matrices finer than ~1 mm (:func:`_lattice`).
 
-The classifier is trained by :mod:`pipeline.train_segmenter` on *held-out* pipeline output (each real case
+The classifier is trained by :mod:`pipeline.training.train_segmenter` on *held-out* pipeline output (each real case
 segmented by a stage model that did not see it), so it learns the errors the segmenter makes on new scans. The U-Net
 body model has its own (``refiner_unet`` in the model file, ``--unet-refiner``): learnt on the output of the 3 fold
 nets, it gained 0.003 held-out Dice over the classifier's refiner on all three folds (nested: each fold scored
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .segment import keep_largest_piece, normalise
+from pipeline.segmentation.grid import keep_largest_piece, normalise
 
 BAND_MM = 4.0  # voxels within this distance of a body surface (either side) are re-decided
 PROFILE_MM = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # intensity samples along the surface normal (> 0: into the body)
@@ -208,3 +208,11 @@ def refine_labels(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spaci
     view[add] = nearest[add]
     out[box] = keep_largest_and_fill(view, np.unique(labels[box][labels[box] > 0]))  # every body lies in the box
     return out
+
+
+def edge_refiner_for(model: dict, body_model: str):
+    """The edge refiner for a body model: each learns from its own model's held-out output (the U-Net's probability
+    is sharper than stage 2's, its errors differ); a model file without a U-Net refiner falls back to the
+    classifier's. None: no refiner."""
+    refiner = model.get("refiner_unet") if body_model == "unet" else None
+    return refiner if refiner is not None else model.get("refiner")

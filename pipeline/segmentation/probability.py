@@ -1,0 +1,143 @@
+"""P(vertebral body) per voxel: the stage-1 classifier finds the column, then the U-Net
+(:mod:`pipeline.segmentation.unet`) or the stage-2 classifier decides body / not body near it."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StudyError
+from pipeline.segmentation.column import column_coordinates, spine_curve
+from pipeline.segmentation.features import down2, stage1_features, stage2_candidates, stage2_features, up2
+from pipeline.segmentation.grid import WORK_MM, classified_slices, interpolate_slices, normalise, to_work_grid
+
+MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.joblib"
+
+
+# Thin slices are classified on a sub-lattice about this far apart; the slices between are interpolated.
+STAGE1_SLICE_MM = 3.0  # stage 1 only has to say roughly where the bodies are
+
+
+# Stage 2 every 3 mm instead of 2 mm: held-out Dice 0.7616 -> 0.7664 (3-fold, refiner retrained), a third fewer voxels.
+# 4-5 mm: 0.763; stage 1 every 6 mm: 0.757; stage 2 on a 3 mm in-plane lattice too: 0.761.
+STAGE2_SLICE_MM = 3.0
+
+
+COLUMN_HALF_WIDTH_MM = 40.0  # stage 2 runs within this distance of the column stage 1 found
+
+
+@functools.cache
+def load_model():
+    """The two-stage classifier {"stage1": ..., "stage2": ...} shipped with the package."""
+    import joblib
+
+    if not MODEL_PATH.is_file():
+        raise StudyError("SEGMENTATION_FAILED", f"segmentation model missing: {MODEL_PATH} (reinstall the package)")
+    model = joblib.load(MODEL_PATH)
+    if not isinstance(model, dict) or {"stage1", "stage2"} - set(model):
+        raise StudyError("SEGMENTATION_FAILED", f"segmentation model {MODEL_PATH} is not a two-stage model (retrain it)")
+    return model
+
+
+def stage1_probability(model, norm: np.ndarray, slice_mm: float) -> np.ndarray:
+    """Stage-1 P(body) on the working grid.
+
+    Classified on the 3 mm in-plane grid and, for thin slices, on every slice ~``STAGE1_SLICE_MM`` apart only
+    (linear interpolation between them): stage 1 only has to say roughly where the bodies are.
+    """
+    n3 = down2(norm)
+    ks = classified_slices(n3.shape[2], slice_mm, STAGE1_SLICE_MM)
+    sub = np.ascontiguousarray(n3[:, :, ks])
+    X = stage1_features(sub)
+    cand = (sub > 0.02).reshape(-1)
+    p = np.zeros(sub.size, np.float32)
+    if cand.any():
+        p[cand] = model.predict_proba(X[cand])[:, 1]
+    return up2(interpolate_slices(p.reshape(sub.shape), ks, n3.shape[2]), norm.shape)
+
+
+def column_distance(p1: np.ndarray, sp) -> np.ndarray | None:
+    """In-plane (H, W) perpendicular distance (mm) from the spinal column fitted through ``p1 > 0.5``; None when no
+    column is found."""
+    coef = spine_curve(p1 > 0.5, sp)
+    if coef is None:
+        return None
+    return column_coordinates(coef, p1.shape[:2], sp)[0]
+
+
+def _unet_columns(dist: np.ndarray | None, region: np.ndarray | None, width: int) -> slice:
+    """The AP columns the U-Net runs on: within ``unet.COLUMN_HALF_MM`` of the column (all when no column was found),
+    and, when a ``region`` is given, within its columns plus a margin (the net needs context around them)."""
+    from pipeline.segmentation.unet import COLUMN_HALF_MM
+
+    keep = np.ones(width, bool) if dist is None else (np.abs(dist) <= COLUMN_HALF_MM).any(axis=0)
+    if region is not None:
+        used = np.flatnonzero(region.any(axis=(0, 2)))
+        margin = int(round(24.0 / WORK_MM))
+        near = np.zeros(width, bool)
+        if used.size:
+            near[max(0, used[0] - margin): used[-1] + margin + 1] = True
+        keep &= near
+    cols = np.flatnonzero(keep)
+    return slice(int(cols[0]), int(cols[-1]) + 1) if cols.size else slice(0, 0)
+
+
+def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
+                     body_model: str = "classifier") -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
+    """P(vertebral body) on the working grid; returns (probability, zoom, column region).
+
+    The classifier's stage 1 (cheap, 3 mm grid) finds the column. ``body_model="unet"``: the U-Net
+    (:mod:`pipeline.segmentation.unet`) gives the probability, on the columns near the spine only. ``"classifier"``: stage 2
+    runs only where it can matter: near stage-1 body voxels (within ~4.5 mm, :func:`stage2_candidates`), within
+    ``COLUMN_HALF_WIDTH_MM`` of the column stage 1 found, and inside ``region`` when given; its features are
+    computed on the bounding box of those voxels (plus the features' reach), so the cost follows the spine, not
+    the field of view. Either way the probability is zero outside ``region``. ``model``: a trained classifier
+    dict (default: the shipped one).
+    """
+    work, zoom = to_work_grid(image, spacing)
+    norm = normalise(work)
+    model = model or load_model()
+    sp = (WORK_MM, WORK_MM, float(spacing[2]))
+    p1 = stage1_probability(model["stage1"], norm, sp[2])
+    dist = column_distance(p1, sp)
+    column = None if dist is None else np.broadcast_to((np.abs(dist) <= COLUMN_HALF_WIDTH_MM)[:, :, None], p1.shape)
+    if body_model == "unet":
+        from pipeline.segmentation.unet import unet_probability
+
+        cols = _unet_columns(dist, region, norm.shape[1])
+        prob = unet_probability(norm, sp[2], cols) if cols.stop > cols.start else np.zeros(norm.shape, np.float32)
+        if region is not None:
+            prob[~region] = 0
+        return prob, zoom, column
+    cand = stage2_candidates(p1, norm)
+    if column is not None:
+        cand &= column
+    if region is not None:
+        cand &= region
+    # Thin slices: stage 2 runs on slices ~STAGE2_SLICE_MM apart, the ones between are interpolated (a body spans
+    # 13+ of them); a third of the classifier's work on isotropic volumes.
+    ks = classified_slices(cand.shape[2], sp[2], STAGE2_SLICE_MM)
+    skipped = np.ones(cand.shape[2], bool)
+    skipped[ks] = False
+    cand[:, :, skipped] = False
+    prob = np.zeros(work.shape, np.float32)
+    if not cand.any():
+        return prob, zoom, column
+    # features on the bounding box of the candidates + the features' reach (30 mm in-plane, 10 mm across slices)
+    m_in = int(np.ceil(32.0 / WORK_MM))
+    m_k = int(np.ceil(11.0 / sp[2]))
+    box = []
+    for axis, margin in ((0, m_in), (1, m_in), (2, m_k)):
+        idx = np.flatnonzero(cand.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, idx[0] - margin), min(cand.shape[axis], idx[-1] + 1 + margin)))
+    box = tuple(box)
+    X = stage2_features(np.ascontiguousarray(norm[box]), np.ascontiguousarray(p1[box]), sp[2], where=cand[box])
+    sub = prob[box]
+    sub[cand[box]] = model["stage2"].predict_proba(X)[:, 1]
+    if ks.size < prob.shape[2]:
+        prob = interpolate_slices(prob[:, :, ks], ks, prob.shape[2])
+        if region is not None:
+            prob[~region] = 0
+    return prob, zoom, column
