@@ -459,7 +459,7 @@ def test_labels_map_back_to_a_finer_input_grid_with_smooth_outlines():
 
 
 def test_inverted_training_copy_reverses_tissue_contrast_and_keeps_air_dark():
-    from pipeline.training.samples import remap_intensity
+    from pipeline.evaluation.cases import remap_intensity
 
     img = np.zeros((80, 80, 3), np.float32)  # air
     img[10:70, 10:70] = 100.0  # muscle

@@ -1,9 +1,7 @@
-"""Stage 7: the per-study function and the batch around it.
+"""Stage 7: the batch around the per-study function (:func:`pipeline.batch.study.process_study`).
 
-``process_study`` runs one study end to end and never raises for bad input: it writes exactly one of
-``out/<key>/report.json`` (analysed) or ``out/<key>/error.json`` (failed, with a reason code).
-``run_batch`` discovers studies, skips those already done for the same input and config (resume),
-hands the rest to an executor one study at a time, and keeps ``out/batch.json`` up to date.
+``run_batch`` discovers studies, skips those already done for the same input and config (resume), hands the
+rest to an executor one study at a time, keeps ``out/batch.json`` up to date and returns the exit code's facts.
 """
 
 from __future__ import annotations

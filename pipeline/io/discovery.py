@@ -1,16 +1,8 @@
-"""Stage 1: find DICOM studies on disk, read headers once, build volumes with their real geometry.
+"""Stage 1: find DICOM studies on disk, reading headers once.
 
-* ``discover`` reads headers only (``stop_before_pixels``), skips what is not a usable DICOM image (with
-  a reason), and groups files by StudyInstanceUID, then series (SeriesInstanceUID + orientation + matrix,
-  so a series UID reused for a different stack is not mixed).
-* ``load_series`` decodes pixel data once into a preallocated float32 stack, applies the modality rescale,
-  sorts slices by position along the slice normal (never by InstanceNumber or file name), checks the
-  geometry, and returns the volume in the working frame ``("I", "P", "R")`` with a RAS affine.
-* Geometry: DICOM's patient coordinates are LPS+. For a slice, pixel (row r, column c) lies at
-  ``IPP + c * dc * F_row + r * dr * F_col`` where ``F_row = IOP[:3]`` (direction of increasing column index),
-  ``F_col = IOP[3:]`` and (dr, dc) = PixelSpacing. Stacking ``pixel_array[r, c]`` along slices sorted by
-  ``IPP . n`` (n = F_row x F_col) gives array axes (r, c, slice) with the LPS affine
-  ``[F_col*dr | F_row*dc | n*ds | IPP_0]``; RAS = diag(-1, -1, 1, 1) @ LPS (nibabel's convention).
+``discover`` reads headers only (``stop_before_pixels``), skips what is not a usable DICOM image (with a
+reason), and groups files by StudyInstanceUID, then series (SeriesInstanceUID + orientation + matrix, so a
+series UID reused for a different stack is not mixed). Pixels are decoded later, by :mod:`pipeline.io.volumes`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Stage 6: the per-study JSON report — built from typed pieces, validated against the shipped schema,
-written atomically, free of direct identifiers unless asked for.
+"""Stage 6: the per-study JSON report and the error record — built from typed pieces, free of direct identifiers
+unless asked for (validation: :mod:`pipeline.report.schema`; atomic writes: :mod:`pipeline.io.atomic`).
 """
 
 from __future__ import annotations
