@@ -3,7 +3,8 @@
 A top-level input folder that held files but no usable DICOM series is a *failed study* only when something
 in it looked like an attempt at DICOM (an empty ``.dcm``, a truncated header, an image without pixels, ...).
 A folder of files that are plainly not DICOM (``truth/``, ``notes/``: NIfTI, JSON, text, PNG), or one of our own
-output folders, is *skipped*: listed in ``batch.json`` (``skipped_folders``), not failed, exit code unchanged.
+output folders, is *skipped*: listed in ``batch.json`` (``skipped_folders``; our outputs in ``skipped_files``
+only), not failed, exit code unchanged.
 A folder the OS would not list (permission denied, path past the OS limit) is always a failed record of its
 own (``FOLDER_UNREADABLE``), wherever it lies: a study may be in it, so the batch must not look complete.
 """
@@ -61,6 +62,8 @@ def folder_verdicts(root: Path, skipped: list[SkippedFile], studies: dict[str, S
     out: list[FolderVerdict] = []
     groups: dict[str, list[SkippedFile]] = {}
     for sk in skipped:
+        if sk.reason == MODICSCAN_OUTPUT:
+            continue  # our own outputs: listed in skipped_files, never a study nor a folder to report
         if sk.reason in UNREADABLE_REASONS:
             rel = shown(os.path.relpath(sk.path, root))
             why = ("the path is longer than the operating system allows" if sk.reason == PATH_TOO_LONG
