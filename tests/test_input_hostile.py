@@ -271,6 +271,18 @@ def test_unreadable_folder_is_a_failed_record_not_silence(tmp_path, monkeypatch)
     assert code == 3
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode; the simulated case above covers it")
+def test_folder_without_read_permission_is_listed(tmp_path):
+    inp = tmp_path / "in"
+    locked = _study(inp, "locked", 54, series=("T2",))
+    os.chmod(locked, 0)
+    try:
+        d = discover(inp)
+    finally:
+        os.chmod(locked, 0o755)
+    assert [(os.path.relpath(s.path, inp), s.reason) for s in d.skipped] == [("locked", walk.UNREADABLE_FOLDER)]
+
+
 def test_path_past_the_os_limit_is_listed(tmp_path):
     """Item 5: a folder deeper than PATH_MAX was skipped without a word."""
     inp = tmp_path / "in"

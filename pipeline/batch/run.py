@@ -123,7 +123,7 @@ def run_batch(
     for v in (folder_verdicts(input_root, discovery.skipped, discovery.studies) if shard is None or shard[0] == 0 else []):
         if v.status == "skipped":  # e.g. truth/ or notes/ beside a study: listed, not a failed study
             skipped_folders.append({"path": v.folder, "reason": v.code, "message": v.message, "n_files": v.n_files})
-            log.info("skipped folder %s: %s", v.folder, v.message)
+            log.info("skipped folder %s: %s", _public_path(v.folder, cfg), v.message)
         else:
             outcomes.append(StudyOutcome(key=v.key, status="failed", code=v.code, message=v.message,
                                          source_folder=v.folder, n_files=v.n_files))

@@ -1,6 +1,6 @@
 """Stage 1: find DICOM studies on disk, read headers once, build volumes with their real geometry.
 
-* ``discover`` reads headers only (``stop_before_pixels``; an element longer than ``HEADER_DEFER_SIZE`` is
+* ``discover`` reads headers only (``stop_before_pixels``; an element longer than ``DEFER_SIZE`` is
   never read, so a sparse file declaring gigabytes costs nothing), skips what is not a usable DICOM image (with
   a reason), and groups files by StudyInstanceUID, then series (SeriesInstanceUID + PatientID + orientation +
   matrix, so a series UID reused for a different stack or patient is not mixed). Which files exist is
@@ -30,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 
 from pipeline.config import LoadingConfig
 from pipeline.io.tags import (
+    DEFER_SIZE,
     floats,
     frame_groups,
     functional_group_value,
@@ -50,8 +51,6 @@ _SKIP_NAMES = {".DS_Store", "DICOMDIR", "Thumbs.db"}
 _IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.2",
                        "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.12",
                        "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130")
-# Header elements longer than this are left on disk (read on access only): headers of any size cost no memory.
-HEADER_DEFER_SIZE = "1 MB"
 # What modicscan writes into the DICOM objects it creates (--dicom-out): never read back as input.
 OWN_MANUFACTURER = "modicscan"
 
@@ -132,11 +131,11 @@ def _classify_file(path: Path):
     except OSError as exc:
         return None, PATH_TOO_LONG if exc.errno == errno.ENAMETOOLONG else "UNREADABLE"
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=HEADER_DEFER_SIZE)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except InvalidDicomError:
         # Files written without the 128-byte preamble: accept only if they parse as a dataset with UIDs.
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=HEADER_DEFER_SIZE, force=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
             if "SOPClassUID" not in ds or "StudyInstanceUID" not in ds:
                 return None, "NOT_DICOM"
         except Exception:  # noqa: BLE001
@@ -162,7 +161,7 @@ def _classify_file(path: Path):
 def _pixel_bytes(path: str) -> bytes | None:
     """The raw pixel data element of a file (to tell an exact duplicate from a conflicting one)."""
     try:
-        ds = pydicom.dcmread(path, defer_size=HEADER_DEFER_SIZE)
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             if keyword in ds:
                 return bytes(ds[keyword].value)

@@ -19,7 +19,7 @@ import pydicom
 from pipeline.config import LoadingConfig
 from pipeline.errors import StudyError
 from pipeline.io.nifti import reorient_to_work
-from pipeline.io.tags import floats, frame_groups, functional_group_value, number
+from pipeline.io.tags import DEFER_SIZE, floats, frame_groups, functional_group_value, number
 from pipeline.io.walk import shown
 from pipeline.types import SeriesSummary, Volume
 
@@ -30,8 +30,6 @@ ORIENTATION_TOLERANCE = 0.01
 # Slices must lie on the line along their normal; an in-plane offset beyond this fraction of a pixel means
 # the stack is sheared (its affine would misplace the far slices).
 MAX_SHEAR_PIXELS = 0.5
-# Elements longer than this (private blobs) are not read when a file is loaded (read on access only).
-DEFER_SIZE = "1 MB"
 
 
 # ---------------------------------------------------------------------------------------------- header checks
@@ -85,6 +83,8 @@ def check_stack(positions: np.ndarray, normal: np.ndarray, spacing: np.ndarray, 
     offsets = positions - positions[0]
     in_plane = offsets - np.outer(offsets @ normal, normal)
     worst = float(np.linalg.norm(in_plane, axis=1).max()) if len(positions) else 0.0
+    if not np.isfinite(worst):  # finite tags whose differences overflow (1e308 mm)
+        raise StudyError("GEOMETRY_INVALID", f"slice positions of series '{description}' are not usable numbers")
     if worst > MAX_SHEAR_PIXELS * float(spacing.min()):
         raise StudyError("GEOMETRY_INVALID", f"slice positions of series '{description}' drift {worst:.2f} mm "
                          "sideways (in the image plane) instead of stacking along the slice normal: the stack is "
