@@ -16,7 +16,6 @@ Nothing under the input may be lost silently, and nothing of ours may be read ba
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -48,26 +47,17 @@ def os_reason(exc: OSError) -> str:
     return PATH_TOO_LONG if exc.errno == errno.ENAMETOOLONG else UNREADABLE_FOLDER
 
 
-def is_modicscan_output(folder: Path) -> bool:
-    """True when ``folder`` holds a modicscan batch record (``batch.json`` / ``batch.shard-i-of-N.json``)."""
-    try:
-        with os.scandir(folder) as it:
-            names = [e.name for e in it if _BATCH_RECORD.match(e.name)]
-    except OSError:
-        return False
-    for name in names:
+def is_modicscan_output(folder: Path, names: Iterable[str]) -> bool:
+    """True when ``folder`` (whose entries are ``names``) holds a modicscan batch record (``batch.json`` /
+    ``batch.shard-i-of-N.json``): an earlier run's output folder."""
+    for name in (n for n in names if _BATCH_RECORD.match(n)):
         try:
             with open(folder / name, encoding="utf-8") as fh:
                 head = fh.read(4096)  # report_type is among the first keys; never parse a huge file
         except (OSError, UnicodeDecodeError):
             continue
-        if '"report_type": "modicscan.batch"' in head:
+        if re.search(r'"report_type":\s*"modicscan\.batch"', head):
             return True
-        try:
-            if json.loads(head).get("report_type") == "modicscan.batch":
-                return True
-        except ValueError:
-            continue
     return False
 
 
@@ -96,7 +86,7 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
             skipped.append(SkippedFile(str(folder), os_reason(exc)))
             continue
         ident = (st.st_dev, st.st_ino)
-        if folder != root and (ident in excluded or is_modicscan_output(folder)):
+        if folder != root and ident in excluded:
             skipped.append(SkippedFile(str(folder), MODICSCAN_OUTPUT))
             continue
         if ident in seen:
@@ -108,6 +98,9 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             skipped.append(SkippedFile(str(folder), os_reason(exc)))
+            continue
+        if folder != root and is_modicscan_output(folder, [e.name for e in entries]):
+            skipped.append(SkippedFile(str(folder), MODICSCAN_OUTPUT))
             continue
         sub: list[Path] = []
         for entry in entries:
