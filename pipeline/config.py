@@ -34,6 +34,11 @@ class LoadingConfig:
     min_slices: int = _f(5, 1, 10000, doc="series with fewer slices are not analysed")
     spacing_tolerance: float = _f(0.1, 0.0, 1.0, doc="allowed relative deviation of slice gaps from their median")
     max_files: int = _f(200000, 1, 10_000_000, doc="refuse to scan more files than this per run")
+    max_pixels_per_study: int = _f(100_000_000, 1_000_000, 5_000_000_000, doc="pixels the series to analyse may "
+                                   "declare together (decoded stack or 1.5 mm working grid, whichever is larger), "
+                                   "checked from the headers before decoding; more => IMAGE_TOO_LARGE")
+    min_pixel_spacing_mm: float = _f(0.05, 0.001, 1.0, doc="PixelSpacing below this is not a real MR pixel => GEOMETRY_INVALID")
+    max_pixel_spacing_mm: float = _f(10.0, 1.0, 100.0, doc="PixelSpacing above this is not a real MR pixel => GEOMETRY_INVALID")
 
 
 @dataclass

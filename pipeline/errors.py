@@ -11,6 +11,15 @@ REASON_CODES: dict[str, str] = {
     "SLICE_SPACING_INCONSISTENT": "slice positions are not evenly spaced (missing or duplicated slice)",
     "GEOMETRY_MISSING": "a required geometry tag (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) is absent",
     "GEOMETRY_INCONSISTENT": "slices of one series disagree in orientation, size or pixel spacing",
+    "GEOMETRY_INVALID": "the geometry tags describe no real grid (orientation vectors not unit or not orthogonal, "
+                        "pixel spacing not positive or implausible, slices sheared off their normal)",
+    "IMAGE_TOO_LARGE": "the series declare more pixels than loading.max_pixels_per_study (checked before decoding)",
+    "DUPLICATE_INSTANCE_CONFLICT": "two files share a SOPInstanceUID but hold different pixel data",
+    "PATIENT_CONFLICT": "series of different patients (PatientID) share one StudyInstanceUID; they are not mixed",
+    "FRAME_OF_REFERENCE_CONFLICT": "the T1 / T2 / STIR series lie in different frames of reference and cannot be "
+                                   "aligned",
+    "NO_MR_SERIES": "the study holds no MR series (Modality is not MR)",
+    "FOLDER_UNREADABLE": "an input folder could not be listed (permission denied or path too long)",
     "PIXEL_DATA_UNREADABLE": "pixel data could not be decoded",
     "TOO_FEW_SLICES": "the series has too few slices to analyse",
     "IMAGE_EMPTY": "the image holds no signal (all voxels equal)",

@@ -3,6 +3,10 @@
 Physics first (TR, TE, TI, ScanningSequence IR, fat suppression in ScanOptions, contrast agent, ImageType);
 the SeriesDescription is only a tie-breaker, or the evidence of last resort when timing tags are missing
 (then with lower confidence). Every choice carries the tag values that decided it.
+
+Before any choice, what must never be mixed is refused: series of different patients under one
+StudyInstanceUID (``PATIENT_CONFLICT``), and chosen series in different frames of reference
+(``FRAME_OF_REFERENCE_CONFLICT``: their affines cannot be compared). Only MR series are candidates.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pipeline.config import RolesConfig
 from pipeline.errors import StudyError
 from pipeline.types import RoleAssignment, RoleChoice, SeriesSummary, StudyFiles
 
+MR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage and its enhanced / legacy-converted kin
 _FS_OPTIONS = {"FS", "SFS", "FAT_SAT", "FATSAT", "SP_FS", "FSA", "FSP", "FSA_GEMS", "FSS_GEMS", "FSI_GEMS", "SPIR", "SPAIR", "CHESS"}
 _DERIVED_WORDS = ("WATER", "FAT", "IN_PHASE", "OUT_PHASE", "OPP_PHASE", "MPR", "SUB", "PROJECTION IMAGE", "MIP")
 
@@ -96,31 +101,74 @@ def _quality(s: SeriesSummary) -> tuple:
     return (min(s.n_frames, 40), -px, s.series_number or 0)
 
 
+def _is_mr(s: SeriesSummary) -> bool:
+    """Modality MR; without a Modality, an MR storage class (or no storage class known either)."""
+    if s.modality:
+        return s.modality.strip().upper() == "MR"
+    sop = str(s.extra.get("sop_class_uid", ""))
+    return not sop or sop == MR_SOP_CLASS_PREFIX or sop.startswith(MR_SOP_CLASS_PREFIX + ".")
+
+
+def check_one_patient(study: StudyFiles) -> None:
+    """Series of two patients under one StudyInstanceUID are never analysed together (PATIENT_CONFLICT)."""
+    ids = {str(s.extra.get("patient_id") or "") for s in study.series.values()} - {""}
+    if len(ids) > 1:
+        n_series = len(study.series)
+        raise StudyError("PATIENT_CONFLICT", f"the study's {n_series} series carry {len(ids)} different PatientIDs "
+                         "under one StudyInstanceUID (two patients' studies, e.g. from an archive that reused the "
+                         "UID); none is analysed, so that no patient's findings are mixed with another's",
+                         details={"n_patient_ids": len(ids)})
+
+
+def check_one_frame_of_reference(chosen: dict[str, SeriesSummary]) -> None:
+    """The chosen series are aligned through their affines: only meaningful in one frame of reference."""
+    frames = {role: str(s.extra.get("frame_of_reference_uid") or "") for role, s in chosen.items()}
+    if len(set(frames.values()) - {""}) > 1:
+        groups: dict[str, list[str]] = {}
+        for role, uid in frames.items():
+            groups.setdefault(uid or "(none)", []).append(role)
+        split = " vs ".join("+".join(roles) for roles in groups.values())
+        raise StudyError("FRAME_OF_REFERENCE_CONFLICT", f"the chosen series lie in {len(groups)} different "
+                         f"frames of reference ({split}: FrameOfReferenceUID differs), so their positions cannot "
+                         "be compared; they may come from different sessions or patients")
+
+
 def assign_roles(study: StudyFiles, cfg: RolesConfig | None = None) -> RoleAssignment:
     """Choose the sagittal T1, T2 and (optional) STIR series; raise StudyError when T1 or T2 is missing."""
     cfg = cfg or RolesConfig()
+    check_one_patient(study)
     warnings: list[str] = []
-    seen: list[str] = []
+    others: list[str] = []  # series that are no sagittal MR candidates, and why
+    seen: list[str] = []  # sagittal MR series and the weighting found
     sagittal: list[tuple[SeriesSummary, float, list[str]]] = []
+    mr = [s for s in study.series.values() if _is_mr(s)]
+    if not mr:
+        kinds = sorted({s.modality or "not given" for s in study.series.values()})
+        raise StudyError("NO_MR_SERIES", f"the study holds no MR series (Modality {', '.join(kinds)}); only MR "
+                         "series are analysed")
     for s in study.series.values():
         name = f"'{s.series_description or s.series_uid}'"
+        if not _is_mr(s):
+            others.append(f"{name}: Modality {s.modality or 'not given'}, not MR")
+            continue
         if s.is_localizer:
-            seen.append(f"{name}: localiser")
+            others.append(f"{name}: localiser")
             continue
         if s.image_orientation is None:
-            seen.append(f"{name}: no ImageOrientationPatient")
+            others.append(f"{name}: no ImageOrientationPatient")
             continue
         iop = np.asarray(s.image_orientation)
         normal = np.cross(iop[:3], iop[3:])
         cos_lr = abs(normal[0]) / max(np.linalg.norm(normal), 1e-9)
         if cos_lr < cfg.sagittal_min_cosine:
-            seen.append(f"{name}: {s.orientation} (|normal.LR| = {cos_lr:.2f})")
+            others.append(f"{name}: {s.orientation} (|normal.LR| = {cos_lr:.2f})")
             continue
         geo_conf = 1.0 if cos_lr > 0.98 else 0.8
         geo_ev = [f"sagittal (slice normal . LR = {cos_lr:.2f})" + ("" if cos_lr > 0.98 else ", oblique")]
         sagittal.append((s, geo_conf, geo_ev))
     if not sagittal:
-        raise StudyError("NO_SAGITTAL_SERIES", "the study holds no sagittal series; seen: " + ("; ".join(seen) or "none"))
+        raise StudyError("NO_SAGITTAL_SERIES", "the study holds no sagittal MR series; series seen: "
+                         + ("; ".join(others) or "none"))
 
     cands: dict[str, list[tuple]] = {"T1": [], "T2": [], "STIR": [], "T2FS": []}
     for s, geo_conf, geo_ev in sagittal:
@@ -163,12 +211,11 @@ def assign_roles(study: StudyFiles, cfg: RolesConfig | None = None) -> RoleAssig
         if t2 is not None:
             warnings.append("no plain T2 series: the fat-saturated T2 is used as the T2")
             cands["T2FS"] = []
+    listing = "sagittal series seen: " + "; ".join(seen) + (f"; other series: {'; '.join(others)}" if others else "")
     if t1 is None:
-        raise StudyError("NO_SAGITTAL_T1", "no sagittal T1-weighted series was identified; sagittal series seen: "
-                         + "; ".join(seen))
+        raise StudyError("NO_SAGITTAL_T1", "no sagittal T1-weighted series was identified; " + listing)
     if t2 is None:
-        raise StudyError("NO_SAGITTAL_T2", "no sagittal T2-weighted series was identified; sagittal series seen: "
-                         + "; ".join(seen))
+        raise StudyError("NO_SAGITTAL_T2", "no sagittal T2-weighted series was identified; " + listing)
     roles["T1"], roles["T2"] = t1, t2
     stir = pick("STIR", cands["STIR"], "STIR")
     if stir is None and cfg.accept_t2_fatsat_as_stir and cands["T2FS"]:
@@ -180,4 +227,5 @@ def assign_roles(study: StudyFiles, cfg: RolesConfig | None = None) -> RoleAssig
         roles["STIR"] = stir
     else:
         warnings.append("no sagittal STIR / fat-saturated T2 series: edema is judged from T2 with lower confidence")
+    check_one_frame_of_reference({role: study.series[c.series_uid] for role, c in roles.items()})
     return RoleAssignment(roles=roles, warnings=warnings, candidates=candidates_out)

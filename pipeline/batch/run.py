@@ -6,7 +6,6 @@ rest to an executor one study at a time, keeps ``out/batch.json`` up to date and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -15,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.batch.folders import folder_verdicts
 from pipeline.batch.study import StudyOutcome, StudyTask, already_done, input_hash, study_files
 from pipeline.config import Config
 from pipeline.io.atomic import write_json_atomic
+from pipeline.io.walk import shown
 from pipeline.report.identity import study_key
 from pipeline.report.json_report import software_info
-from pipeline.types import StudyFiles
 
 log = logging.getLogger("modicscan")
 
@@ -48,29 +48,13 @@ class BatchResult:
     batch_json: Path
 
 
-def _failed_folders(root: Path, discovery, studies: dict[str, StudyFiles]) -> list[tuple[str, list]]:
-    """Top-level input folders that held files but yielded no study (e.g. only corrupt files)."""
-    covered: set[str] = set()
-    for st in studies.values():
-        for f in study_files(st):
-            rel = Path(os.path.relpath(f, root)).parts
-            covered.add(rel[0] if len(rel) > 1 else "")
-    groups: dict[str, list] = {}
-    for sk in discovery.skipped:
-        rel = Path(os.path.relpath(sk.path, root)).parts
-        top = rel[0] if len(rel) > 1 else ""
-        if top and top not in covered:
-            groups.setdefault(top, []).append(sk)
-    return sorted(groups.items())
-
-
 def make_tasks(input_root: Path, out_root: Path, cfg: Config, discovery, *, force: bool = False,
                options: dict | None = None) -> list[StudyTask]:
     tasks = []
     for uid in sorted(discovery.studies):
         st = discovery.studies[uid]
         files = study_files(st)
-        folder = os.path.relpath(st.root or os.path.dirname(files[0]), input_root) if files else ""
+        folder = shown(os.path.relpath(st.root or os.path.dirname(files[0]), input_root)) if files else ""
         tasks.append(StudyTask(
             study=st, out_root=str(out_root), config=cfg, key=study_key(uid, cfg.report.pseudonymise_key),
             input_hash=input_hash(st), n_files=len(files), source_folder=folder, force=force,
@@ -121,7 +105,8 @@ def run_batch(
         log.info("removed %d temp file(s) left by an interrupted earlier run", stale)
     started = time.time()
     t0 = time.perf_counter()
-    discovery = discover(input_root, cfg.loading)
+    # OUT inside INPUT: our own outputs are never read back as input.
+    discovery = discover(input_root, cfg.loading, exclude=[out_root])
     discover_s = time.perf_counter() - t0
     log.info("discovered %d studies in %d files (%d skipped) in %.2f s", len(discovery.studies),
              discovery.n_files_seen, len(discovery.skipped), discover_s)
@@ -132,15 +117,17 @@ def run_batch(
     cfg_hash = cfg.hash()
 
     outcomes: list[StudyOutcome] = []
-    for folder, skipped in (_failed_folders(input_root, discovery, discovery.studies) if shard is None or shard[0] == 0 else []):
-        reasons = sorted({s.reason for s in skipped})
-        outcomes.append(StudyOutcome(
-            key="folder-" + hashlib.sha256(folder.encode()).hexdigest()[:10], status="failed", code="NO_DICOM_FILES",
-            message=f"{len(skipped)} file(s) in this folder could not be used ({', '.join(reasons)}); no DICOM image series found",
-            source_folder=folder, n_files=len(skipped)))
+    skipped_folders: list[dict] = []
+    for v in (folder_verdicts(input_root, discovery.skipped, discovery.studies) if shard is None or shard[0] == 0 else []):
+        if v.status == "skipped":  # e.g. truth/ or notes/ beside a study: listed, not a failed study
+            skipped_folders.append({"path": v.folder, "reason": v.code, "message": v.message, "n_files": v.n_files})
+            log.info("skipped folder %s: %s", _public_path(v.folder, cfg), v.message)
+        else:
+            outcomes.append(StudyOutcome(key=v.key, status="failed", code=v.code, message=v.message,
+                                         source_folder=v.folder, n_files=v.n_files))
 
     batch_path = out_root / ("batch.json" if shard is None else f"batch.shard-{shard[0]}-of-{shard[1]}.json")
-    run = _BatchRecord(batch_path, input_root, out_root, cfg, discovery, started, discover_s)
+    run = _BatchRecord(batch_path, input_root, out_root, cfg, discovery, started, discover_s, skipped_folders)
     todo: list[StudyTask] = []
     for t in tasks:
         done = already_done(t, cfg_hash)
@@ -196,9 +183,10 @@ class _BatchRecord:
     """out/batch.json: what ran, what failed and why, versions, config hash. Rewritten atomically."""
 
     def __init__(self, path: Path, input_root: Path, out_root: Path, cfg: Config, discovery, started: float,
-                 discover_s: float):
+                 discover_s: float, skipped_folders: list[dict] | None = None):
         self.path, self.input_root, self.out_root, self.cfg = path, input_root, out_root, cfg
         self.discovery, self.started, self.discover_s = discovery, started, discover_s
+        self.skipped_folders = skipped_folders or []
 
     def write(self, outcomes: list[StudyOutcome], *, finished: bool, exit_code: int | None = None,
               interrupted: bool = False) -> None:
@@ -229,9 +217,10 @@ class _BatchRecord:
             "files_seen": self.discovery.n_files_seen,
             "discover_s": round(self.discover_s, 4),
             "skipped_files": [
-                {"path": _public_path(os.path.relpath(s.path, self.input_root), cfg), "reason": s.reason}
+                {"path": _public_path(shown(os.path.relpath(s.path, self.input_root)), cfg), "reason": s.reason}
                 for s in self.discovery.skipped
             ],
+            "skipped_folders": [{**f, "path": _public_path(f["path"], cfg)} for f in self.skipped_folders],
             "counts": counts,
             "studies": studies,
         }

@@ -94,7 +94,8 @@ def input_hash(study: StudyFiles) -> str:
         except OSError:
             size, mtime = -1, -1
         rel = os.path.relpath(p, root) if root else p.name
-        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        # fsencode: a name that is not UTF-8 (Latin-1 "M\xfcller") is kept as its bytes, never an encode error.
+        h.update(os.fsencode(rel) + f"\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -159,7 +160,8 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
     from pipeline import classify, measure
     from pipeline import roles as series
     from pipeline.io.nifti import resample_to
-    from pipeline.io.volumes import load_series
+    from pipeline.io.volumes import check_pixel_budget, load_series
+    from pipeline.segmentation.grid import WORK_MM
     from pipeline.segmentation.segment import segment_vertebrae
 
     cfg = task.config
@@ -173,6 +175,11 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
     timings["roles"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # From the headers, before any decoding: the chosen series must fit the study's pixel budget (a 20 kB file
+    # may declare 65535 x 65535 pixels); the T1 / STIR are resampled onto the T2 grid, so that counts once more.
+    chosen = [task.study.series[c.series_uid] for c in roles.roles.values()]
+    t2_summary = task.study.series[roles.roles["T2"].series_uid]
+    check_pixel_budget(chosen + [t2_summary] * (len(chosen) - 1), cfg.loading.max_pixels_per_study, WORK_MM)
     volumes: dict[str, Volume] = {}
     for role, choice in roles.roles.items():
         volumes[role] = load_series(task.study.series[choice.series_uid], cfg.loading)

@@ -1,12 +1,18 @@
 """Stage 1: find DICOM studies on disk, reading headers once.
 
-``discover`` reads headers only (``stop_before_pixels``), skips what is not a usable DICOM image (with a
-reason), and groups files by StudyInstanceUID, then series (SeriesInstanceUID + orientation + matrix, so a
-series UID reused for a different stack is not mixed). Pixels are decoded later, by :mod:`pipeline.io.volumes`.
+``discover`` reads headers only (``stop_before_pixels``; an element longer than ``DEFER_SIZE`` is never read, so
+a sparse file declaring gigabytes costs nothing), skips what is not a usable DICOM image (with a reason), and
+groups files by StudyInstanceUID, then series (SeriesInstanceUID + PatientID + orientation + matrix, so a series
+UID reused for a different stack or patient is not mixed). Which files exist is :mod:`pipeline.io.walk`'s business
+(links, unreadable folders, our own outputs). Two files with one SOPInstanceUID: an exact copy is skipped
+(``DUPLICATE_INSTANCE``); with different pixel data the copy is skipped as ``DUPLICATE_INSTANCE_CONFLICT`` and its
+series is marked, so loading it fails (which of the two is right cannot be told). Pixels are decoded later, by
+:mod:`pipeline.io.volumes`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -15,8 +21,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipeline.config import LoadingConfig
-from pipeline.errors import StudyError
 from pipeline.io.tags import (
+    DEFER_SIZE,
     floats,
     frame_groups,
     functional_group_value,
@@ -25,15 +31,24 @@ from pipeline.io.tags import (
     strings,
     text_value,
 )
+from pipeline.io.walk import MODICSCAN_OUTPUT, PATH_TOO_LONG, walk_inputs
 from pipeline.types import Discovery, SeriesSummary, SkippedFile, StudyFiles
 
 _SKIP_NAMES = {".DS_Store", "DICOMDIR", "Thumbs.db"}
 
 
-# Non-image storage classes that can carry a PixelData-less header: SR, presentation states, KOS, ...
+# Image storage classes (each UID itself or a UID below it: "...1.1.4" is MR, "...1.1.4.1" enhanced MR). Matched
+# on whole components: a bare prefix test let "...1.1.6" (ultrasound) admit "...1.1.66.4" (Segmentation).
+# Everything else (SR, SEG, presentation states, KOS, ...) is no image to analyse, even with Rows / Columns.
 _IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.2",
                        "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.12",
                        "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130")
+# What modicscan writes into the DICOM objects it creates (--dicom-out): never read back as input.
+OWN_MANUFACTURER = "modicscan"
+
+
+def is_image_sop_class(sop: str) -> bool:
+    return any(sop == p or sop.startswith(p + ".") for p in _IMAGE_SOP_PREFIXES)
 
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -105,14 +120,14 @@ def _classify_file(path: Path):
     try:
         if path.stat().st_size == 0:
             return None, "EMPTY_FILE"
-    except OSError:
-        return None, "UNREADABLE"
+    except OSError as exc:
+        return None, PATH_TOO_LONG if exc.errno == errno.ENAMETOOLONG else "UNREADABLE"
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE)
     except InvalidDicomError:
         # Files written without the 128-byte preamble: accept only if they parse as a dataset with UIDs.
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
             if "SOPClassUID" not in ds or "StudyInstanceUID" not in ds:
                 return None, "NOT_DICOM"
         except Exception:  # noqa: BLE001
@@ -123,62 +138,70 @@ def _classify_file(path: Path):
         sop = str(ds.get("SOPClassUID", ""))
         if sop == "1.2.840.10008.1.3.10":
             return None, "DICOMDIR"
+        if text_value(ds, "Manufacturer") == OWN_MANUFACTURER:
+            return None, MODICSCAN_OUTPUT  # our own SEG / SR (--dicom-out) found under the input
         if "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
             return None, "INCOMPLETE_HEADER"  # truncated, or no Study/Series UID
         # With stop_before_pixels the PixelData element itself is absent; Rows/Columns tell an image.
-        if "Rows" not in ds or "Columns" not in ds or (sop and not sop.startswith(_IMAGE_SOP_PREFIXES)):
+        if "Rows" not in ds or "Columns" not in ds or (sop and not is_image_sop_class(sop)):
             return None, "NO_PIXEL_DATA"
         return ds, None
     except Exception:  # noqa: BLE001
         return None, "UNREADABLE"
 
 
-def _walk(root: Path, max_files: int):
-    seen_dirs: set[tuple[int, int]] = set()
-    count = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            dirnames[:] = []
-            continue
-        seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.is_symlink() and not p.exists():
-                continue
-            count += 1
-            if count > max_files:
-                raise StudyError("NO_DICOM_FILES", f"more than {max_files} files under {root}; raise loading.max_files")
-            yield p
+def _pixel_bytes(path: str) -> bytes | None:
+    """The raw pixel data element of a file (to tell an exact duplicate from a conflicting one)."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                return bytes(ds[keyword].value)
+    except Exception:  # noqa: BLE001 - unreadable: cannot be shown to be the same
+        return None
+    return None
 
 
-def discover(root: str | Path, cfg: LoadingConfig | None = None) -> Discovery:
-    """Walk ``root`` (any depth), read headers only, group into studies and series."""
+def _same_pixels(path_a: str, path_b: str) -> bool:
+    a = _pixel_bytes(path_a)
+    return a is not None and a == _pixel_bytes(path_b)
+
+
+def discover(root: str | Path, cfg: LoadingConfig | None = None, *, exclude=()) -> Discovery:
+    """Walk ``root`` (any depth), read headers only, group into studies and series. Folders in ``exclude``
+    (the run's output folder) are not entered."""
     cfg = cfg or LoadingConfig()
     root = Path(root)
+    skipped: list[SkippedFile] = []
     if root.is_file():
         files = [root]
     else:
-        files = list(_walk(root, cfg.max_files))
-    skipped: list[SkippedFile] = []
+        files, skipped = walk_inputs(root, cfg.max_files, exclude)
     studies: dict[str, StudyFiles] = {}
     series_files: dict[tuple, list[tuple[str, object]]] = {}
-    seen_sop: set[tuple[str, str]] = set()
+    first_of_sop: dict[tuple[str, str], tuple[str, tuple]] = {}
+    conflicts: dict[tuple, int] = {}
     for path in files:
         ds, reason = _classify_file(path)
         if ds is None:
             skipped.append(SkippedFile(str(path), reason))
             continue
         study_uid = str(ds.StudyInstanceUID)
-        sop = str(ds.get("SOPInstanceUID", path))
-        if (study_uid, sop) in seen_sop:
-            skipped.append(SkippedFile(str(path), "DUPLICATE_INSTANCE"))
-            continue
-        seen_sop.add((study_uid, sop))
         f = _summary_fields(ds)
         iop_key = tuple(np.round(f["iop"], 2)) if f["iop"] else None
-        key = (study_uid, str(ds.SeriesInstanceUID), iop_key, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        key = (study_uid, str(ds.SeriesInstanceUID), text_value(ds, "PatientID"), iop_key,
+               int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        sop = str(ds.get("SOPInstanceUID", path))
+        if (study_uid, sop) in first_of_sop:
+            first_path, first_key = first_of_sop[(study_uid, sop)]
+            if _same_pixels(first_path, str(path)):
+                skipped.append(SkippedFile(str(path), "DUPLICATE_INSTANCE"))
+            else:
+                skipped.append(SkippedFile(str(path), "DUPLICATE_INSTANCE_CONFLICT"))
+                for k in {first_key, key}:
+                    conflicts[k] = conflicts.get(k, 0) + 1
+            continue
+        first_of_sop[(study_uid, sop)] = (str(path), key)
         series_files.setdefault(key, []).append((str(path), ds, f))
         if study_uid not in studies:
             studies[study_uid] = StudyFiles(
@@ -187,7 +210,7 @@ def discover(root: str | Path, cfg: LoadingConfig | None = None) -> Discovery:
                 patient_birth_date=text_value(ds, "PatientBirthDate"), accession_number=text_value(ds, "AccessionNumber"),
                 study_date=text_value(ds, "StudyDate"), study_description=text_value(ds, "StudyDescription"),
             )
-    # One SeriesSummary per (series UID, orientation, matrix); a split series gets a suffixed key.
+    # One SeriesSummary per (series UID, patient, orientation, matrix); a split series gets a suffixed key.
     per_uid: dict[tuple[str, str], int] = {}
     for key, items in series_files.items():
         study_uid, series_uid = key[0], key[1]
@@ -212,7 +235,11 @@ def discover(root: str | Path, cfg: LoadingConfig | None = None) -> Discovery:
             pixel_spacing=f0["pixel_spacing"], slice_thickness=f0["slice_thickness"], is_localizer=bool(is_loc),
             extra={"enhanced": f0["enhanced"], "transfer_syntax": str(getattr(ds0.file_meta, "TransferSyntaxUID", "")),
                    "manufacturer": text_value(ds0, "Manufacturer"), "body_part": text_value(ds0, "BodyPartExamined"),
-                   "series_uid_original": series_uid},
+                   "series_uid_original": series_uid, "patient_id": key[2],
+                   "sop_class_uid": str(ds0.get("SOPClassUID", "")),
+                   "frame_of_reference_uid": text_value(ds0, "FrameOfReferenceUID"),
+                   "samples_per_pixel": int(number(ds0.get("SamplesPerPixel")) or 1),
+                   "conflicting_duplicates": conflicts.get(key, 0)},
         )
         studies[study_uid].series[skey] = summary
     for st in studies.values():

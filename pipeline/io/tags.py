@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Header elements longer than this (private blobs, a sparse 3.9 GB element) are left on disk when a file is read and
+# only read if accessed: reading a header, or a file's pixels, never costs more memory than the pixels themselves.
+DEFER_SIZE = "1 MB"
+
 
 # ---------------------------------------------------------------------------------------------- small helpers
 def floats(value, n: int | None = None) -> tuple[float, ...] | None:

@@ -10,10 +10,17 @@ Geometry: DICOM's patient coordinates are LPS+. For a slice, pixel (row r, colum
 ``IPP . n`` (n = F_row x F_col) gives array axes (r, c, slice) with the LPS affine
 ``[F_col*dr | F_row*dc | n*ds | IPP_0]``; RAS = diag(-1, -1, 1, 1) @ LPS (nibabel's convention). LPS is
 converted here only.
+
+Before any pixel is decoded the headers are checked: the number of pixels the series declares against the
+per-study budget (``loading.max_pixels_per_study``: a 20 kB RLE file may declare 65535 x 65535 pixels), and
+whether its geometry is geometry at all (unit, orthogonal orientation vectors; a plausible positive pixel
+spacing; slices stacked along their normal, not sheared). Such a series fails with a reason code instead of
+being analysed with a wrong grid or crashing later.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +29,76 @@ import pydicom
 from pipeline.config import LoadingConfig
 from pipeline.errors import StudyError
 from pipeline.io.nifti import reorient_to_work
-from pipeline.io.tags import floats, frame_groups, functional_group_value, number
+from pipeline.io.tags import DEFER_SIZE, floats, frame_groups, functional_group_value, number
+from pipeline.io.walk import shown
 from pipeline.types import SeriesSummary, Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# ImageOrientationPatient holds two unit vectors at right angles; scanners write them to >= 4 decimals, so a
+# length or a cosine off by more than this is a wrong tag, not rounding.
+ORIENTATION_TOLERANCE = 0.01
+# Slices must lie on the line along their normal; an in-plane offset beyond this fraction of a pixel means
+# the stack is sheared (its affine would misplace the far slices).
+MAX_SHEAR_PIXELS = 0.5
+
+
+# ---------------------------------------------------------------------------------------------- header checks
+def series_pixels(summary: SeriesSummary, work_mm: float | None = None) -> int:
+    """Pixels the series will occupy, from its headers alone: the decoded stack, or the in-plane working grid
+    of ``work_mm`` pixels when that is larger (a coarse PixelSpacing makes the resampled grid huge)."""
+    frames = max(int(summary.n_frames), 1)
+    rows, cols = int(summary.rows or 0), int(summary.columns or 0)
+    decoded = rows * cols * frames * max(int(summary.extra.get("samples_per_pixel", 1) or 1), 1)
+    work = 0
+    if work_mm and summary.pixel_spacing and all(v > 0 for v in summary.pixel_spacing):
+        work = (math.ceil(rows * summary.pixel_spacing[0] / work_mm) * math.ceil(cols * summary.pixel_spacing[1] / work_mm)
+                * frames)
+    return max(decoded, work)
+
+
+def check_pixel_budget(series: list[SeriesSummary], budget: int, work_mm: float | None = None) -> None:
+    """Refuse (IMAGE_TOO_LARGE) before decoding when the series together declare more pixels than ``budget``."""
+    sizes = [(series_pixels(s, work_mm), s) for s in series]
+    total = sum(n for n, _ in sizes)
+    if total <= budget:
+        return
+    n, big = max(sizes, key=lambda t: t[0])
+    raise StudyError("IMAGE_TOO_LARGE", f"the series to analyse declare {total:.3g} pixels, more than "
+                     f"loading.max_pixels_per_study = {budget:.3g}; the largest, '{big.series_description}', has "
+                     f"{big.rows} x {big.columns} pixels x {big.n_frames} slice(s) ({n:.3g} pixels on the working "
+                     "grid); nothing was decoded", details={"pixels": int(total), "budget": int(budget)})
+
+
+def check_plane(iop: np.ndarray, spacing: np.ndarray, description: str, cfg: LoadingConfig) -> None:
+    """ImageOrientationPatient and PixelSpacing describe a real pixel grid, or GEOMETRY_INVALID."""
+    row_len, col_len = float(np.linalg.norm(iop[:3])), float(np.linalg.norm(iop[3:]))
+    if abs(row_len - 1) > ORIENTATION_TOLERANCE or abs(col_len - 1) > ORIENTATION_TOLERANCE:
+        raise StudyError("GEOMETRY_INVALID", f"ImageOrientationPatient of series '{description}' is not two unit "
+                         f"vectors (lengths {row_len:.3f} and {col_len:.3f}); the orientation cannot be trusted")
+    cosine = float(np.dot(iop[:3], iop[3:]))
+    if abs(cosine) > ORIENTATION_TOLERANCE:
+        raise StudyError("GEOMETRY_INVALID", f"ImageOrientationPatient of series '{description}' has row and column "
+                         f"directions that are not at right angles (cosine {cosine:.3f})")
+    if np.any(spacing <= 0):
+        raise StudyError("GEOMETRY_INVALID", f"PixelSpacing of series '{description}' is {spacing[0]:g} / "
+                         f"{spacing[1]:g} mm: not positive (a negative value would mirror the image)")
+    if np.any(spacing < cfg.min_pixel_spacing_mm) or np.any(spacing > cfg.max_pixel_spacing_mm):
+        raise StudyError("GEOMETRY_INVALID", f"PixelSpacing of series '{description}' is {spacing[0]:g} / "
+                         f"{spacing[1]:g} mm, outside the plausible {cfg.min_pixel_spacing_mm:g}-"
+                         f"{cfg.max_pixel_spacing_mm:g} mm (loading.min_pixel_spacing_mm / max_pixel_spacing_mm)")
+
+
+def check_stack(positions: np.ndarray, normal: np.ndarray, spacing: np.ndarray, description: str) -> None:
+    """Slice positions lie on one line along the slice normal (no shear), or GEOMETRY_INVALID."""
+    offsets = positions - positions[0]
+    in_plane = offsets - np.outer(offsets @ normal, normal)
+    worst = float(np.linalg.norm(in_plane, axis=1).max()) if len(positions) else 0.0
+    if not np.isfinite(worst):  # finite tags whose differences overflow (1e308 mm)
+        raise StudyError("GEOMETRY_INVALID", f"slice positions of series '{description}' are not usable numbers")
+    if worst > MAX_SHEAR_PIXELS * float(spacing.min()):
+        raise StudyError("GEOMETRY_INVALID", f"slice positions of series '{description}' drift {worst:.2f} mm "
+                         "sideways (in the image plane) instead of stacking along the slice normal: the stack is "
+                         "sheared and has no single affine", details={"shear_mm": worst})
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -35,7 +108,7 @@ def _pixels(ds, path: str) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts))
-        raise StudyError("PIXEL_DATA_UNREADABLE", f"pixel data of {Path(path).name} could not be decoded "
+        raise StudyError("PIXEL_DATA_UNREADABLE", f"pixel data of {shown(Path(path).name)} could not be decoded "
                          f"(transfer syntax {name}): {exc}") from exc
     return arr
 
@@ -69,11 +142,11 @@ def _frames(summary: SeriesSummary):
     """Yield (ipp, iop, pixel_spacing, slope, intercept, 2-D pixels, source) for every frame of the series."""
     for path in summary.files:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         except Exception as exc:  # noqa: BLE001
-            raise StudyError("PIXEL_DATA_UNREADABLE", f"{Path(path).name} could not be read: {exc}") from exc
+            raise StudyError("PIXEL_DATA_UNREADABLE", f"{shown(Path(path).name)} could not be read: {exc}") from exc
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise StudyError("PIXEL_DATA_UNREADABLE", f"{Path(path).name} holds no pixel data")
+            raise StudyError("PIXEL_DATA_UNREADABLE", f"{shown(Path(path).name)} holds no pixel data")
         arr = _pixels(ds, path)
         geometry = frame_geometry(ds)
         if "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -90,6 +163,12 @@ def _frames(summary: SeriesSummary):
 def load_series(summary: SeriesSummary, cfg: LoadingConfig | None = None) -> Volume:
     """Decode, sort and check one series; return it in the working frame with its RAS affine."""
     cfg = cfg or LoadingConfig()
+    n_conflicts = int(summary.extra.get("conflicting_duplicates", 0) or 0)
+    if n_conflicts:
+        raise StudyError("DUPLICATE_INSTANCE_CONFLICT", f"series '{summary.series_description}' holds {n_conflicts} "
+                         "SOPInstanceUID(s) stored twice with different pixel data; which copy is right cannot be "
+                         "told, so the series is not used (the copies are listed in batch.json, skipped_files)")
+    check_pixel_budget([summary], cfg.max_pixels_per_study)
     frames = list(_frames(summary))
     missing = [name for name, idx in (("ImagePositionPatient", 0), ("ImageOrientationPatient", 1), ("PixelSpacing", 2))
                if any(f[idx] is None for f in frames)]
@@ -110,7 +189,10 @@ def load_series(summary: SeriesSummary, cfg: LoadingConfig | None = None) -> Vol
     if np.linalg.norm(normal) < 1e-3:
         raise StudyError("GEOMETRY_MISSING", "ImageOrientationPatient does not define a plane")
     normal /= np.linalg.norm(normal)
-    pos = np.array([np.dot(np.asarray(f[0]), normal) for f in frames])
+    check_plane(iop0, ps0, summary.series_description, cfg)
+    ipp = np.array([f[0] for f in frames], dtype=float)
+    check_stack(ipp, normal, ps0, summary.series_description)
+    pos = ipp @ normal
     order = np.argsort(pos, kind="stable")
     pos_sorted = pos[order]
     # Identical duplicates at one position (the same slice stored twice) are dropped; differing ones are an error.
@@ -128,8 +210,16 @@ def load_series(summary: SeriesSummary, cfg: LoadingConfig | None = None) -> Vol
     if n < cfg.min_slices:
         raise StudyError("TOO_FEW_SLICES", f"series '{summary.series_description}' has {n} slice(s); at least "
                          f"{cfg.min_slices} are needed")
-    gaps = np.diff(pos_sorted)
-    step = float(np.median(gaps))
+    if n == 1:
+        # One slice has no gap to measure: its thickness is its extent along the normal.
+        step = number(summary.slice_thickness) or 0.0
+        if step <= 0:
+            raise StudyError("GEOMETRY_MISSING", f"series '{summary.series_description}' has one slice and no "
+                             "positive SliceThickness; the slice's extent along its normal is unknown")
+        gaps = np.array([step])
+    else:
+        gaps = np.diff(pos_sorted)
+        step = float(np.median(gaps))
     if step <= 0 or np.any(np.abs(gaps - step) > cfg.spacing_tolerance * step):
         worst = float(gaps[np.argmax(np.abs(gaps - step))])
         raise StudyError("SLICE_SPACING_INCONSISTENT", f"slice gaps of series '{summary.series_description}' vary "

@@ -399,12 +399,13 @@ def write_dicom_outputs(out_dir: Path, report: dict, artefacts: dict[str, Any], 
     import pydicom
 
     from pipeline.io.atomic import write_bytes_atomic
+    from pipeline.io.tags import DEFER_SIZE
 
     if not source_files:
         raise ValueError("DICOM export needs the source T2 files (artefacts['t2_files'])")
     t2 = artefacts["volumes"]["T2"]
     seg_result = artefacts["segmentation"]
-    sources = [pydicom.dcmread(f) for f in source_files]
+    sources = [pydicom.dcmread(f, defer_size=DEFER_SIZE) for f in source_files]  # private blobs stay on disk
     series_uids = {str(ds.SeriesInstanceUID) for ds in sources}
     if series_uids != {t2.series_uid}:
         raise ValueError(f"source files belong to series {sorted(series_uids)}, not the T2 series {t2.series_uid}")

@@ -1,0 +1,123 @@
+"""Walking an input tree: every file to read, and every folder or link not read, with its reason.
+
+Nothing under the input may be lost silently, and nothing of ours may be read back as input:
+
+* directory symlinks are followed (a study is often reached through one); a folder reached a second time
+  (a link loop, or two links to one folder) is read once, the later visit is listed as ``FOLDER_SEEN_BEFORE``;
+* a folder that cannot be listed is listed as ``UNREADABLE_FOLDER``, a path past the OS limit as
+  ``PATH_TOO_LONG``, a dangling link as ``BROKEN_LINK``, a FIFO / socket / device as ``NOT_A_FILE``;
+* our own output folders are not entered (``MODICSCAN_OUTPUT``): the run's OUT folder when it lies inside
+  the input, and any sub-folder holding a modicscan ``batch.json`` (an earlier run's output);
+* file and folder names are kept as the OS gives them (``str`` with surrogate escapes for bytes that are
+  not UTF-8, so the files can still be opened); :func:`shown` turns such a path into text for messages
+  and JSON.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.errors import StudyError
+from pipeline.types import SkippedFile
+
+# Skip reasons of folders and links (files get theirs in discovery).
+UNREADABLE_FOLDER = "UNREADABLE_FOLDER"
+PATH_TOO_LONG = "PATH_TOO_LONG"
+FOLDER_SEEN_BEFORE = "FOLDER_SEEN_BEFORE"
+BROKEN_LINK = "BROKEN_LINK"
+NOT_A_FILE = "NOT_A_FILE"
+MODICSCAN_OUTPUT = "MODICSCAN_OUTPUT"
+
+_BATCH_RECORD = re.compile(r"^batch(\.shard-\d+-of-\d+)?\.json$")
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 (a Latin-1 ``M\\xfcller``) become ``\\xfc``
+    escapes instead of the lone surrogates Python keeps internally (those cannot be encoded, hashed or
+    written to JSON)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def os_reason(exc: OSError) -> str:
+    """The skip reason of a path the OS refused."""
+    return PATH_TOO_LONG if exc.errno == errno.ENAMETOOLONG else UNREADABLE_FOLDER
+
+
+def is_modicscan_output(folder: Path, names: Iterable[str]) -> bool:
+    """True when ``folder`` (whose entries are ``names``) holds a modicscan batch record (``batch.json`` /
+    ``batch.shard-i-of-N.json``): an earlier run's output folder."""
+    for name in (n for n in names if _BATCH_RECORD.match(n)):
+        try:
+            with open(folder / name, encoding="utf-8") as fh:
+                head = fh.read(4096)  # report_type is among the first keys; never parse a huge file
+        except (OSError, UnicodeDecodeError):
+            continue
+        if re.search(r'"report_type":\s*"modicscan\.batch"', head):
+            return True
+    return False
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike] = ()
+                ) -> tuple[list[Path], list[SkippedFile]]:
+    """Files under ``root`` in a stable order (a folder's files by name, then its sub-folders by name), and
+    every folder / link that was not read with its reason. Folders in ``exclude`` are not entered."""
+    excluded = {ident for ident in (_identity(Path(p)) for p in exclude) if ident is not None}
+    seen: set[tuple[int, int]] = set()
+    files: list[Path] = []
+    skipped: list[SkippedFile] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            skipped.append(SkippedFile(str(folder), os_reason(exc)))
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if folder != root and ident in excluded:
+            skipped.append(SkippedFile(str(folder), MODICSCAN_OUTPUT))
+            continue
+        if ident in seen:
+            skipped.append(SkippedFile(str(folder), FOLDER_SEEN_BEFORE))
+            continue
+        seen.add(ident)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(SkippedFile(str(folder), os_reason(exc)))
+            continue
+        if folder != root and is_modicscan_output(folder, [e.name for e in entries]):
+            skipped.append(SkippedFile(str(folder), MODICSCAN_OUTPUT))
+            continue
+        sub: list[Path] = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows symlinks
+                    sub.append(path)
+                    continue
+                if entry.is_file():
+                    files.append(path)
+                    if len(files) > max_files:
+                        raise StudyError("NO_DICOM_FILES", f"more than {max_files} files under {shown(root)}; "
+                                         "raise loading.max_files")
+                    continue
+                reason = BROKEN_LINK if entry.is_symlink() else NOT_A_FILE
+            except OSError as exc:
+                reason = os_reason(exc)
+            skipped.append(SkippedFile(str(path), reason))
+        stack.extend(reversed(sub))
+    return files, skipped
