@@ -90,6 +90,8 @@ class ClassificationConfig:
     edema_adjacent_fraction: float = _f(0.3, 0.0, 1.0, doc="edema counts as endplate-adjacent when this fraction of it lies in the endplate bands")
     fracture_height_ratio: float = _f(0.8, 0.3, 1.0, doc="a height ratio at or below this (>= 20 % height loss) with edema flags a possible acute fracture")
     disc_bright_ratio: float = _f(1.3, 1.0, 5.0, doc="disc T2 median / median of the study's discs at or above this is 'bright'")
+    single_slice_confidence: float = _f(0.6, 0.0, 1.0, doc="confidences are multiplied by this on a single-slice study "
+                                        "(one sagittal slice per series: a change off that slice is not seen)")
 
 
 @dataclass
