@@ -115,5 +115,5 @@ def test_evaluate_findings_on_real_spider_slices_meets_a_floor(tmp_path):
     assert summary["presence"]["auc_score"] >= FLOOR_AUC
 
 
-FLOOR_BA = 0.5
-FLOOR_AUC = 0.55
+FLOOR_BA = 0.53  # this subset today: 0.576
+FLOOR_AUC = 0.57  # this subset today: 0.629
