@@ -102,6 +102,10 @@ def _eval_case(args) -> dict:
         res["error"] = f"{exc.code}: {exc.message}"
         res["seconds"] = time.perf_counter() - start
         return res
+    except Exception as exc:  # noqa: BLE001 - one broken case must not stop the evaluation of the others
+        res["error"] = f"INTERNAL_ERROR: {type(exc).__name__}: {exc}"[:300]
+        res["seconds"] = time.perf_counter() - start
+        return res
     seg = analysis.segmentation
     levels = [b.level for b in seg.bodies]
     anchor, res["anchor"] = discs_from_bottom(levels)
