@@ -90,7 +90,10 @@ def _confidence_from_fraction(frac: float, threshold: float, present: bool, n_vo
     return float(np.clip(c, 0.0, 1.0))
 
 
-def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str) -> StudyFindings:
+def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str,
+                   single_slice: bool = False) -> StudyFindings:
+    """Findings of one study; ``single_slice``: the study is one sagittal slice per series, so every confidence
+    is scaled by ``cfg.single_slice_confidence`` (a change off that slice is not seen)."""
     n = len(meas.levels)
     body = meas.vox_body
     zone = meas.vox_zone
@@ -158,6 +161,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                 conf = _confidence_from_fraction(float(fr[1:].max()), cfg.min_zone_fraction, False, int(band_n[g]))
             if band_n[g] == 0:
                 conf = 0.0
+            if single_slice:
+                conf *= cfg.single_slice_confidence
             if not modic_judged:  # "0" here means "not judged", not "judged normal"
                 conf = min(conf, UNJUDGED_CONFIDENCE)
             endplates[name] = {
@@ -181,6 +186,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
         e_conf = _confidence_from_fraction(float(edema_frac[b]), cfg.edema_min_fraction, present, int(body_n[b]))
         if fluid_role != "STIR":
             e_conf *= 0.7
+        if single_slice:
+            e_conf *= cfg.single_slice_confidence
         if not edema_judged:
             e_conf = min(e_conf, UNJUDGED_CONFIDENCE)
         rec["edema"] = {
@@ -197,9 +204,43 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
     discs = [dict(d) for d in meas.discs]
     for d in discs:
         d["bright"] = bool(d["t2_ratio_to_discs"] is not None and d["t2_ratio_to_discs"] >= cfg.disc_bright_ratio)
+    add_disc_modic(vertebrae, discs, cfg.diffuse_edema_volume_pct)
     flags = review_flags(vertebrae, discs, cfg)
     return StudyFindings(vertebrae=vertebrae, discs=discs, reference=dict(meas.reference), flags=flags,
                          warnings=warnings, zone_map=meas.zone_map, class_map=class_map, fluid_role=fluid_role)
+
+
+def add_disc_modic(vertebrae: list[dict], discs: list[dict], diffuse_edema_volume_pct: float = 100.0) -> None:
+    """Per disc level, the Modic finding of its two endplates (the upper body's inferior, the lower body's
+    superior), as graded in the literature ("Modic II at L4-L5"): ``disc["modic"]``.
+
+    Type: the union of the endplates' types (I with II -> "I/II", II with III -> "II/III", else the dominant one);
+    ``score`` (0-1, for ROC curves): the largest type fraction of either endplate band, the quantity whose
+    ``min_zone_fraction`` threshold decides a type; extent: the larger of the two; confidence: of the typed
+    endplate(s) when a type is reported, else the lower of the two (both must look normal). The type I fraction
+    of a body with diffuse edema (>= ``diffuse_edema_volume_pct``) does not count: it is not typed either.
+    """
+    by_level = {v["level"]: v for v in vertebrae}
+    for d in discs:
+        sides = ((d["upper"], "inferior"), (d["lower"], "superior"))
+        eps = [(f"{lv} {side}", by_level[lv]["endplates"][side], by_level[lv]) for lv, side in sides if lv in by_level]
+        fr = np.zeros(4)
+        for _, ep, body in eps:
+            tf = ep["type_fractions"]
+            diffuse = body["edema"]["extent_volume_pct"] >= diffuse_edema_volume_pct
+            fr = np.maximum(fr, [0.0, 0.0 if diffuse else tf["I"], tf["II"], tf["III"]])
+        names = {c for _, ep, _ in eps if ep["modic_type"] != "0" for c in ep["modic_type"].split("/")}
+        codes = [c for c, name in _TYPE_NAMES.items() if name in names]
+        typed = [ep for _, ep, _ in eps if ep["modic_type"] != "0"]
+        conf = max(ep["confidence"] for ep in typed) if typed else min((ep["confidence"] for _, ep, _ in eps), default=0.0)
+        d["modic"] = {
+            "modic_type": _type_name(codes, fr),
+            "score": round(float(min(fr.max(), 1.0)), 4),
+            "extent_height_pct": max((ep["extent_height_pct"] for _, ep, _ in eps), default=0.0),
+            "extent_volume_pct": max((ep["extent_volume_pct"] for _, ep, _ in eps), default=0.0),
+            "confidence": round(float(conf), 3),
+            "endplates": [name for name, _, _ in eps],
+        }
 
 
 def _group_median(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Command line: ``modicscan run | validate | phantom | segment | evaluate-segmentation | summarize | bench``.
+"""Command line: ``modicscan run | validate | phantom | segment | evaluate-segmentation | evaluate-findings |
+summarize | bench``.
 
 Exit codes (dcm2niix style, see README): 0 all studies analysed, 1 internal error, 2 usage or config
 error, 3 partial (some studies failed, the others are written), 4 no studies found.
@@ -283,6 +284,35 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
     summary = evaluate_segmentation(cases_csv, out_dir, jobs=jobs, cfg=cfg.segmentation, write_png=not no_png,
                                     limit=limit, first_levels=first_levels, fold=fold, source=source,
                                     model_path=model_path, unet_path=unet_path)
+    click.echo(json.dumps(summary, indent=1))
+
+
+@main.command("evaluate-findings")
+@click.argument("cases_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--gradings", "gradings_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Expert gradings (case,ivd,modic; ivd counted from the bottom, 1 = L5-S1): adds the truth and "
+                   "summary.json.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--no-png", is_flag=True, help="Skip the PNGs of the cases where we disagree with the reader.")
+@click.option("--limit", type=click.IntRange(1, None), default=None, help="Only the first N cases.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+def evaluate_findings_cmd(cases_csv: Path, out_dir: Path, gradings_csv: Path | None, jobs: int, no_png: bool,
+                          limit: int | None, config_path: str | None) -> None:
+    """Per-disc Modic findings of the NIfTI studies in CASES_CSV (case,t1,t2[,stir]), against gradings if given."""
+    from pipeline.evaluation.findings import evaluate_findings
+
+    try:
+        cfg = _load_config(config_path, {})
+    except ConfigError as exc:
+        click.echo(f"modicscan: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        summary = evaluate_findings(cases_csv, out_dir, gradings_csv=gradings_csv, jobs=jobs, cfg=cfg,
+                                    write_png=not no_png, limit=limit)
+    except (ValueError, KeyError, OSError) as exc:
+        click.echo(f"modicscan: evaluate-findings: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     click.echo(json.dumps(summary, indent=1))
 
 

@@ -88,13 +88,16 @@ class ClassificationConfig:
     fluid_low: float = _f(0.8, 0.1, 1.0, doc="STIR ratio below this is 'low' (Modic II, III)")
     min_zone_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of an endplate band that must show a type for it to count")
     cortex_exclusion_mm: float = _f(2.0, 0.0, 10.0, doc="voxels this close to the body surface (cortex, partial volume) are not typed")
-    t2_low: float = _f(0.8, 0.1, 1.0, doc="T2 ratio below this is 'low' (Modic III)")
-    t2_iso_min: float = _f(0.9, 0.1, 1.5, doc="T2 ratio at or above this is 'iso-high' (Modic II when no STIR)")
+    t2_low: float = _f(0.6, 0.1, 1.0, doc="T2 ratio below this is 'low' (Modic III); cross-validated on SPIDER (README)")
+    t2_iso_min: float = _f(1.1, 0.1, 2.0, doc="T2 ratio at or above this is 'high' enough for Modic II when there is no "
+                           "STIR (fat is bright on fast spin-echo T2); cross-validated on SPIDER (README)")
     edema_min_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of a body's voxels that must be fluid-bright for edema")
     diffuse_edema_volume_pct: float = _f(50.0, 10.0, 100.0, doc="edema above this % of the body is diffuse, not an endplate (Modic) change")
     edema_adjacent_fraction: float = _f(0.3, 0.0, 1.0, doc="edema counts as endplate-adjacent when this fraction of it lies in the endplate bands")
     fracture_height_ratio: float = _f(0.8, 0.3, 1.0, doc="a height ratio at or below this (>= 20 % height loss) with edema flags a possible acute fracture")
     disc_bright_ratio: float = _f(1.3, 1.0, 5.0, doc="disc T2 median / median of the study's discs at or above this is 'bright'")
+    single_slice_confidence: float = _f(0.6, 0.0, 1.0, doc="confidences are multiplied by this on a single-slice study "
+                                        "(one sagittal slice per series: a change off that slice is not seen)")
 
 
 @dataclass

@@ -194,6 +194,12 @@ def test_sr_matches_report(runs, variant):
             assert _value(g, "MODIC-EXT-VOLUME") == pytest.approx(ep["extent_volume_pct"], rel=1e-9, abs=1e-9)
             assert _value(g, "MODIC-CONFIDENCE") == pytest.approx(ep["confidence"], rel=1e-9, abs=1e-9)
     assert n_modic >= 1, "the phantom plants Modic changes; the comparison must cover a non-zero type"
+    # the disc level's Modic type (both endplates) on the endplates next to each disc
+    disc_concept = hd.sr.CodedConcept("DISC-MODIC-TYPE", SCHEME, "Modic type of the disc level (both endplates)")
+    for disc in report["discs"]:
+        for level, side in ((disc["upper"], "inferior"), (disc["lower"], "superior")):
+            (value,) = groups[f"{level} {side} endplate"].get_qualitative_evaluations(name=disc_concept)
+            assert value.value == modic_code(disc["modic"]["modic_type"])
 
 
 def test_identifiers_removed_by_default(runs):

@@ -157,12 +157,9 @@ def write_failure(task: StudyTask, code: str, message: str, details: dict | None
 # ---------------------------------------------------------------------------------------------- one study
 def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
     """Run stages 2-6 on one study. Returns (report, artefacts). Raises StudyError for bad input."""
-    from pipeline import classify, measure
     from pipeline import roles as series
-    from pipeline.io.nifti import resample_to
     from pipeline.io.volumes import check_pixel_budget, load_series
     from pipeline.segmentation.grid import WORK_MM
-    from pipeline.segmentation.segment import segment_vertebrae
 
     cfg = task.config
     timings: dict[str, float] = {}
@@ -185,7 +182,62 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
         volumes[role] = load_series(task.study.series[choice.series_uid], cfg.loading)
     timings["load"] = time.perf_counter() - t
 
+    analysis = analyse_volumes(volumes, cfg, masks=(lambda ref: segmentation_from_masks_dir(task, ref))
+                               if task.options.get("masks_dir") else None)
+    timings.update(analysis.timings)
+    warnings += analysis.warnings
+    qc_flags += analysis.qc_flags
+    volumes, seg, findings = analysis.volumes, analysis.segmentation, analysis.findings
+
+    report = build_report(
+        study=task.study, identity=_identity(cfg), config_hash=cfg.hash(), config_values=cfg.to_dict_public(),
+        input_hash=task.input_hash, n_files=task.n_files, source_folder=task.source_folder,
+        roles=roles, volumes=volumes, resampled=analysis.resampled, seg=seg, seg_method=analysis.seg_method,
+        findings=findings, single_slice=analysis.single_slice,
+        qc_flags=qc_flags, warnings=warnings, timings=timings,
+    )
+    artefacts = {"volumes": volumes, "segmentation": seg, "findings": findings, "measurements": analysis.measurements,
+                 "t2_files": list(task.study.series[roles.roles["T2"].series_uid].files)}
+    return report, artefacts
+
+
+@dataclass
+class StudyAnalysis:
+    """What the stages after loading made of one study's volumes (see :func:`analyse_volumes`)."""
+
+    volumes: dict[str, Volume]  # by role, every one on the T2 grid
+    resampled: dict[str, bool]
+    segmentation: Any
+    seg_method: str
+    measurements: Any
+    findings: Any
+    single_slice: bool
+    warnings: list[str] = field(default_factory=list)
+    qc_flags: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def segmentation_from_masks_dir(task: StudyTask, reference: Volume):
+    from pipeline.io.masks import segmentation_from_masks
+
+    return segmentation_from_masks(Path(task.options["masks_dir"]), task, reference)
+
+
+def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> StudyAnalysis:
+    """Stages 3-5 on loaded volumes by role (T1, T2, optional STIR; DICOM series or NIfTI images, 3-D or one
+    sagittal slice each), on any grids: T1 and STIR are resampled onto the T2 grid through their affines.
+    ``masks``: a function T2 volume -> Segmentation replacing the segmentation (``--masks``).
+    Raises StudyError (SEGMENTATION_FAILED, NO_LUMBAR_LEVELS)."""
+    from pipeline import classify, measure
+    from pipeline.io.nifti import resample_to
+    from pipeline.io.nifti_study import is_single_slice
+    from pipeline.segmentation.segment import segment_vertebrae
+
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    qc_flags: list[str] = []
     t = time.perf_counter()
+    volumes = dict(volumes)
     reference = volumes["T2"]
     resampled: dict[str, bool] = {}
     for role in ("T1", "STIR"):
@@ -195,14 +247,16 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
             resampled[role] = volumes[role] is not before
             if resampled[role]:
                 warnings.append(f"{role} series was resampled onto the T2 grid through the affines")
+    single_slice = is_single_slice(volumes)
+    if single_slice:
+        qc_flags.append("SINGLE_SLICE")
+        warnings.append("single-slice study (one sagittal slice per series): findings off that slice are not seen "
+                        "and every finding's confidence is lowered")
     timings["resample"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    masks_dir = task.options.get("masks_dir")
-    if masks_dir:
-        from pipeline.io.masks import segmentation_from_masks
-
-        seg = segmentation_from_masks(Path(masks_dir), task, reference)
+    if masks is not None:
+        seg = masks(reference)
         seg_method = "external label image (--masks)"
     else:
         extra = [volumes[r].data for r in ("T1", "STIR") if r in volumes]
@@ -224,19 +278,12 @@ def analyse_study(task: StudyTask) -> tuple[dict, dict[str, Any]]:
 
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
-    findings = classify.classify_study(meas, cfg.classification, fluid_role)
+    findings = classify.classify_study(meas, cfg.classification, fluid_role, single_slice=single_slice)
     warnings += list(getattr(meas, "warnings", []) or []) + list(findings.warnings)
     timings["classify"] = time.perf_counter() - t
-
-    report = build_report(
-        study=task.study, identity=_identity(cfg), config_hash=cfg.hash(), config_values=cfg.to_dict_public(),
-        input_hash=task.input_hash, n_files=task.n_files, source_folder=task.source_folder,
-        roles=roles, volumes=volumes, resampled=resampled, seg=seg, seg_method=seg_method, findings=findings,
-        qc_flags=qc_flags, warnings=warnings, timings=timings,
-    )
-    artefacts = {"volumes": volumes, "segmentation": seg, "findings": findings, "measurements": meas,
-                 "t2_files": list(task.study.series[roles.roles["T2"].series_uid].files)}
-    return report, artefacts
+    return StudyAnalysis(volumes=volumes, resampled=resampled, segmentation=seg, seg_method=seg_method,
+                         measurements=meas, findings=findings, single_slice=single_slice, warnings=warnings,
+                         qc_flags=qc_flags, timings=timings)
 
 
 def process_study(task: StudyTask) -> StudyOutcome:

@@ -14,7 +14,7 @@ log = logging.getLogger("modicscan")
 
 COHORT_COLUMNS = [
     "study_key", "level", "endplate", "modic_type", "modic_confidence", "extent_height_pct", "extent_volume_pct",
-    "fraction_I", "fraction_II", "fraction_III",
+    "fraction_I", "fraction_II", "fraction_III", "disc_level", "disc_modic_type", "disc_modic_score",
     "edema_present", "edema_source", "edema_extent_volume_pct", "edema_confidence",
     "zone_T1_ratio", "zone_T2_ratio", "zone_STIR_ratio", "core_T1_ratio", "core_T2_ratio", "core_STIR_ratio",
     "height_anterior_mm", "height_middle_mm", "height_posterior_mm", "height_ratio_anterior_posterior",
@@ -36,9 +36,19 @@ def _ratio(zone: dict, seq: str):
     return None if sig is None else sig.get("ratio")
 
 
+def _disc_columns(disc: dict | None) -> dict:
+    modic = (disc or {}).get("modic") or {}
+    return {"disc_level": disc["level"] if disc else None, "disc_modic_type": modic.get("modic_type"),
+            "disc_modic_score": modic.get("score")}
+
+
 def cohort_rows(reports) -> list[dict]:
     rows = []
     for rep in reports:
+        disc_of = {}  # (level, side) -> the disc next to that endplate
+        for d in rep.get("discs", []):
+            disc_of[d["upper"], "inferior"] = d
+            disc_of[d["lower"], "superior"] = d
         flags_by_level: dict[str, list[str]] = {}
         for f in rep["flags"]:
             for lv in f["levels"]:
@@ -59,6 +69,7 @@ def cohort_rows(reports) -> list[dict]:
                     "fraction_I": ep["type_fractions"]["I"],
                     "fraction_II": ep["type_fractions"]["II"],
                     "fraction_III": ep["type_fractions"]["III"],
+                    **_disc_columns(disc_of.get((v["level"], side))),
                     "edema_present": v["edema"]["present"],
                     "edema_source": v["edema"]["source"],
                     "edema_extent_volume_pct": v["edema"]["extent_volume_pct"],

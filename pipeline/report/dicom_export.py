@@ -20,7 +20,8 @@ Per analysed study two files are written beside ``report.json``:
   - one group per endplate (tracking identifier ``"L4 superior endplate"``): qualitative evaluation
     *Modic type* (private code, see below); zone / reference-marrow signal ratios for T1, T2 and STIR
     when present (UCUM ``1``), Modic extent in % of body height and % of zone volume (UCUM ``%``),
-    classification confidence (UCUM ``1``).
+    classification confidence (UCUM ``1``); and, for an endplate next to a disc, the Modic type of that disc
+    level (private ``DISC-MODIC-TYPE``, from both endplates: report.json ``discs[].modic``).
 
   Every group has a tracking UID, the algorithm identification (``modicscan`` + version) and a finding
   site: the vertebra code; endplate groups add the topographical modifier (SCT 106233006) *Superior*
@@ -99,6 +100,7 @@ PRIVATE_CONCEPTS: dict[str, str] = {
     "MODIC-EXT-HEIGHT": "Modic change extent, percent of vertebral body height",
     "MODIC-EXT-VOLUME": "Modic change extent, percent of endplate zone volume",
     "MODIC-CONFIDENCE": "Modic classification confidence",
+    "DISC-MODIC-TYPE": "Modic type of the disc level (both endplates)",
     "EDEMA-EXT-VOLUME": "Marrow edema extent, percent of vertebral body volume",
     "EDEMA-EXT-HEIGHT": "Marrow edema extent, percent of vertebral body height",
     "EDEMA-CONFIDENCE": "Marrow edema classification confidence",
@@ -297,6 +299,7 @@ def build_measurement_groups(report: dict, seg, segment_of: dict[int, int], *, u
     ratio_unit = codes.UCUM.NoUnits
     pct = codes.UCUM.Percent
     groups = []
+    disc_modic = disc_modic_by_endplate(report)
     for vert in report.get("vertebrae", []):
         level = vert["level"]
         value = int(vert.get("label_value") or level_value(level))
@@ -342,6 +345,9 @@ def build_measurement_groups(report: dict, seg, segment_of: dict[int, int], *, u
             if _finite(ep.get("confidence")):
                 measurements.append(_measurement(_private("MODIC-CONFIDENCE"), ep["confidence"], ratio_unit))
             evaluations = [hd.sr.QualitativeEvaluation(name=_private("MODIC-TYPE"), value=modic_code(ep["modic_type"]))]
+            if (level, side) in disc_modic:
+                evaluations.append(hd.sr.QualitativeEvaluation(name=_private("DISC-MODIC-TYPE"),
+                                                               value=modic_code(disc_modic[level, side])))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(*uid_seed, "track", level, side),
                                                               identifier=f"{level} {side} endplate"),
@@ -350,6 +356,17 @@ def build_measurement_groups(report: dict, seg, segment_of: dict[int, int], *, u
                 measurements=measurements or None, qualitative_evaluations=evaluations,
             ))
     return groups
+
+
+def disc_modic_by_endplate(report: dict) -> dict[tuple[str, str], str]:
+    """(level, side) of each endplate next to a disc -> the Modic type of that disc level."""
+    out = {}
+    for d in report.get("discs", []):
+        mtype = (d.get("modic") or {}).get("modic_type")
+        if mtype is not None:
+            out[d["upper"], "inferior"] = mtype
+            out[d["lower"], "superior"] = mtype
+    return out
 
 
 def build_sr(sources: list, seg, report: dict, segment_of: dict[int, int], *, uid_seed: tuple):

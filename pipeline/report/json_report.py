@@ -141,6 +141,7 @@ def build_report(
     qc_flags: list[str],
     warnings: list[str],
     timings: dict[str, float],
+    single_slice: bool = False,
 ) -> dict:
     """Assemble the analysed-study report (the shape is fixed by schemas/report.schema.json)."""
     fluid_role = findings.fluid_role
@@ -159,7 +160,7 @@ def build_report(
         "config": {"hash": config_hash, "values": config_values},
         "study": identity.study_block(study, input_hash, n_files, source_folder),
         "series": _role_block(roles, volumes, resampled, identity),
-        "geometry": _geometry_block(volumes["T2"]),
+        "geometry": {**_geometry_block(volumes["T2"]), "single_slice": bool(single_slice)},
         "segmentation": _segmentation_block(seg, seg_method),
         "reference_marrow": findings.reference,
         "vertebrae": findings.vertebrae,

@@ -9,7 +9,7 @@ from typing import Any
 
 import jsonschema
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 
 
 REPORT_SCHEMA = "report.schema.json"
