@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -193,6 +192,8 @@ def evaluate_edema(cases_csv: Path, out_dir: Path, cfg: EdemaConfig | None = Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     iterator = records
+    from nibabel.filebasedimages import ImageFileError
+
     if progress:
         from tqdm import tqdm
 
@@ -201,7 +202,7 @@ def evaluate_edema(cases_csv: Path, out_dir: Path, cfg: EdemaConfig | None = Non
     for rec in iterator:
         try:
             rows.append(evaluate_case(rec, readers, cfg, out_dir))
-        except (ValueError, OSError, EOFError) as exc:  # unreadable / misshapen image: record it, keep going
+        except (ValueError, OSError, EOFError, ImageFileError) as exc:  # unreadable / misshapen image: record, go on
             rows.append({"case": rec["case"], "error": str(exc).splitlines()[0][:300]})
     columns: list[str] = []
     for r in rows:
