@@ -268,6 +268,7 @@ class EdemaResult:
     reference: float  # STIR normal-marrow reference of the region (histogram mode)
     t1_reference: float | None  # T1 median of the region (None without T1)
     ratio: np.ndarray  # float32 STIR / local normal-marrow reference (0 outside the region)
+    t1_ratio: np.ndarray | None = None  # float32 T1 / the region's T1 median (None without T1)
 
 
 def marrow_mode(values: np.ndarray) -> float:
@@ -335,13 +336,14 @@ def edema_mask(stir: np.ndarray, region: np.ndarray, spacing, cfg: EdemaConfig, 
     signal = _smooth_within(stir, region, cfg.smooth_mm, spacing) if cfg.smooth_mm > 0 else stir
     ratio = np.where(region, signal / local, 0.0).astype(np.float32)
     candidate = ratio.copy()
-    t1_reference = None
+    t1_reference, t1_ratio = None, None
     if t1 is not None:
         t1 = np.asarray(t1, dtype=np.float32)
         t1_reference = float(np.median(t1[region]))
         if t1_reference > 0:
             t1_signal = _smooth_within(t1, region, cfg.smooth_mm, spacing) if cfg.smooth_mm > 0 else t1
-            candidate[t1_signal / np.float32(t1_reference) > cfg.t1_max_ratio] = 0.0
+            t1_ratio = (t1_signal / np.float32(t1_reference)).astype(np.float32)
+            candidate[t1_ratio > cfg.t1_max_ratio] = 0.0
     mask = apply_hysteresis_threshold(candidate, cfg.grow_ratio, max(cfg.seed_ratio, cfg.grow_ratio))
     voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=np.float64)))
     if cfg.min_volume_mm3 > 0 and mask.any():
@@ -351,4 +353,4 @@ def edema_mask(stir: np.ndarray, region: np.ndarray, spacing, cfg: EdemaConfig, 
         big = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3 >= cfg.min_volume_mm3
         big[0] = False
         mask = big[labels]
-    return EdemaResult(mask=mask, reference=reference, t1_reference=t1_reference, ratio=ratio)
+    return EdemaResult(mask=mask, reference=reference, t1_reference=t1_reference, ratio=ratio, t1_ratio=t1_ratio)

@@ -176,3 +176,20 @@ def test_real_readers_floor(tmp_path):
     # The automatic reference agrees with the readers' normal-marrow ROI (which the rule never sees) within 25 %.
     assert 0.75 <= summary["mean_reference_over_roi"] <= 1.25
     assert len(list(out.glob("*_edema.nii.gz"))) == 7
+
+
+def test_calibration_scores_equal_the_rule_it_would_ship():
+    """The calibration's fast per-component scoring gives the same Dice as running the rule with those thresholds."""
+    import dataclasses
+
+    from pipeline.training.calibrate_edema import rule_scores
+
+    stir, t1, bone, blob, _ = _phantom(5)
+    readers = [blob, np.roll(blob, 3, axis=1)]
+    scores = rule_scores(edema_mask(stir, bone, SPACING, EdemaConfig(), t1=t1), readers, SPACING)
+    for grow, seed, t1_max, min_mm3 in [(1.6, 2.4, 1.5, 10.0), (1.4, 1.8, 10.0, 0.0), (1.8, 3.0, 1.2, 50.0)]:
+        cfg = dataclasses.replace(EdemaConfig(), grow_ratio=grow, seed_ratio=seed, t1_max_ratio=t1_max,
+                                  min_volume_mm3=min_mm3)
+        mask = edema_mask(stir, bone, SPACING, cfg, t1=t1).mask
+        assert scores[(grow, seed, t1_max, min_mm3)] == pytest.approx(np.mean([dice(mask, r) for r in readers]), abs=1e-9)
+    assert scores[(1.6, 2.4, 1.5, 10.0)] > scores[(1.4, 1.8, 10.0, 0.0)]  # loose thresholds pick up noise and fat

@@ -94,7 +94,7 @@ def read_edema_cases(cases_csv: Path) -> tuple[list[dict], list[str]]:
     return out, readers
 
 
-def _load_native(path: Path) -> Volume:
+def load_native(path: Path) -> Volume:
     """A NIfTI image on its own grid (no reorientation: the output mask must share the STIR file's voxel order)."""
     import nibabel as nib
 
@@ -107,18 +107,19 @@ def _load_native(path: Path) -> Volume:
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), series_uid=str(path), meta={})
 
 
-def _on_grid(path: Path, target: Volume, order: int) -> np.ndarray:
-    return resample_to(_load_native(path), target, order=order).data
+def on_stir_grid(path: Path, target: Volume, order: int) -> np.ndarray:
+    """The image at ``path`` sampled on ``target``'s grid through the affines (order 0 for masks)."""
+    return resample_to(load_native(path), target, order=order).data
 
 
 def evaluate_case(rec: dict, readers: list[str], cfg: EdemaConfig, out_dir: Path) -> dict:
     """Run the rule on one case, write its mask, return its per_case.csv row (raises ValueError for bad images)."""
     from sklearn.metrics import precision_score, recall_score
 
-    stir = _load_native(rec["stir"])
+    stir = load_native(rec["stir"])
     spacing = stir.spacing
-    region = _on_grid(rec["bone_region"], stir, 0) > 0.5
-    t1 = _on_grid(rec["t1"], stir, 1)
+    region = on_stir_grid(rec["bone_region"], stir, 0) > 0.5
+    t1 = on_stir_grid(rec["t1"], stir, 1)
     result = edema_mask(stir.data, region, spacing, cfg, t1=t1)
     save_nifti(result.mask.astype(np.uint8), stir.affine, out_dir / f"{rec['case']}_edema.nii.gz")
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -126,10 +127,10 @@ def evaluate_case(rec: dict, readers: list[str], cfg: EdemaConfig, out_dir: Path
                  "edema_ml": round(float(result.mask.sum()) * voxel_ml, 3),
                  "reference": round(result.reference, 3), "t1_reference": _round(result.t1_reference, 3)}
     if rec.get("normal_marrow") is not None:
-        roi = _on_grid(rec["normal_marrow"], stir, 0) > 0.5
+        roi = on_stir_grid(rec["normal_marrow"], stir, 0) > 0.5
         roi_median = float(np.median(stir.data[roi])) if roi.any() else float("nan")
         row["reference_over_roi"] = _round(result.reference / roi_median if roi_median > 0 else None, 3)
-    masks = {r: _on_grid(rec[READER_PREFIX + r], stir, 0) > 0.5 for r in readers if rec.get(READER_PREFIX + r)}
+    masks = {r: on_stir_grid(rec[READER_PREFIX + r], stir, 0) > 0.5 for r in readers if rec.get(READER_PREFIX + r)}
     ours = result.mask[region]
     for r in readers:
         if r in masks:
