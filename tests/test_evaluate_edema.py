@@ -193,3 +193,27 @@ def test_calibration_scores_equal_the_rule_it_would_ship():
         mask = edema_mask(stir, bone, SPACING, cfg, t1=t1).mask
         assert scores[(grow, seed, t1_max, min_mm3)] == pytest.approx(np.mean([dice(mask, r) for r in readers]), abs=1e-9)
     assert scores[(1.6, 2.4, 1.5, 10.0)] > scores[(1.4, 1.8, 10.0, 0.0)]  # loose thresholds pick up noise and fat
+
+
+def test_single_slice_case_on_another_grid_is_resampled_onto_the_stir(tmp_path):
+    """A one-slice STIR stored as a 2-D NIfTI, its bone region and T1 on a 2x finer grid: the mask lands on the STIR."""
+    data = tmp_path / "data"
+    data.mkdir()
+    stir, t1, bone, blob, _ = _phantom(6)
+    k = 4
+    nib.save(nib.Nifti1Image(stir[:, :, k], AFFINE), data / "s_stir.nii.gz")
+    fine = AFFINE.copy()
+    fine[0, 0], fine[1, 1] = SPACING[0] / 2, SPACING[1] / 2
+    fine[:3, 3] = [-SPACING[0] / 4, -SPACING[1] / 4, 0.0]  # two fine voxels centred on each STIR voxel
+    up = np.repeat(np.repeat(bone[:, :, k:k + 1], 2, axis=0), 2, axis=1).astype(np.uint8)
+    nib.save(nib.Nifti1Image(up, fine), data / "s_bone.nii.gz")
+    t1_up = np.repeat(np.repeat(t1[:, :, k:k + 1], 2, axis=0), 2, axis=1)
+    nib.save(nib.Nifti1Image(t1_up, fine), data / "s_t1.nii.gz")
+    _write_csv(data / "cases.csv", [{"case": "s", "stir": "s_stir.nii.gz", "t1": "s_t1.nii.gz",
+                                     "bone_region": "s_bone.nii.gz"}])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["evaluate-edema", str(data / "cases.csv"), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    mask = np.asarray(nib.load(out / "s_edema.nii.gz").dataobj) > 0
+    assert mask.shape == (*stir.shape[:2], 1)
+    assert dice(mask[:, :, 0], blob[:, :, k]) > 0.7

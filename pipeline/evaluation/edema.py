@@ -102,6 +102,8 @@ def load_native(path: Path) -> Volume:
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim == 2:  # one slice stored as a 2-D image: a volume of one slice
+        data = data[..., None]
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D image, got shape {data.shape}")
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), series_uid=str(path), meta={})
