@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.config import ClassificationConfig
+from pipeline.config import ClassificationConfig, EdemaConfig
 from pipeline.measure import ZONE_INFERIOR, ZONE_SUPERIOR, StudyMeasurements
 
 CLASS_NONE, CLASS_MODIC_I, CLASS_MODIC_II, CLASS_MODIC_III, CLASS_EDEMA = 0, 1, 2, 3, 4
@@ -291,3 +291,107 @@ def review_flags(vertebrae: list[dict], discs: list[dict], cfg: ClassificationCo
             flags.append({"code": "POSSIBLE_INFECTION", "levels": [d["upper"], d["lower"]],
                           "message": f"{d['level']}: edema on both sides of a bright disc suggests possible infection ({REVIEW_NOTE})"})
     return flags
+
+
+# ---------------------------------------------------------------------------------------------- voxel edema rule
+# The dense-volume edema rule, calibrated on real STIR against human readers (EdemaConfig). The per-vertebra
+# flag above applies the same two ratio tests voxel by voxel on the vertebral bodies (STIR ratio > fluid_high and
+# T1 ratio <= t1_high against the cores' reference) and then a volume fraction per body; ``edema_mask`` is the
+# region-level form for a whole bone region: an automatic reference, hysteresis between grow_ratio and seed_ratio
+# (a seed must be clearly bright, its connected surroundings moderately), a T1 ceiling and a minimum size.
+_HIST_BINS = 256  # histogram of the region's STIR for the mode: fine enough for 8-bit and 12-bit data alike
+_HIST_SMOOTH_BINS = 3.0  # Gaussian sigma (bins) that keeps noise spikes from becoming the mode
+
+
+@dataclass
+class EdemaResult:
+    mask: np.ndarray  # bool, the input grid
+    reference: float  # STIR normal-marrow reference of the region (histogram mode)
+    t1_reference: float | None  # T1 median of the region (None without T1)
+    ratio: np.ndarray  # float32 STIR / local normal-marrow reference (0 outside the region)
+    t1_ratio: np.ndarray | None = None  # float32 T1 / the region's T1 median (None without T1)
+
+
+def marrow_mode(values: np.ndarray) -> float:
+    """The most frequent STIR value of a marrow region (smoothed histogram below its 99th percentile).
+
+    Normal marrow is the bulk of a bone region: its mode is a reference that edema, vessels and fluid (a bright
+    tail) and cortex (a dark tail) do not pull, unlike the median when a third of the region is edematous."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan")
+    top = float(np.percentile(values, 99))
+    if top <= 0:
+        return float(np.median(values))
+    from scipy.ndimage import gaussian_filter1d
+
+    hist, edges = np.histogram(values, bins=_HIST_BINS, range=(0.0, top))
+    i = int(np.argmax(gaussian_filter1d(hist.astype(np.float64), _HIST_SMOOTH_BINS)))
+    return float((edges[i] + edges[i + 1]) / 2)
+
+
+def _smooth_within(image: np.ndarray, region: np.ndarray, sigma_mm: float, spacing, step: int = 1) -> np.ndarray:
+    """Gaussian mean of ``image`` over ``region`` only (normalised convolution), so tissue outside the region does
+    not bleed in. ``step`` > 1 computes it on every step-th in-plane voxel and interpolates back (broad kernels)."""
+    from scipy import ndimage
+
+    w = region.astype(np.float32)
+    num, den = image.astype(np.float32) * w, w
+    if step > 1:
+        num, den = num[::step, ::step], den[::step, ::step]
+    sigma = [sigma_mm / float(s) / (step if ax < 2 else 1) for ax, s in enumerate(spacing)]
+    num = ndimage.gaussian_filter(num, sigma)
+    den = ndimage.gaussian_filter(den, sigma)
+    out = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
+    if step > 1:
+        zoom = [a / b for a, b in zip(image.shape, out.shape, strict=True)]
+        out = ndimage.zoom(out, zoom, order=1, mode="nearest", grid_mode=True)
+    return out
+
+
+def edema_mask(stir: np.ndarray, region: np.ndarray, spacing, cfg: EdemaConfig, t1: np.ndarray | None = None) -> EdemaResult:
+    """Marrow edema inside ``region`` (a bone mask) of a STIR volume: connected STIR-bright regions (see EdemaConfig).
+
+    The reference is automatic: the mode of the region's STIR (:func:`marrow_mode`), times a smooth map of the
+    region's non-bright marrow over its own mean, so coil shading does not read as edema. Without ``t1`` the fat
+    test is skipped."""
+    from skimage.filters import apply_hysteresis_threshold
+
+    region = np.asarray(region, dtype=bool)
+    stir = np.asarray(stir, dtype=np.float32)
+    empty = EdemaResult(np.zeros(stir.shape, dtype=bool), float("nan"), None, np.zeros(stir.shape, dtype=np.float32))
+    if not region.any():
+        return empty
+    values = stir[region]
+    reference = marrow_mode(values)
+    if not np.isfinite(reference) or reference <= 0:
+        return empty
+    local = np.float32(reference)
+    if cfg.reference_scale_mm > 0:
+        normal = region & (stir <= np.quantile(values, cfg.reference_trim_quantile))
+        step = max(1, int(cfg.reference_scale_mm / 4.0 / max(float(min(spacing[:2])), 1e-6)))
+        shading = _smooth_within(stir, normal, cfg.reference_scale_mm, spacing, step=step)
+        mean_normal = float(stir[normal].mean()) if normal.any() else 0.0
+        if mean_normal > 0:
+            local = np.where(shading > 0, shading * np.float32(reference / mean_normal), np.float32(reference))
+    signal = _smooth_within(stir, region, cfg.smooth_mm, spacing) if cfg.smooth_mm > 0 else stir
+    ratio = np.where(region, signal / local, 0.0).astype(np.float32)
+    candidate = ratio.copy()
+    t1_reference, t1_ratio = None, None
+    if t1 is not None:
+        t1 = np.asarray(t1, dtype=np.float32)
+        t1_reference = float(np.median(t1[region]))
+        if t1_reference > 0:
+            t1_signal = _smooth_within(t1, region, cfg.smooth_mm, spacing) if cfg.smooth_mm > 0 else t1
+            t1_ratio = (t1_signal / np.float32(t1_reference)).astype(np.float32)
+            candidate[t1_ratio > cfg.t1_max_ratio] = 0.0
+    mask = apply_hysteresis_threshold(candidate, cfg.grow_ratio, max(cfg.seed_ratio, cfg.grow_ratio))
+    voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=np.float64)))
+    if cfg.min_volume_mm3 > 0 and mask.any():
+        from scipy import ndimage
+
+        labels, n = ndimage.label(mask)
+        big = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3 >= cfg.min_volume_mm3
+        big[0] = False
+        mask = big[labels]
+    return EdemaResult(mask=mask, reference=reference, t1_reference=t1_reference, ratio=ratio, t1_ratio=t1_ratio)

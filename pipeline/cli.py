@@ -1,5 +1,5 @@
 """Command line: ``modicscan run | validate | phantom | segment | evaluate-segmentation | evaluate-findings |
-summarize | bench``.
+evaluate-edema | summarize | bench``.
 
 Exit codes (dcm2niix style, see README): 0 all studies analysed, 1 internal error, 2 usage or config
 error, 3 partial (some studies failed, the others are written), 4 no studies found.
@@ -314,6 +314,27 @@ def evaluate_findings_cmd(cases_csv: Path, out_dir: Path, gradings_csv: Path | N
         click.echo(f"modicscan: evaluate-findings: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(json.dumps(summary, indent=1))
+
+
+@main.command("evaluate-edema")
+@click.argument("cases_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: <case>_edema.nii.gz per case, per_case.csv, summary.json.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config; its 'edema' section sets the rule (see configs/default.yaml).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def evaluate_edema_cmd(cases_csv: Path, out_dir: Path, config_path: str | None, no_progress: bool) -> None:
+    """Marrow-edema rule on STIR inside a bone region against readers' masks (CASES: case,stir,t1,bone_region[,edema_*])."""
+    from pipeline.evaluation.edema import CasesError, evaluate_edema
+
+    try:
+        cfg = _load_config(config_path, {})
+        summary = evaluate_edema(cases_csv, out_dir, cfg.edema, progress=not no_progress)
+    except (ConfigError, CasesError) as exc:
+        click.echo(f"modicscan: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k not in ("per_case", "config")}, indent=1))
+    sys.exit(EXIT_PARTIAL if summary["n_failed"] else EXIT_OK)
 
 
 @main.command()

@@ -101,6 +101,23 @@ class ClassificationConfig:
 
 
 @dataclass
+class EdemaConfig:
+    """The voxel-wise marrow-edema rule (``classify.edema_mask``), calibrated on real STIR against two readers'
+    edema masks (../shared/data/edema-sij, leave-one-patient-out; figures in the README)."""
+
+    reference_scale_mm: float = _f(40.0, 0.0, 500.0, doc="the normal-marrow reference follows slow shading over this scale "
+                                   "(Gaussian sigma, mm); 0: one reference for the whole bone region")
+    reference_trim_quantile: float = _f(0.75, 0.3, 1.0, doc="marrow voxels above this quantile of the region's STIR "
+                                        "(edema, vessels) are left out of the shading map of the reference")
+    smooth_mm: float = _f(0.0, 0.0, 5.0, doc="Gaussian sigma (mm) of the STIR / T1 before the ratios; 0: none")
+    seed_ratio: float = _f(2.4, 1.0, 10.0, doc="a region is edema only if it reaches this STIR ratio somewhere (hysteresis high)")
+    grow_ratio: float = _f(1.6, 1.0, 10.0, doc="an edema region extends over the connected voxels above this STIR ratio "
+                           "(hysteresis low)")
+    t1_max_ratio: float = _f(1.5, 1.0, 10.0, doc="voxels brighter than this T1 ratio (fat) are never edema")
+    min_volume_mm3: float = _f(10.0, 0.0, 10000.0, doc="edema regions smaller than this are dropped (noise)")
+
+
+@dataclass
 class ReportConfig:
     pseudonymise_key: str = _f("", doc="HMAC key: when set, patient and study identifiers are replaced by keyed hashes")
     keep_identifiers: bool = _f(False, doc="write original patient / study identifiers (off by default)")
@@ -119,6 +136,7 @@ class Config:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    edema: EdemaConfig = field(default_factory=EdemaConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
 
