@@ -22,6 +22,8 @@ REASON_CODES: dict[str, str] = {
     "INTERNAL_ERROR": "an unexpected error occurred; see batch.log for the traceback",
     "WORKER_CRASHED": "the worker process processing the study died (crash or out-of-memory kill)",
     "TIMEOUT": "the study exceeded the per-study time limit",
+    "DISK_FULL": "the output disk was full (or a quota reached) while the study's files were written; nothing was "
+                 "kept for the study and the run stopped",
 }
 
 

@@ -1,0 +1,209 @@
+"""The batch survives its own environment (issue 30): worker supervision at --jobs 1, a full disk, two runs on
+one output folder, a read-only output folder, the umask. Every input is generated or copied here."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.batch.executors import get_executor
+from pipeline.batch.out_dir import RESERVE_NAME, OutputFolder
+from pipeline.batch.run import EXIT_DISK_FULL, EXIT_PARTIAL, EXIT_USAGE, run_batch
+from pipeline.cli import main
+from pipeline.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+
+
+def _copy_studies(root: Path, names: dict[str, int]) -> Path:
+    """Sample studies (by seed) copied under ``root/<name>/DICOM``: the run must never touch the committed ones."""
+    for name, seed in names.items():
+        shutil.copytree(SAMPLE / f"phantom_seed000{seed}" / "DICOM", root / name / "DICOM")
+    return root
+
+
+def _run_in_subprocess(script: str, timeout: float, **env) -> subprocess.CompletedProcess:
+    """A batch in its own process: when a study kills the batch (the old --jobs 1), the test sees it, not pytest."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+def _folders_complete_or_absent(out: Path) -> None:
+    for folder in (p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        records = [n for n in ("report.json", "error.json") if (folder / n).exists()]
+        assert len(records) == 1, (folder.name, sorted(p.name for p in folder.iterdir()))
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- --jobs 1
+RUN_WITH_HOOKS = """
+    import json
+    from pipeline.batch.run import run_batch
+    from pipeline.config import config_from_dict
+    cfg = config_from_dict({"batch": {"study_timeout_s": 20}})  # the good study needs ~10 s
+    res = run_batch("%s", "%s", cfg, jobs=1, progress=False,
+                    options={"_test_crash": {"b": "exit", "c": "sleep"}, "overlays": "none"})
+    print(json.dumps({"exit": res.exit_code, "outcomes": {o.source_folder.split("/")[0]: [o.status, o.code]
+                                                          for o in res.outcomes}}))
+"""
+
+
+def test_jobs_1_supervises_its_worker_a_killed_or_hung_study_costs_only_itself(tmp_path):
+    """--jobs 1 used to run studies in the batch process: a study that took the process down (OOM kill, a decoder
+    crash) killed the batch with batch.json unfinished, and batch.study_timeout_s was ignored."""
+    inp = _copy_studies(tmp_path / "in", {"a": 0, "b": 1, "c": 3})
+    out = tmp_path / "out"
+    script = RUN_WITH_HOOKS % (inp, out)
+    for attempt in range(2):  # the rerun goes past the studies that killed / hung their worker again
+        res = _run_in_subprocess(script, timeout=240, MODICSCAN_TEST_HOOKS="1")
+        assert res.returncode == 0, res.stderr[-3000:]
+        result = json.loads(res.stdout.strip().splitlines()[-1])
+        assert result["exit"] == EXIT_PARTIAL
+        outcomes = result["outcomes"]
+        assert outcomes["a"] == (["analysed", None] if attempt == 0 else ["skipped", None])
+        assert outcomes["b"] == ["failed", "WORKER_CRASHED"]
+        assert outcomes["c"] == ["failed", "TIMEOUT"]
+        batch = json.loads((out / "batch.json").read_text())
+        assert batch["finished"] is True and batch["exit_code"] == EXIT_PARTIAL
+    codes = sorted(json.loads(p.read_text())["error"]["code"] for p in out.glob("*/error.json"))
+    assert codes == ["TIMEOUT", "WORKER_CRASHED"]
+    _folders_complete_or_absent(out)
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+def _fill_disk_after_first_study(monkeypatch, out: Path) -> None:
+    """Model a disk with room for one study: once a report is in place, every rename into OUT fails with
+    ENOSPC until the run's reserve file is deleted (then there is room for batch.json)."""
+    out = out.resolve()
+    real_replace, real_rename = os.replace, os.rename
+
+    def full(dst) -> bool:
+        dst = Path(dst).resolve()
+        return (out in dst.parents and (out / RESERVE_NAME).exists() and any(out.glob("*/report.json"))
+                and dst.name != RESERVE_NAME)
+
+    def replace(src, dst, *a, **kw):
+        if full(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    def rename(src, dst, *a, **kw):
+        if full(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_rename(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_resumes(tmp_path, monkeypatch):
+    inp = _copy_studies(tmp_path / "in", {"a": 0, "b": 1, "c": 3})
+    out = tmp_path / "out"
+    _fill_disk_after_first_study(monkeypatch, out)
+    inline = get_executor("inline")  # the patched os functions hold in this process only
+    res = run_batch(inp, out, Config(), progress=False, options={"overlays": "none"}, executor=inline)
+    assert res.exit_code == EXIT_DISK_FULL and res.disk_full
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["finished"] is True and batch["disk_full"] is True and batch["exit_code"] == EXIT_DISK_FULL
+    assert [s["status"] for s in batch["studies"]].count("analysed") == 1
+    assert [s["code"] for s in batch["studies"] if s["status"] == "failed"] == ["DISK_FULL"]
+    _folders_complete_or_absent(out)
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 1  # the study that did not fit left nothing
+    assert not (out / RESERVE_NAME).exists()
+
+    monkeypatch.undo()  # space freed: the same command resumes
+    res = run_batch(inp, out, Config(), progress=False, options={"overlays": "none"}, executor=inline)
+    assert res.exit_code == 0
+    assert sorted(o.status for o in res.outcomes) == ["analysed", "analysed", "skipped"]
+    _folders_complete_or_absent(out)
+
+
+def test_a_full_disk_in_the_worker_stops_the_run_with_exit_5(tmp_path):
+    """The same through the supervised worker (the test hook fills the disk inside the worker process)."""
+    inp = _copy_studies(tmp_path / "in", {"d": 0})
+    out = tmp_path / "out"
+    script = f"""
+        from pipeline.batch.run import run_batch
+        from pipeline.config import Config
+        res = run_batch("{inp}", "{out}", Config(), progress=False,
+                        options={{"_test_crash": {{"d": "enospc"}}, "overlays": "none"}})
+        print(res.exit_code)
+    """
+    res = _run_in_subprocess(script, timeout=240, MODICSCAN_TEST_HOOKS="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-1]) == EXIT_DISK_FULL
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["finished"] and batch["disk_full"] and [s["code"] for s in batch["studies"]] == ["DISK_FULL"]
+    assert not [p for p in out.iterdir() if p.is_dir()]  # no half-written study folder
+    assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- OUT folder
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "out"
+    with OutputFolder(out):  # a first run holds the folder
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress"])
+        assert res.exit_code == EXIT_USAGE, res.output
+        assert "another modicscan run" in res.output and len(res.output.strip().splitlines()) == 1
+        assert not (out / "batch.log").exists() and not (out / "batch.json").exists()
+    with OutputFolder(out):  # ... and is free again when that run ends
+        pass
+
+
+def test_a_read_only_output_folder_is_a_usage_error_in_one_line(tmp_path, monkeypatch):
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "ro" / "out"
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *a, **kw):  # a read-only mount (root ignores file modes, so modes cannot show it)
+        if Path(path).resolve().is_relative_to((tmp_path / "ro").resolve()):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress"])
+    assert res.exit_code == EXIT_USAGE, res.output
+    assert res.output.strip().splitlines() == [f"modicscan: cannot write to the output folder {out.resolve()}: "
+                                               "Read-only file system"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder without write permission")
+def test_an_unwritable_output_folder_is_a_usage_error(tmp_path):
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress"])
+    finally:
+        out.chmod(0o755)
+    assert res.exit_code == EXIT_USAGE and "cannot write to the output folder" in res.output
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """mkstemp creates 0600: reports, batch.json, tables and PNGs were unreadable for colleagues."""
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        res = run_batch(inp, out, Config(), progress=False, options={"overlays": "all"},
+                        executor=get_executor("inline"))
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".modicscan.lock"]
+    names = {p.name for p in files}
+    assert {"report.json", "batch.json", "cohort.csv", "summary.json", "overview.png", "vertebrae.nii.gz"} <= names
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o640) for p in files}
+    assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_dir()} == {oct(0o750)}
