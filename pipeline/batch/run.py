@@ -20,7 +20,7 @@ from pipeline.batch.out_dir import OutputFolder
 from pipeline.batch.study import StudyOutcome, StudyTask, already_done, input_hash, study_files
 from pipeline.config import Config
 from pipeline.io.atomic import is_disk_full, write_json_atomic
-from pipeline.report.identity import public_path, study_key
+from pipeline.report.identity import Identity, Redactor, public_path, study_key
 from pipeline.report.json_report import software_info
 from pipeline.types import StudyFiles
 
@@ -127,16 +127,16 @@ def run_batch(
         log.info("shard %d/%d: %d studies", shard[0], shard[1], len(tasks))
     cfg_hash = cfg.hash()
 
+    batch_path = out_root / ("batch.json" if shard is None else f"batch.shard-{shard[0]}-of-{shard[1]}.json")
+    run = _BatchRecord(batch_path, input_root, out_root, cfg, discovery, started, discover_s)
     outcomes: list[StudyOutcome] = []
     for folder, skipped in (_failed_folders(input_root, discovery, discovery.studies) if shard is None or shard[0] == 0 else []):
         reasons = sorted({s.reason for s in skipped})
         outcomes.append(StudyOutcome(
             key="folder-" + hashlib.sha256(folder.encode()).hexdigest()[:10], status="failed", code="NO_DICOM_FILES",
             message=f"{len(skipped)} file(s) in this folder could not be used ({', '.join(reasons)}); no DICOM image series found",
-            source_folder=public_path(folder, cfg.report.pseudonymise_key), n_files=len(skipped)))
+            source_folder=public_path(run.patients.text(folder), cfg.report.pseudonymise_key), n_files=len(skipped)))
 
-    batch_path = out_root / ("batch.json" if shard is None else f"batch.shard-{shard[0]}-of-{shard[1]}.json")
-    run = _BatchRecord(batch_path, input_root, out_root, cfg, discovery, started, discover_s)
     todo: list[StudyTask] = []
     for t in tasks:
         done = already_done(t, cfg_hash)
@@ -214,6 +214,15 @@ class _BatchRecord:
                  discover_s: float):
         self.path, self.input_root, self.out_root, self.cfg = path, input_root, out_root, cfg
         self.discovery, self.started, self.discover_s = discovery, started, discover_s
+        self._patients: Redactor | None = None
+
+    @property
+    def patients(self) -> Redactor:
+        """Strips every patient's name, ID and birth date from paths of skipped files and failed folders."""
+        if self._patients is None:
+            identity = Identity(self.cfg.report.pseudonymise_key, self.cfg.report.keep_identifiers)
+            self._patients = identity.patients_redactor(self.discovery.studies.values())
+        return self._patients
 
     def write_unless_disk_full(self, outcomes: list[StudyOutcome], **kw) -> bool:
         """:meth:`write`; False (the earlier batch.json stays, whole) when the disk is full."""
@@ -252,7 +261,8 @@ class _BatchRecord:
             "files_seen": self.discovery.n_files_seen,
             "discover_s": round(self.discover_s, 4),
             "skipped_files": [
-                {"path": public_path(os.path.relpath(s.path, self.input_root), key), "reason": s.reason}
+                {"path": public_path(self.patients.text(os.path.relpath(s.path, self.input_root)), key),
+                 "reason": s.reason}
                 for s in self.discovery.skipped
             ],
             "counts": counts,

@@ -154,9 +154,23 @@ class Identity:
                 rep[s.series_description] = f"[series {s.series_number}]" if s.series_number is not None \
                     else "[series description]"
             rep[study.study_description] = "[study description]"
-        # The patient's own identifiers last: they win over a folder or description with the same text.
-        rep.update(dict.fromkeys(_name_forms(study.patient_name), "[patient name]"))
-        rep[study.patient_id] = "[patient id]"
-        rep.update(dict.fromkeys(_date_forms(study.patient_birth_date), "[birth date]"))
-        rep[study.accession_number] = "[accession number]"
+        rep.update(_patient_needles(study))  # last: they win over a folder or description with the same text
         return Redactor(rep)
+
+    def patients_redactor(self, studies) -> Redactor:
+        """The identifiers of every patient of the run, for paths no single study owns (skipped files)."""
+        if self.keep:
+            return Redactor()
+        rep: dict[str, str] = {}
+        for study in studies:
+            rep.update(_patient_needles(study))
+        return Redactor(rep)
+
+
+def _patient_needles(study: StudyFiles) -> dict[str, str]:
+    """The patient's own name, ID, birth date and the accession number, with their placeholders."""
+    rep = dict.fromkeys(_name_forms(study.patient_name), "[patient name]")
+    rep[study.patient_id] = "[patient id]"
+    rep.update(dict.fromkeys(_date_forms(study.patient_birth_date), "[birth date]"))
+    rep[study.accession_number] = "[accession number]"
+    return rep
