@@ -104,6 +104,9 @@ class ReportConfig:
 class BatchConfig:
     jobs: int = _f(1, 1, 256, doc="worker processes")
     study_timeout_s: float = _f(600.0, 1.0, 86400.0, doc="a study running longer than this is abandoned with TIMEOUT")
+    worker_memory_mb: int = _f(0, 0, 16_777_216, doc="address-space limit of each worker process in MiB (0: none); a "
+                               "study needing more fails with OUT_OF_MEMORY instead of reaching the job's or the "
+                               "machine's memory limit")
 
 
 @dataclass

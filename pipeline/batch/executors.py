@@ -62,6 +62,19 @@ def _end_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="modicscan-parent-watch").start()
 
 
+def _limit_memory(mib: int) -> None:
+    """Cap this worker's address space (soft limit, so the next study may raise it again): a study asking for more
+    gets MemoryError (OUT_OF_MEMORY) instead of the job's or the machine's memory running out."""
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = hard if mib <= 0 else (mib << 20 if hard == resource.RLIM_INFINITY else min(mib << 20, hard))
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not on this platform
+        log.warning("batch.worker_memory_mb is not supported on this platform")
+
+
 def _log_to(log_file: str | None, fmt: tuple[str | None, str | None], level: int) -> None:
     """Worker log lines (a study's traceback) go to the batch's log file too."""
     logging.raiseExceptions = False  # a full disk must not print a logging traceback per line
@@ -105,6 +118,7 @@ def _worker_main(conn, test_hooks: str | None = None, parent_pid: int | None = N
             return
         if task is None:
             return
+        _limit_memory(task.config.batch.worker_memory_mb)
         try:
             outcome = process_study(task)
         except KeyboardInterrupt:

@@ -30,7 +30,7 @@ MIN_UNNAMED_COLUMN = 3  # unnamed bodies fewer than this are no spinal column (s
 
 
 # Failures worth retrying on a rerun even without --force: they depend on the machine, not the input.
-TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT", "DISK_FULL"}
+TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT", "DISK_FULL", "OUT_OF_MEMORY"}
 
 BODY_MODELS = {"unet": "2.5-D U-Net (shipped model, ONNX Runtime)",
                "classifier": "gradient-boosted pixel classifier (shipped model)"}
@@ -261,7 +261,6 @@ def process_study(task: StudyTask) -> StudyOutcome:
     done = already_done(task, task.config.hash())
     if done is not None:
         return done
-    _test_hooks(task)
     try:
         return _analyse_and_write(task, start)
     except OSError as exc:
@@ -276,6 +275,7 @@ def process_study(task: StudyTask) -> StudyOutcome:
 def _analyse_and_write(task: StudyTask, start: float) -> StudyOutcome:
     redact = task.redactor
     try:
+        _test_hooks(task)
         report, artefacts = analyse_study(task)
         t = time.perf_counter()
         report = redact.walk(report)
@@ -299,9 +299,11 @@ def _analyse_and_write(task: StudyTask, start: float) -> StudyOutcome:
         return StudyOutcome(task.key, "failed", exc.code, msg, time.perf_counter() - start, task.public_folder,
                             n_files=task.n_files)
     except MemoryError:
-        msg = "ran out of memory while processing the study"
-        write_failure(task, "INTERNAL_ERROR", msg)
-        return StudyOutcome(task.key, "failed", "INTERNAL_ERROR", msg, time.perf_counter() - start, task.public_folder,
+        limit = task.config.batch.worker_memory_mb
+        msg = "ran out of memory while processing the study" + (
+            f" (worker limit batch.worker_memory_mb = {limit} MiB)" if limit else "")
+        write_failure(task, "OUT_OF_MEMORY", msg)
+        return StudyOutcome(task.key, "failed", "OUT_OF_MEMORY", msg, time.perf_counter() - start, task.public_folder,
                             n_files=task.n_files)
     except Exception as exc:  # noqa: BLE001 - isolation: one bad study never stops the batch
         if is_disk_full(exc):
@@ -328,6 +330,10 @@ def _test_hooks(task: StudyTask) -> None:
         os._exit(137)
     elif crash == "sleep":
         time.sleep(3600)
+    elif crash == "allocate":  # asks for 8 GiB of address space (never touched: harmless without a limit)
+        import numpy as np
+
+        np.empty(8 << 30, np.uint8)  # allocated and dropped at once
     elif crash == "enospc":  # the output disk fills up: from now on every rename into OUT fails in this process
         import errno
 
