@@ -132,7 +132,7 @@ def _run_leaky(inp: Path, out: Path, *extra: str) -> dict[str, bytes]:
 def test_default_mode_strips_the_patient_from_free_text_and_file_names_from_messages(leaky_input, tmp_path):
     files = _run_leaky(leaky_input, tmp_path / "out")
     for name, data in files.items():
-        for needle in _needles() + ["17.03.1958".encode()]:
+        for needle in _needles() + [b"17.03.1958"]:
             assert needle not in data, f"{needle!r} found in {name}"
     messages = {n: d for n, d in files.items() if n.endswith(("error.json", "batch.json", "batch.log"))}
     for name, data in messages.items():

@@ -12,7 +12,9 @@ from pipeline.io.atomic import is_disk_full
 
 LOCK_NAME = ".modicscan.lock"
 RESERVE_NAME = ".modicscan.reserve"
-RESERVE_BYTES = 4 << 20  # batch.json of ~15000 studies, and the last lines of batch.log
+# Room for batch.json of ~15000 studies and the last lines of batch.log; on a nearly full disk less is reserved
+# (still enough for a small batch's batch.json) rather than refusing to start.
+RESERVE_SIZES = (4 << 20, 1 << 20, 256 << 10, 64 << 10)
 
 
 class OutputFolderError(Exception):
@@ -73,10 +75,17 @@ class OutputFolder:
 
     def _make_reserve(self) -> None:
         path = self.root / RESERVE_NAME
-        with open(path, "wb") as fh:  # real bytes: a sparse file (truncate) would reserve nothing
-            fh.write(bytes(RESERVE_BYTES))
-            fh.flush()
-            os.fsync(fh.fileno())
+        for size in RESERVE_SIZES:
+            try:
+                with open(path, "wb") as fh:  # real bytes: a sparse file (truncate) would reserve nothing
+                    fh.write(bytes(size))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                if not is_disk_full(exc) or size == RESERVE_SIZES[-1]:
+                    raise
 
     def release_reserve(self) -> None:
         """Give the reserved space back (the disk is full: batch.json and the log need it now)."""

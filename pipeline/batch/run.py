@@ -181,8 +181,9 @@ def run_batch(
 
     if disk_full:
         output.release_reserve()  # the space batch.json and the log need now
-        log.error("the output disk is full: %d studies are complete, the others were not started or not kept; "
-                  "free some space and rerun the same command to resume", len(outcomes))
+        complete = sum(o.code != "DISK_FULL" for o in outcomes)
+        log.error("the output disk is full: %d studies have their complete record, the others were not started or "
+                  "not kept; free some space and rerun the same command to resume", complete)
     else:
         try:
             write_cohort(out_root)
