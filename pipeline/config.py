@@ -179,7 +179,7 @@ def _build_section(cls: type, raw: Any, where: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{where}.{_short(key)}'; allowed keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown config key '{where}.{str(key)[:60]}'; allowed keys: {', '.join(sorted(fields))}")
         f = fields[key]
         ann = hints[key]
         if dataclasses.is_dataclass(ann):
@@ -213,7 +213,7 @@ def config_from_dict(raw: dict[str, Any] | None) -> Config:
     allowed = {f.name for f in dataclasses.fields(Config)}
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"unknown config section {_short(key)}; allowed sections: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"unknown config section '{str(key)[:60]}'; allowed sections: {', '.join(sorted(allowed))}")
     return Config(**{name: _build_section(hints[name], raw.get(name), name) for name in allowed})
 
 
