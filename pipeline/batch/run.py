@@ -256,7 +256,7 @@ class _BatchRecord:
             "interrupted": interrupted,
             "disk_full": disk_full,
             "exit_code": exit_code,
-            "input": public_path(str(self.input_root), key),
+            "input": public_path(self.patients.text(str(self.input_root)), key),
             "config_hash": cfg.hash(),
             "config": cfg.to_dict_public(),
             "files_seen": self.discovery.n_files_seen,

@@ -72,7 +72,10 @@ class StudyTask:
         report = self.config.report
         if report.pseudonymise_key:
             return public_path(self.source_folder, report.pseudonymise_key)
-        return self.source_folder if report.keep_identifiers else self.redactor.text(self.source_folder)
+        if report.keep_identifiers:
+            return self.source_folder
+        # only the patient's identifiers: cheap, and the batch process asks this of every study when it resumes
+        return _identity(self.config).patients_redactor([self.study]).text(self.source_folder)
 
 
 @dataclass

@@ -67,19 +67,26 @@ class Redactor:
             needle = needle.strip()
             if len(needle) >= _MIN_NEEDLE and not _ROMAN.match(needle):
                 self._token.setdefault(needle.lower(), token)
-        needles = sorted(self._token, key=len, reverse=True)
-        # A needle ends where letters and digits end: "_" and "-" separate words in folder and file names
-        self._pattern = (re.compile(r"(?<![^\W_])(?:" + "|".join(map(re.escape, needles)) + r")(?![^\W_])",
-                                    re.IGNORECASE) if needles else None)
+        self._compiled: re.Pattern | None = None
+
+    @property
+    def _pattern(self) -> re.Pattern | None:
+        """Compiled on first use: a study of thousands of files takes a second to compile."""
+        if self._compiled is None and self._token:
+            needles = sorted(self._token, key=len, reverse=True)
+            # A needle ends where letters and digits end: "_" and "-" separate words in folder and file names
+            self._compiled = re.compile(r"(?<![^\W_])(?:" + "|".join(map(re.escape, needles)) + r")(?![^\W_])",
+                                        re.IGNORECASE)
+        return self._compiled
 
     def text(self, value: str) -> str:
-        if self._pattern is None or not value:
+        if not value or not self._token:
             return value
         return self._pattern.sub(lambda m: self._token.get(m.group(0).lower(), "[removed]"), value)
 
     def walk(self, obj: Any, free_text: bool = False) -> Any:
         """A record (report, error record) with the strings under :data:`FREE_TEXT_KEYS` redacted."""
-        if self._pattern is None:
+        if not self._token:
             return obj
         if isinstance(obj, str):
             return self.text(obj) if free_text else obj
