@@ -140,7 +140,7 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
                "dicom_out": dicom_out, "write_masks": True}
     try:
         # Before batch.log is opened: a read-only folder or another run's folder gets one line and exit 2.
-        output = OutputFolder(out_dir.resolve()).acquire()
+        output = OutputFolder(out_dir.resolve(), shard_ix).acquire()
     except OutputFolderError as exc:
         click.echo(f"modicscan: {exc}", err=True)
         sys.exit(EXIT_DISK_FULL if exc.disk_full else EXIT_USAGE)

@@ -194,6 +194,22 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
         pass
 
 
+def test_shards_of_a_job_array_share_the_folder_but_each_shard_and_a_whole_run_are_exclusive(tmp_path):
+    from pipeline.batch.out_dir import OutputFolderError
+
+    out = tmp_path / "out"
+    with OutputFolder(out, (0, 2)), OutputFolder(out, (1, 2)):  # the shards of one array, side by side
+        with pytest.raises(OutputFolderError, match="another modicscan run"):
+            OutputFolder(out, (1, 2)).acquire()  # the same shard twice
+        with pytest.raises(OutputFolderError, match="another modicscan run"):
+            OutputFolder(out).acquire()  # a whole run beside the shards
+        res = CliRunner().invoke(main, ["run", str(tmp_path), "-o", str(out), "--shard", "0/2", "--no-progress"])
+        assert res.exit_code == EXIT_USAGE and "another modicscan run" in res.output, res.output
+        assert (out / f"{RESERVE_NAME}.shard-0-of-2").exists()  # the refused run left the holder's reserve alone
+    with OutputFolder(out):  # all released
+        pass
+
+
 def test_a_read_only_output_folder_is_a_usage_error_in_one_line(tmp_path, monkeypatch):
     inp = _copy_studies(tmp_path / "in", {"a": 0})
     out = tmp_path / "ro" / "out"

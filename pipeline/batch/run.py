@@ -103,7 +103,7 @@ def run_batch(
     otherwise taken here. Raises ``OutputFolderError`` when another run holds it or it cannot be written.
     """
     if output is None:
-        with OutputFolder(Path(out_root).resolve()) as held:
+        with OutputFolder(Path(out_root).resolve(), shard) as held:
             return run_batch(input_root, out_root, cfg, jobs=jobs, force=force, progress=progress, options=options,
                              executor=executor, shard=shard, output=held)
     from pipeline.io.atomic import remove_stale_temp_files

@@ -5,10 +5,13 @@ clean-up of temporary files and folders a killed run left behind."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,11 +79,21 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+# Staging folders carry the writer's pid and host: shards of a SLURM array share one output folder from several
+# machines, and a pid says nothing about a process on another host.
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+_OTHER_HOST = re.compile(r"\.\d+\.h([0-9a-f]{8})-")
+
+
+def _dir_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}.h{_HOST}-"
+
+
 def make_staging_dir(parent: str | Path, name: str) -> Path:
     """An empty folder beside ``parent/name`` to write a study's files in before :func:`publish_dir`."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=_dir_prefix(name), suffix=".tmp", dir=parent))
     os.chmod(staging, shared_mode(directory=True))
     return staging
 
@@ -94,7 +107,7 @@ def publish_dir(staging: Path, target: Path) -> None:
     """
     aside = None
     if target.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old.tmp", dir=target.parent))
+        aside = Path(tempfile.mkdtemp(prefix=_dir_prefix(target.name), suffix=".old.tmp", dir=target.parent))
         os.rename(target, aside / "old")
     os.rename(staging, target)
     if aside is not None:
@@ -102,14 +115,16 @@ def publish_dir(staging: Path, target: Path) -> None:
 
 
 def remove_stale_temp_files(folder: str | Path) -> int:
-    """Delete temp files and staging folders left by writers that were killed (their pid no longer runs)."""
-    import re
-
+    """Delete temp files and staging folders left by writers that were killed (their pid no longer runs here;
+    staging folders of another host are left alone)."""
     n = 0
     pat = re.compile(r"^\..+?\.(\d+)\.(?:[^.]+\.)?(?:old\.)?tmp(?:\..*)?$")
     for p in sorted(Path(folder).rglob(".*tmp*"), key=lambda q: len(q.parts)):
         m = pat.match(p.name)
         if not m or not p.exists():
+            continue
+        host = _OTHER_HOST.search(p.name)
+        if host and host.group(1) != _HOST:
             continue
         pid = int(m.group(1))
         try:
