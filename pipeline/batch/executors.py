@@ -75,27 +75,26 @@ def _limit_memory(mib: int) -> None:
         log.warning("batch.worker_memory_mb is not supported on this platform")
 
 
-def _log_to(log_file: str | None, fmt: tuple[str | None, str | None], level: int) -> None:
+def _log_to(log_file: str | None, formatter: logging.Formatter | None, level: int) -> None:
     """Worker log lines (a study's traceback) go to the batch's log file too."""
     logging.raiseExceptions = False  # a full disk must not print a logging traceback per line
     log.setLevel(level)
     log.propagate = False
     if log_file:
         handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter(*fmt))
+        handler.setFormatter(formatter)
         log.addHandler(handler)
 
 
-def _parent_log_file() -> tuple[str | None, tuple[str | None, str | None]]:
+def _parent_log_file() -> tuple[str | None, logging.Formatter | None]:
     for h in log.handlers:
         if isinstance(h, logging.FileHandler):
-            f = h.formatter
-            return h.baseFilename, ((f._fmt, f.datefmt) if f is not None else (None, None))
-    return None, (None, None)
+            return h.baseFilename, h.formatter
+    return None, None
 
 
-def _worker_main(conn, test_hooks: str | None = None, parent_pid: int | None = None,
-                 log_file: str | None = None, log_format: tuple = (None, None), log_level: int = logging.INFO) -> None:
+def _worker_main(conn, test_hooks: str | None = None, parent_pid: int | None = None, log_file: str | None = None,
+                 log_format: logging.Formatter | None = None, log_level: int = logging.INFO) -> None:
     _single_thread_env()
     if parent_pid is not None:
         _end_with_parent(parent_pid)
