@@ -179,16 +179,18 @@ def run_batch(
         if bar is not None:
             bar.close()
 
+    if not disk_full:
+        try:
+            write_cohort(out_root)
+        except Exception as exc:  # noqa: BLE001 - the per-study records are the results; the table can be rebuilt
+            disk_full = is_disk_full(exc)
+            if not disk_full:
+                log.exception("could not write the cohort table; rebuild with `modicscan summarize %s`", out_root)
     if disk_full:
         output.release_reserve()  # the space batch.json and the log need now
         complete = sum(o.code != "DISK_FULL" for o in outcomes)
         log.error("the output disk is full: %d studies have their complete record, the others were not started or "
                   "not kept; free some space and rerun the same command to resume", complete)
-    else:
-        try:
-            write_cohort(out_root)
-        except Exception:  # noqa: BLE001 - the per-study records are the results; the table can be rebuilt
-            log.exception("could not write the cohort table; rebuild with `modicscan summarize %s`", out_root)
 
     n_failed = sum(o.status == "failed" or (o.status == "skipped" and bool(o.code)) for o in outcomes)
     if disk_full:
