@@ -143,7 +143,7 @@ class Identity:
 
         Default: the patient's own name, ID, birth date and the accession number, and the input file names
         (error messages name a file by its number in the study's sorted file list instead). Pseudonymised:
-        also the series and study descriptions and every input folder name. Kept: nothing.
+        also the series and study descriptions and the input and study folder paths. Kept: nothing.
         """
         if self.keep:
             return Redactor()
@@ -153,10 +153,11 @@ class Identity:
             if input_root:
                 rep[os.path.relpath(f, input_root)] = f"[file #{i}]"
         if self.key:
+            # whole paths only: single folder names ("DICOM", "T2") would also hit ordinary words of a message
             if input_root:
                 rep[input_root] = "[input folder]"
-            for part in source_folder.split(os.sep):
-                rep.setdefault(part, "[folder]")
+                rep[os.path.join(input_root, source_folder)] = "[study folder]"
+            rep[source_folder] = rep[study.root] = "[study folder]"
             for s in study.series.values():
                 rep[s.series_description] = f"[series {s.series_number}]" if s.series_number is not None \
                     else "[series description]"
