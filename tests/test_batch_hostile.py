@@ -90,6 +90,7 @@ def test_jobs_1_honours_the_study_timeout(tmp_path):
     assert time.monotonic() - start < 120
     (err,) = [json.loads(p.read_text()) for p in out.glob("*/error.json")]
     assert err["error"]["code"] == "TIMEOUT" and "batch.study_timeout_s" in err["error"]["message"]
+    _folders_complete_or_absent(out)  # the staging folder of the stopped worker is gone too
 
 
 def test_a_worker_memory_limit_fails_the_greedy_study_alone(tmp_path):

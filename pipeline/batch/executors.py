@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 
 from pipeline.batch.study import StudyOutcome, StudyTask, process_study, write_failure
-from pipeline.io.atomic import is_disk_full
+from pipeline.io.atomic import is_disk_full, remove_staging_of
 
 log = logging.getLogger("modicscan")
 
@@ -163,6 +163,8 @@ class _Worker:
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(timeout=5)
+        if self.task is not None:  # what it was writing when it died: the study folder stays complete or absent
+            remove_staging_of(self.task.out_root, self.task.key, self.proc.pid)
 
 
 def iter_inline(tasks: list[StudyTask], jobs: int = 1) -> Iterator[StudyOutcome]:

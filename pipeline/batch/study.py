@@ -331,7 +331,8 @@ def _test_hooks(task: StudyTask) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     elif crash == "exit":
         os._exit(137)
-    elif crash == "sleep":
+    elif crash == "sleep":  # hangs while its files are being written
+        make_staging_dir(task.out_root, task.key)
         time.sleep(3600)
     elif crash == "allocate":  # asks for 8 GiB of address space (never touched: harmless without a limit)
         import numpy as np

@@ -98,6 +98,12 @@ def make_staging_dir(parent: str | Path, name: str) -> Path:
     return staging
 
 
+def remove_staging_of(parent: str | Path, name: str, pid: int) -> None:
+    """Delete the staging folders a killed writer (``pid``, this host) left for ``parent/name``."""
+    for p in Path(parent).glob(f".{name}.{pid}.h{_HOST}-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def publish_dir(staging: Path, target: Path) -> None:
     """Put a completely written folder in place of ``target``: a reader sees the old folder, none, or the new one.
 
