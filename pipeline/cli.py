@@ -2,7 +2,9 @@
 evaluate-edema | summarize | bench``.
 
 Exit codes (dcm2niix style, see README): 0 all studies analysed, 1 internal error, 2 usage or config
-error, 3 partial (some studies failed, the others are written), 4 no studies found.
+error (also: output folder read-only or in use by another run), 3 some or all studies failed (each has its
+error.json), 4 no studies found, 5 the output disk filled up (the run stopped; rerun to resume), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.batch.run import EXIT_INTERNAL, EXIT_NO_STUDIES, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+from pipeline.batch.run import (
+    EXIT_DISK_FULL,
+    EXIT_INTERNAL,
+    EXIT_NO_STUDIES,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+)
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("modicscan")
@@ -23,6 +32,7 @@ log = logging.getLogger("modicscan")
 
 def setup_logging(log_file: Path | None = None, verbose: bool = False) -> None:
     """Logs go to stderr and, for a run, to ``out/batch.log``."""
+    logging.raiseExceptions = False  # a full disk must not print a logging traceback for every line
     log.handlers.clear()
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
@@ -40,21 +50,9 @@ def setup_logging(log_file: Path | None = None, verbose: bool = False) -> None:
 
 
 def _load_config(path: str | None, overrides: dict[str, dict]) -> object:
-    from pipeline.config import config_from_dict
+    from pipeline.config import config_from_dict, read_config_file
 
-    raw: dict = {}
-    if path:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections (loading, roles, ...)")
+    raw: dict = read_config_file(path) if path else {}
     for section, values in overrides.items():
         sec = raw.setdefault(section, {}) or {}
         if not isinstance(sec, dict):
@@ -98,9 +96,15 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         shard: str | None, masks_dir: Path | None, overlays: str, zone_masks: bool, dicom_out: bool,
         no_progress: bool, verbose: bool) -> None:
     """Analyse every study found under INPUT_DIR (any depth) and write reports to OUT."""
+    from pipeline.batch.out_dir import OutputFolder, OutputFolderError
     from pipeline.batch.run import run_batch
+    from pipeline.report.identity import public_path
 
     overrides: dict[str, dict] = {}
+    if pseudonymise_key is not None and not pseudonymise_key.strip():
+        click.echo("modicscan: --pseudonymise needs a non-empty KEY (an empty one would silently write the default "
+                   "identifiers)", err=True)
+        sys.exit(EXIT_USAGE)
     if pseudonymise_key is not None:
         overrides.setdefault("report", {})["pseudonymise_key"] = pseudonymise_key
     if keep_identifiers:
@@ -135,15 +139,24 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         sys.exit(EXIT_USAGE)
     options = {"masks_dir": str(masks_dir) if masks_dir else None, "overlays": overlays, "zone_masks": zone_masks,
                "dicom_out": dicom_out, "write_masks": True}
-    setup_logging(out_dir / "batch.log", verbose)
-    log.info("modicscan %s: run %s -> %s (jobs=%d, executor %s, config %s)", __version__, input_dir, out_dir,
-             cfg.batch.jobs, executor, cfg.hash())
     try:
+        # Before batch.log is opened: a read-only folder or another run's folder gets one line and exit 2.
+        output = OutputFolder(out_dir.resolve(), shard_ix).acquire()
+    except OutputFolderError as exc:
+        click.echo(f"modicscan: {exc}", err=True)
+        sys.exit(EXIT_DISK_FULL if exc.disk_full else EXIT_USAGE)
+    try:
+        setup_logging(out_dir / "batch.log", verbose)
+        log.info("modicscan %s: run %s -> %s (jobs=%d, executor %s, config %s)", __version__,
+                 public_path(str(input_dir), cfg.report.pseudonymise_key), out_dir, cfg.batch.jobs, executor,
+                 cfg.hash())
         result = run_batch(input_dir, out_dir, cfg, jobs=cfg.batch.jobs, force=force, progress=not no_progress,
-                           options=options, executor=runner, shard=shard_ix)
+                           options=options, executor=runner, shard=shard_ix, output=output)
     except Exception:  # noqa: BLE001 - the batch machinery itself failed: exit 1 with the traceback in the log
         log.exception("internal error")
         sys.exit(EXIT_INTERNAL)
+    finally:
+        output.release()
     counts: dict[str, int] = {}
     for o in result.outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
@@ -154,6 +167,9 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
     )
     if result.exit_code == EXIT_NO_STUDIES:
         click.echo(f"modicscan: no DICOM studies found under {input_dir}", err=True)
+    if result.disk_full:
+        click.echo(f"modicscan: the disk of {out_dir} is full: the run stopped; every study folder written is "
+                   "complete, the others are absent. Free some space and rerun the same command to resume.", err=True)
     sys.exit(result.exit_code)
 
 
@@ -215,6 +231,14 @@ def segment(input_path: Path, out_path: Path, config_path: str | None, png_path:
     from pipeline.batch.segment_file import segment_path
     from pipeline.errors import StudyError
 
+    # Checked before minutes of segmenting: nibabel only complains about the name when it comes to write.
+    if not out_path.name.lower().endswith((".nii.gz", ".nii")):
+        click.echo(f"modicscan: -o {out_path} must name a NIfTI file (.nii.gz or .nii); for a picture use --png",
+                   err=True)
+        sys.exit(EXIT_USAGE)
+    if png_path is not None and not png_path.name.lower().endswith(".png"):
+        click.echo(f"modicscan: --png {png_path} must name a .png file", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         cfg = _load_config(config_path, {})
     except ConfigError as exc:
@@ -347,10 +371,11 @@ def summarize(out_dir: Path) -> None:
     click.echo(f"wrote {path}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+# No click help option: `modicscan bench --help` reaches the benchmark's own parser, which lists its options.
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def bench(ctx: click.Context) -> None:
-    """Speed / memory benchmark on generated phantoms (options: see `python -m pipeline.bench --help`)."""
+    """Speed / memory benchmark on generated phantoms (`modicscan bench --help` lists its options)."""
     from pipeline.bench import main as bench_main
 
     sys.exit(bench_main(list(ctx.args)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +129,9 @@ class ReportConfig:
 class BatchConfig:
     jobs: int = _f(1, 1, 256, doc="worker processes")
     study_timeout_s: float = _f(600.0, 1.0, 86400.0, doc="a study running longer than this is abandoned with TIMEOUT")
+    worker_memory_mb: int = _f(0, 0, 16_777_216, doc="address-space limit of each worker process in MiB (0: none); a "
+                               "study needing more fails with OUT_OF_MEMORY instead of reaching the job's or the "
+                               "machine's memory limit")
 
 
 @dataclass
@@ -177,6 +182,15 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+def _short(value: Any) -> str:
+    """A value as an error message may show it: a few dozen characters, never a whole expanded structure."""
+    return _SHORT.repr(value)
+
+
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
@@ -191,7 +205,7 @@ def _build_section(cls: type, raw: Any, where: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{where}.{key}'; allowed keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown config key '{where}.{str(key)[:60]}'; allowed keys: {', '.join(sorted(fields))}")
         f = fields[key]
         ann = hints[key]
         if dataclasses.is_dataclass(ann):
@@ -199,11 +213,13 @@ def _build_section(cls: type, raw: Any, where: str):
             continue
         if not _type_ok(value, ann):
             raise ConfigError(
-                f"config key '{where}.{key}' must be of type {_type_name(ann)}, got {value!r} ({type(value).__name__})"
+                f"config key '{where}.{key}' must be of type {_type_name(ann)}, got {_short(value)} ({type(value).__name__})"
             )
+        if isinstance(value, float) and not math.isfinite(value):  # .nan passes every range test
+            raise ConfigError(f"config key '{where}.{key}' = {value!r} is not a finite number")
         lo, hi, choices = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
         if choices is not None and value not in choices:
-            raise ConfigError(f"config key '{where}.{key}' = {value!r} is not allowed; allowed values: {list(choices)}")
+            raise ConfigError(f"config key '{where}.{key}' = {_short(value)} is not allowed; allowed values: {list(choices)}")
         if isinstance(value, int | float) and not isinstance(value, bool):
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise ConfigError(f"config key '{where}.{key}' = {value!r} is out of range; allowed: {lo} to {hi}")
@@ -223,19 +239,68 @@ def config_from_dict(raw: dict[str, Any] | None) -> Config:
     allowed = {f.name for f in dataclasses.fields(Config)}
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"unknown config section '{key}'; allowed sections: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"unknown config section '{str(key)[:60]}'; allowed sections: {', '.join(sorted(allowed))}")
     return Config(**{name: _build_section(hints[name], raw.get(name), name) for name in allowed})
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything larger is a mistake (or an attack)
+MAX_CONFIG_DEPTH = 8  # sections hold keys hold values: 3 levels; lists of lists at most a few more
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML without anchors / aliases: a config needs none, and a few hundred bytes of nested aliases expand
+    into billions of list items (a "billion laughs" bomb) as soon as anything looks at the value."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.YAMLError("anchors and aliases (&name, *name) are not allowed in a config "
+                                 f"(line {event.start_mark.line + 1})")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; ConfigError (one line) for anything else.
+
+    Refused cheaply, before any expansion: files over 1 MiB, text that is not UTF-8, anchors / aliases, nesting
+    deeper than :data:`MAX_CONFIG_DEPTH`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config holds a few keys")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())[:200]  # one short line, whatever the parser said
+        raise ConfigError(f"config file {p} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (loading, roles, ...)")
+    return raw
 
 
 def load_config(path: str | Path | None = None) -> Config:
     """Read a YAML file (or the built-in defaults when ``path`` is None) into a validated Config."""
     if path is None:
         return Config()
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-    return config_from_dict(raw)
+    return config_from_dict(read_config_file(path))

@@ -31,6 +31,9 @@ REASON_CODES: dict[str, str] = {
     "INTERNAL_ERROR": "an unexpected error occurred; see batch.log for the traceback",
     "WORKER_CRASHED": "the worker process processing the study died (crash or out-of-memory kill)",
     "TIMEOUT": "the study exceeded the per-study time limit",
+    "OUT_OF_MEMORY": "the study needed more memory than a worker may use (batch.worker_memory_mb) or the machine had",
+    "DISK_FULL": "the output disk was full (or a quota reached) while the study's files were written; nothing was "
+                 "kept for the study and the run stopped",
 }
 
 

@@ -15,6 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from pipeline import phantom
+from pipeline.batch.executors import get_executor
 from pipeline.batch.run import run_batch
 from pipeline.cli import main
 from pipeline.config import Config
@@ -26,7 +27,8 @@ PATIENT = {"patient_name": "DICOMOUT^PLANTED", "patient_id": "PID-DICOMOUT-77"}
 
 
 def _run(root: Path, out: Path) -> Path:
-    res = run_batch(root, out, Config(), jobs=1, progress=False,
+    # inline: in this process, so that a test's monkeypatch reaches the study (workers are separate processes)
+    res = run_batch(root, out, Config(), jobs=1, progress=False, executor=get_executor("inline"),
                     options={"dicom_out": True, "overlays": "none", "write_masks": True})
     assert res.exit_code == 0, [(o.status, o.code, o.message) for o in res.outcomes]
     (study_out,) = [p.parent for p in out.glob("*/report.json")]

@@ -28,6 +28,7 @@ STUDIES = ("phantom_seed0000", "phantom_seed0002")
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     """A two-study phantom batch run in-process (default --overlays flagged); the artefacts are kept per study."""
+    from pipeline.batch.executors import get_executor
     from pipeline.batch.run import run_batch
     from pipeline.config import config_from_dict
 
@@ -43,8 +44,9 @@ def batch(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(study_outputs, "write_study_outputs", spy)
+        # inline: the spy must see the studies, which a worker process would analyse out of its reach
         result = run_batch(root / "in", root / "out", config_from_dict({}), jobs=1, progress=False,
-                           options={"overlays": "flagged", "write_masks": True})
+                           options={"overlays": "flagged", "write_masks": True}, executor=get_executor("inline"))
     assert result.exit_code == 0
     assert len(captured) == len(STUDIES)
     return root / "out", captured

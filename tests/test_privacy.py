@@ -89,3 +89,62 @@ def test_pseudonyms_are_keyed_and_stable_and_originals_only_on_request(phi_study
     res = CliRunner().invoke(main, ["run", str(phi_study), "-o", str(tmp_path / "x"), "--pseudonymise", "k",
                                     "--keep-identifiers"])
     assert res.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------- issue 30
+FREE_TEXT_MARK = "DESCMARK42"  # a description word that identifies nothing, to see where descriptions go
+FILE_MARK = "secret7731"  # in a file name: no error message may repeat it
+WARD = "ward7b"  # an input folder name: only pseudonymisation hides it
+
+
+@pytest.fixture(scope="module")
+def leaky_input(tmp_path_factory):
+    """One good study whose series descriptions and folder carry the patient's name, ID and birth date, and one
+    whose T2 has a file with broken pixel data named with FILE_MARK (its error message names a file)."""
+    import pydicom
+
+    root = tmp_path_factory.mktemp("leaky")
+    who = dict(patient_name=PHI["PatientName"], patient_id=PHI["PatientID"],
+               extra_tags={"PatientBirthDate": PHI["PatientBirthDate"]})
+    folder = f"{WARD}/Müller_{PHI['PatientID']}"
+    phantom.make_study(root / WARD, 22, matrix=96, n_slices=12, study_name=folder.split("/")[1], **who)
+    phantom.make_study(root / WARD, 23, matrix=96, n_slices=12, study_name="broken", series=("T1", "T2"), **who)
+    for f in sorted((root / folder / "DICOM").rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = f"{ds.SeriesDescription} {FREE_TEXT_MARK} Müller^Zoë {PHI['PatientID']} 17.03.1958"
+        ds.save_as(f)
+    t2 = sorted((root / WARD / "broken" / "DICOM" / "SE003").glob("*.dcm"))
+    ds = pydicom.dcmread(t2[3])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(t2[3].with_name(f"IM_{FILE_MARK}.dcm"))
+    t2[3].unlink()
+    return root
+
+
+def _run_leaky(inp: Path, out: Path, *extra: str) -> dict[str, bytes]:
+    res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress", *extra])
+    assert res.exit_code == 3, res.output  # one study analysed, one failed
+    assert {json.loads(p.read_text())["error"]["code"] for p in out.glob("*/error.json")} == {"PIXEL_DATA_UNREADABLE"}
+    assert len(list(out.glob("*/report.json"))) == 1
+    return {str(p.relative_to(out)): data for p, data in _all_bytes(out)}
+
+
+def test_default_mode_strips_the_patient_from_free_text_and_file_names_from_messages(leaky_input, tmp_path):
+    files = _run_leaky(leaky_input, tmp_path / "out")
+    for name, data in files.items():
+        for needle in _needles() + [b"17.03.1958"]:
+            assert needle not in data, f"{needle!r} found in {name}"
+    messages = {n: d for n, d in files.items() if n.endswith(("error.json", "batch.json", "batch.log"))}
+    for name, data in messages.items():
+        assert FILE_MARK.encode() not in data, f"a file name in {name}"
+    (report,) = [json.loads(d) for n, d in files.items() if n.endswith("report.json")]
+    # the description stays, without the patient: the README says default mode writes it
+    assert FREE_TEXT_MARK in report["series"]["T2"]["series_description"]
+    assert "[patient name]" in report["series"]["T2"]["series_description"]
+
+
+def test_pseudonymised_outputs_hold_nothing_from_input_paths_or_free_text(leaky_input, tmp_path):
+    files = _run_leaky(leaky_input, tmp_path / "out", "--pseudonymise", "k1")
+    for name, data in files.items():
+        for needle in _needles() + [FREE_TEXT_MARK.encode(), FILE_MARK.encode(), WARD.encode(), b"broken"]:
+            assert needle not in data, f"{needle!r} found in {name}"

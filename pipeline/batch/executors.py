@@ -1,10 +1,14 @@
 """How studies are handed to workers. Each executor takes (tasks, jobs) and yields StudyOutcomes as they finish.
 
-* ``iter_local`` — this machine. One study at a time per worker; with ``jobs > 1`` a small supervised pool
-  of long-lived worker processes. Unlike ``concurrent.futures.ProcessPoolExecutor`` (which breaks the whole
-  pool when one worker dies), a worker that segfaults or is OOM-killed costs only the study it held: that
-  study gets ``error.json`` with ``WORKER_CRASHED`` and a fresh worker takes its place. A study running
-  longer than ``batch.study_timeout_s`` is stopped the same way with ``TIMEOUT``.
+* ``iter_local`` — this machine: a small supervised pool of ``jobs`` long-lived worker processes, one study
+  at a time each, also at ``jobs == 1`` (the batch process itself never decodes a study, so a study that
+  needs more memory than the job has is OOM-killed in its worker, not the batch). Unlike
+  ``concurrent.futures.ProcessPoolExecutor`` (which breaks the whole pool when one worker dies), a worker that
+  segfaults or is OOM-killed costs only the study it held: that study gets ``error.json`` with
+  ``WORKER_CRASHED`` and a fresh worker takes its place. A study running longer than
+  ``batch.study_timeout_s`` is stopped the same way with ``TIMEOUT``. Workers end with the batch process,
+  even when it is killed.
+* ``iter_inline`` — in the calling process, no isolation: for debugging (pdb) and tests that patch functions.
 * ``iter_dask`` — a dask.distributed cluster (``--dask-scheduler`` address, or a LocalCluster), same
   per-study function, same records; a task whose worker dies is not retried (``allowed-failures: 0``)
   and is recorded as ``WORKER_CRASHED``.
@@ -15,11 +19,13 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 
 from pipeline.batch.study import StudyOutcome, StudyTask, process_study, write_failure
+from pipeline.io.atomic import is_disk_full, remove_staging_of
 
 log = logging.getLogger("modicscan")
 
@@ -34,8 +40,65 @@ def _single_thread_env() -> None:
         os.environ.setdefault(var, "1")
 
 
-def _worker_main(conn, test_hooks: str | None = None) -> None:
+def _end_with_parent(parent_pid: int) -> None:
+    """The worker dies with the batch process, even when that is SIGKILLed (an orphan would go on writing)."""
+    try:  # Linux: the kernel signals us when our parent (the forkserver, which ends with the batch) dies
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:  # elsewhere: look every half second
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="modicscan-parent-watch").start()
+
+
+def _limit_memory(mib: int) -> None:
+    """Cap this worker's address space (soft limit, so the next study may raise it again): a study asking for more
+    gets MemoryError (OUT_OF_MEMORY) instead of the job's or the machine's memory running out."""
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = hard if mib <= 0 else (mib << 20 if hard == resource.RLIM_INFINITY else min(mib << 20, hard))
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not on this platform
+        log.warning("batch.worker_memory_mb is not supported on this platform")
+
+
+def _log_to(log_file: str | None, formatter: logging.Formatter | None, level: int) -> None:
+    """Worker log lines (a study's traceback) go to the batch's log file too."""
+    logging.raiseExceptions = False  # a full disk must not print a logging traceback per line
+    log.setLevel(level)
+    log.propagate = False
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
+def _parent_log_file() -> tuple[str | None, logging.Formatter | None]:
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            return h.baseFilename, h.formatter
+    return None, None
+
+
+def _worker_main(conn, test_hooks: str | None = None, parent_pid: int | None = None, log_file: str | None = None,
+                 log_format: logging.Formatter | None = None, log_level: int = logging.INFO) -> None:
     _single_thread_env()
+    if parent_pid is not None:
+        _end_with_parent(parent_pid)
+    _log_to(log_file, log_format, log_level)
     # The forkserver keeps the environment of the moment it started; the parent's current switch is passed in.
     if test_hooks is None:
         os.environ.pop("MODICSCAN_TEST_HOOKS", None)
@@ -54,6 +117,7 @@ def _worker_main(conn, test_hooks: str | None = None) -> None:
             return
         if task is None:
             return
+        _limit_memory(task.config.batch.worker_memory_mb)
         try:
             outcome = process_study(task)
         except KeyboardInterrupt:
@@ -64,16 +128,21 @@ def _worker_main(conn, test_hooks: str | None = None) -> None:
 def _crash_outcome(task: StudyTask, code: str, message: str, seconds: float) -> StudyOutcome:
     try:
         write_failure(task, code, message)
-    except Exception:  # noqa: BLE001 - the outcome still reaches batch.json
-        log.exception("could not write error.json for study %s", task.key)
-    log.error("study %s (%s): %s", task.key, task.source_folder, message)
-    return StudyOutcome(task.key, "failed", code, message, seconds, task.source_folder, n_files=task.n_files)
+    except Exception as exc:  # noqa: BLE001 - the outcome still reaches batch.json
+        if is_disk_full(exc):
+            code, message = "DISK_FULL", f"{message}; its error.json could not be written: the output disk is full"
+        else:
+            log.exception("could not write error.json for study %s", task.key)
+    log.error("study %s (%s): %s", task.key, task.public_folder, message)
+    return StudyOutcome(task.key, "failed", code, message, seconds, task.public_folder, n_files=task.n_files)
 
 
 class _Worker:
     def __init__(self, ctx):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, os.environ.get("MODICSCAN_TEST_HOOKS")),
+        log_file, log_format = _parent_log_file()
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.environ.get("MODICSCAN_TEST_HOOKS"), os.getpid(),
+                                                           log_file, log_format, log.getEffectiveLevel()),
                                 daemon=True)
         self.proc.start()
         child.close()
@@ -94,17 +163,26 @@ class _Worker:
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(timeout=5)
+        if self.task is not None:  # what it was writing when it died: the study folder stays complete or absent
+            remove_staging_of(self.task.out_root, self.task.key, self.proc.pid)
+
+
+def iter_inline(tasks: list[StudyTask], jobs: int = 1) -> Iterator[StudyOutcome]:
+    """Run the tasks one after the other in this process (no isolation, no time limit)."""
+    for t in tasks:
+        yield process_study(t)
 
 
 def iter_local(tasks: list[StudyTask], jobs: int) -> Iterator[StudyOutcome]:
-    """Run tasks here (``jobs == 1``) or in a supervised pool of ``jobs`` processes, yielding outcomes as they finish."""
-    if jobs <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            yield process_study(t)
+    """Run tasks in a supervised pool of ``jobs`` worker processes (one at ``jobs == 1``), yielding outcomes as they
+    finish."""
+    if not tasks:
         return
     ctx = mp.get_context("forkserver")
+    # Workers fork from a server that has imported the pipeline once: a fresh worker (after a crash) starts fast.
+    ctx.set_forkserver_preload(["pipeline.batch.study"])
     pending = list(reversed(tasks))
-    workers = [_Worker(ctx) for _ in range(min(jobs, len(tasks)))]
+    workers = [_Worker(ctx) for _ in range(max(1, min(jobs, len(tasks))))]
     try:
         for w in workers:
             if pending:
@@ -206,8 +284,10 @@ def make_dask_executor(scheduler: str | None = None) -> Executor:
 def get_executor(kind: str = "local", scheduler: str | None = None) -> Executor:
     if kind == "local":
         return iter_local
+    if kind == "inline":
+        return iter_inline
     if kind == "dask":
         import distributed  # noqa: F401 - fail early with a clear ImportError
 
         return make_dask_executor(scheduler)
-    raise ValueError(f"unknown executor {kind!r}; choose 'local' or 'dask'")
+    raise ValueError(f"unknown executor {kind!r}; choose 'local', 'inline' or 'dask'")

@@ -47,7 +47,8 @@ def segment_path(input_path: str | Path, output_path: str | Path, cfg: Segmentat
         vol = load_series(series[0])
         seg = segment_vertebrae(vol.data, vol.spacing, cfg, keep_below_s1=True)
         save_nifti(seg.labels, vol.affine, output_path)
-        title = series[0].series_description or p.name
+        number = series[0].series_number  # never the description: it can hold names or IDs
+        title = f"series {number}" if number is not None else "sagittal series"
     if png_path is not None:
         from pipeline.report.overlays import write_segmentation_png
 

@@ -4,34 +4,33 @@ report) and the per-study outcome. Never raises for bad input: a StudyError beco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import StudyError
-from pipeline.io.atomic import write_json_atomic
-from pipeline.report.identity import Identity
+from pipeline.io.atomic import is_disk_full, make_staging_dir, publish_dir, write_json_atomic
+from pipeline.report.identity import Identity, Redactor, public_path
 from pipeline.report.json_report import build_error_record, build_report
 from pipeline.report.schema import validate_report
 from pipeline.types import StudyFiles, Volume
 
 log = logging.getLogger("modicscan")
 
-
-
-
 MIN_UNNAMED_COLUMN = 3  # unnamed bodies fewer than this are no spinal column (study fails with NO_LUMBAR_LEVELS)
 
 
 # Failures worth retrying on a rerun even without --force: they depend on the machine, not the input.
-TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT"}
-
+TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT", "DISK_FULL", "OUT_OF_MEMORY"}
 
 BODY_MODELS = {"unet": "2.5-D U-Net (shipped model, ONNX Runtime)",
                "classifier": "gradient-boosted pixel classifier (shipped model)"}
@@ -56,10 +55,27 @@ class StudyTask:
     source_folder: str
     force: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    input_root: str = ""  # the run's INPUT folder (its name is redacted from messages when pseudonymising)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out_root) / self.key
+
+    @functools.cached_property
+    def redactor(self) -> Redactor:
+        """Strips the study's identifying text (names, IDs, file names; more when pseudonymising) from free text."""
+        return _identity(self.config).redactor(self.study, study_files(self.study), self.input_root, self.source_folder)
+
+    @property
+    def public_folder(self) -> str:
+        """The input folder as batch.json and batch.log show it (hashed when pseudonymising)."""
+        report = self.config.report
+        if report.pseudonymise_key:
+            return public_path(self.source_folder, report.pseudonymise_key)
+        if report.keep_identifiers:
+            return self.source_folder
+        # only the patient's identifiers: cheap, and the batch process asks this of every study when it resumes
+        return _identity(self.config).patients_redactor([self.study]).text(self.source_folder)
 
 
 @dataclass
@@ -124,17 +140,23 @@ def already_done(task: StudyTask, config_hash: str) -> StudyOutcome | None:
             if code in TRANSIENT_CODES:
                 return None
             return StudyOutcome(task.key, "skipped", code, "failed in an earlier run: " + rec["error"].get("message", ""),
-                                source_folder=task.source_folder, n_files=task.n_files)
-        return StudyOutcome(task.key, "skipped", None, "analysed in an earlier run", source_folder=task.source_folder,
+                                source_folder=task.public_folder, n_files=task.n_files)
+        return StudyOutcome(task.key, "skipped", None, "analysed in an earlier run", source_folder=task.public_folder,
                             n_files=task.n_files)
     return None
 
 
-def _remove(path: Path) -> None:
+def publish_study(task: StudyTask, write: Callable[[Path], None]) -> None:
+    """Write the study's files with ``write(folder)`` into a staging folder, then put it in place of the study's
+    folder: each study folder is complete (report.json or error.json and its companions) or absent, even when
+    the disk fills up or the worker is killed mid-write."""
+    staging = make_staging_dir(task.out_root, task.key)
     try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+        write(staging)
+        publish_dir(staging, task.out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _identity(cfg: Config) -> Identity:
@@ -143,15 +165,15 @@ def _identity(cfg: Config) -> Identity:
 
 def write_failure(task: StudyTask, code: str, message: str, details: dict | None = None,
                   warnings: list[str] | None = None) -> None:
-    """Record a failed study: error.json replaces any stale report so exactly one record remains."""
+    """Record a failed study: a folder holding only error.json replaces the study's folder (one record remains)."""
     cfg = task.config
     rec = build_error_record(
         study=task.study, identity=_identity(cfg), config_hash=cfg.hash(), config_values=cfg.to_dict_public(),
         input_hash=task.input_hash, n_files=task.n_files, source_folder=task.source_folder,
         code=code, message=message, details=details, warnings=warnings,
     )
-    write_json_atomic(task.out_dir / "error.json", rec)
-    _remove(task.out_dir / "report.json")
+    rec = task.redactor.walk(rec)
+    publish_study(task, lambda folder: write_json_atomic(folder / "error.json", rec))
 
 
 # ---------------------------------------------------------------------------------------------- one study
@@ -287,39 +309,67 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
 
 
 def process_study(task: StudyTask) -> StudyOutcome:
-    """Analyse one study and write its one record. Never raises for a bad study (per-study isolation)."""
+    """Analyse one study and write its one record. Never raises for a bad study (per-study isolation).
+
+    A full output disk is no fault of the study: nothing is kept for it and the outcome says DISK_FULL, on which
+    the batch stops (every later study would fail the same way).
+    """
     start = time.perf_counter()
     done = already_done(task, task.config.hash())
     if done is not None:
         return done
-    _test_hooks(task)
     try:
+        return _analyse_and_write(task, start)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        msg = f"the output disk is full ({os.strerror(exc.errno)}); nothing was kept for this study"
+        log.error("study %s (%s): %s", task.key, task.public_folder, msg)
+        return StudyOutcome(task.key, "failed", "DISK_FULL", msg, time.perf_counter() - start, task.public_folder,
+                            n_files=task.n_files)
+
+
+def _analyse_and_write(task: StudyTask, start: float) -> StudyOutcome:
+    redact = task.redactor
+    try:
+        _test_hooks(task)
         report, artefacts = analyse_study(task)
         t = time.perf_counter()
+        report = redact.walk(report)
         validate_report(report)
-        write_extra_outputs(task, report, artefacts)
-        report["timings_s"]["write"] = round(time.perf_counter() - t, 4)
-        write_json_atomic(task.out_dir / "report.json", report)
-        _remove(task.out_dir / "error.json")
+
+        def write(folder: Path) -> None:
+            write_extra_outputs(folder, task, report, artefacts)
+            report["qc"]["warnings"] = [redact.text(w) for w in report["qc"]["warnings"]]  # export failures
+            report["timings_s"]["write"] = round(time.perf_counter() - t, 4)
+            write_json_atomic(folder / "report.json", report)
+
+        publish_study(task, write)
         secs = time.perf_counter() - start
-        log.info("analysed study %s (%s) in %.2f s", task.key, task.source_folder, secs)
-        return StudyOutcome(task.key, "analysed", seconds=secs, source_folder=task.source_folder,
+        log.info("analysed study %s (%s) in %.2f s", task.key, task.public_folder, secs)
+        return StudyOutcome(task.key, "analysed", seconds=secs, source_folder=task.public_folder,
                             timings=report["timings_s"], n_files=task.n_files)
     except StudyError as exc:
-        write_failure(task, exc.code, exc.message, exc.details)
-        log.warning("study %s (%s) failed: %s: %s", task.key, task.source_folder, exc.code, exc.message)
-        return StudyOutcome(task.key, "failed", exc.code, exc.message, time.perf_counter() - start, task.source_folder,
+        msg = redact.text(exc.message)
+        write_failure(task, exc.code, msg, exc.details)
+        log.warning("study %s (%s) failed: %s: %s", task.key, task.public_folder, exc.code, msg)
+        return StudyOutcome(task.key, "failed", exc.code, msg, time.perf_counter() - start, task.public_folder,
                             n_files=task.n_files)
     except MemoryError:
-        msg = "ran out of memory while processing the study"
-        write_failure(task, "INTERNAL_ERROR", msg)
-        return StudyOutcome(task.key, "failed", "INTERNAL_ERROR", msg, time.perf_counter() - start, task.source_folder)
+        limit = task.config.batch.worker_memory_mb
+        msg = "ran out of memory while processing the study" + (
+            f" (worker limit batch.worker_memory_mb = {limit} MiB)" if limit else "")
+        write_failure(task, "OUT_OF_MEMORY", msg)
+        return StudyOutcome(task.key, "failed", "OUT_OF_MEMORY", msg, time.perf_counter() - start, task.public_folder,
+                            n_files=task.n_files)
     except Exception as exc:  # noqa: BLE001 - isolation: one bad study never stops the batch
-        tb = traceback.format_exc()
-        log.error("study %s (%s) hit an internal error:\n%s", task.key, task.source_folder, tb)
-        msg = f"unexpected {type(exc).__name__}: {exc}"[:500]
+        if is_disk_full(exc):
+            raise
+        tb = redact.text(traceback.format_exc())
+        log.error("study %s (%s) hit an internal error:\n%s", task.key, task.public_folder, tb)
+        msg = redact.text(f"unexpected {type(exc).__name__}: {exc}")[:500]
         write_failure(task, "INTERNAL_ERROR", msg, {"exception": type(exc).__name__})
-        return StudyOutcome(task.key, "failed", "INTERNAL_ERROR", msg, time.perf_counter() - start, task.source_folder,
+        return StudyOutcome(task.key, "failed", "INTERNAL_ERROR", msg, time.perf_counter() - start, task.public_folder,
                             n_files=task.n_files)
 
 
@@ -335,12 +385,28 @@ def _test_hooks(task: StudyTask) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     elif crash == "exit":
         os._exit(137)
-    elif crash == "sleep":
+    elif crash == "sleep":  # hangs while its files are being written
+        make_staging_dir(task.out_root, task.key)
         time.sleep(3600)
+    elif crash == "allocate":  # asks for 8 GiB of address space (never touched: harmless without a limit)
+        import numpy as np
+
+        np.empty(8 << 30, np.uint8)  # allocated and dropped at once
+    elif crash == "enospc":  # the output disk fills up: from now on every rename into OUT fails in this process
+        import errno
+
+        real_replace, out_root = os.replace, os.path.realpath(task.out_root)
+
+        def full_disk_replace(src, dst, **kw):
+            if os.path.realpath(dst).startswith(out_root):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+            return real_replace(src, dst, **kw)
+
+        os.replace = full_disk_replace
 
 
-def write_extra_outputs(task: StudyTask, report: dict, artefacts: dict[str, Any]) -> None:
-    """Masks, pictures and DICOM objects beside the report (each written atomically)."""
+def write_extra_outputs(folder: Path, task: StudyTask, report: dict, artefacts: dict[str, Any]) -> None:
+    """Masks, pictures and DICOM objects beside the report, into ``folder`` (the study's staging folder)."""
     from pipeline.report.study_outputs import write_study_outputs
 
-    write_study_outputs(task.out_dir, report, artefacts, task.options)
+    write_study_outputs(folder, report, artefacts, task.options)

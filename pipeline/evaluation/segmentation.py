@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -178,6 +179,13 @@ def _png(image, truth, pred, path: Path, title: str, dice: float) -> None:
     plt.close(fig)
 
 
+def _progress(results, total: int):
+    """Cases as they finish, with a progress bar on stderr (a whole evaluation takes minutes)."""
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, unit="case", desc="evaluate-segmentation", file=sys.stderr, leave=True)
+
+
 def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,
                   write_png: bool = True, model_path: Path | None = None, unet_path: Path | None = None,
                   first_levels: dict[str, str] | None = None) -> dict:
@@ -196,9 +204,9 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
         # forkserver, not fork: a process that has trained or run the OpenMP classifier (train_segmenter --cv)
         # hangs its forked children in OpenMP
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as ex:
-            results = list(ex.map(_eval_case, args))
+            results = list(_progress(ex.map(_eval_case, args), len(args)))
     else:
-        results = [_eval_case(a) for a in args]
+        results = list(_progress(map(_eval_case, args), len(args)))
     per_body, per_case = [], []
     for res in results:
         dices = [b["dice"] for b in res["bodies"]]

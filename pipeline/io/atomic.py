@@ -1,11 +1,17 @@
-"""Atomic file writes (temporary file + rename, never a half-written result) and the clean-up of
-temporary files a killed run left behind."""
+"""Atomic file writes (temporary file + rename, never a half-written result), study folders published
+whole (written in a staging folder, then renamed into place), file modes that follow the umask, and the
+clean-up of temporary files and folders a killed run left behind."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,33 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+# "No space left on device" and "disk quota exceeded": the output disk is full, every later write fails too.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask alone must set one)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()`` / ``mkdir()`` would give: temp files and folders start 0600 / 0700."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write via a temp file in the same folder + fsync + os.replace: readers never see half a file."""
     path = Path(path)
@@ -32,6 +65,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     # The writer's pid is in the temp name so a later run can remove temp files of killed writers.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, shared_mode())  # mkstemp makes 0600: colleagues could not read the results
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -45,15 +79,58 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
-def remove_stale_temp_files(folder: str | Path) -> int:
-    """Delete temp files left by writers that were killed mid-write (their pid no longer runs)."""
-    import re
+# Staging folders carry the writer's pid and host: shards of a SLURM array share one output folder from several
+# machines, and a pid says nothing about a process on another host.
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+_OTHER_HOST = re.compile(r"\.\d+\.h([0-9a-f]{8})-")
 
+
+def _dir_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}.h{_HOST}-"
+
+
+def make_staging_dir(parent: str | Path, name: str) -> Path:
+    """An empty folder beside ``parent/name`` to write a study's files in before :func:`publish_dir`."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=_dir_prefix(name), suffix=".tmp", dir=parent))
+    os.chmod(staging, shared_mode(directory=True))
+    return staging
+
+
+def remove_staging_of(parent: str | Path, name: str, pid: int) -> None:
+    """Delete the staging folders a killed writer (``pid``, this host) left for ``parent/name``."""
+    for p in Path(parent).glob(f".{name}.{pid}.h{_HOST}-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Put a completely written folder in place of ``target``: a reader sees the old folder, none, or the new one.
+
+    The old folder (a rerun's) is first renamed aside and deleted after the new one is in place; a run killed
+    in between leaves the study absent (rerun analyses it) and a pid-named folder :func:`remove_stale_temp_files`
+    removes.
+    """
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=_dir_prefix(target.name), suffix=".old.tmp", dir=target.parent))
+        os.rename(target, aside / "old")
+    os.rename(staging, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_stale_temp_files(folder: str | Path) -> int:
+    """Delete temp files and staging folders left by writers that were killed (their pid no longer runs here;
+    staging folders of another host are left alone)."""
     n = 0
-    pat = re.compile(r"^\..+?\.(\d+)\.(?:[^.]+\.)?tmp(?:\..*)?$")
-    for p in Path(folder).rglob(".*tmp*"):
+    pat = re.compile(r"^\..+?\.(\d+)\.(?:[^.]+\.)?(?:old\.)?tmp(?:\..*)?$")
+    for p in sorted(Path(folder).rglob(".*tmp*"), key=lambda q: len(q.parts)):
         m = pat.match(p.name)
-        if not m or not p.is_file():
+        if not m or not p.exists():
+            continue
+        host = _OTHER_HOST.search(p.name)
+        if host and host.group(1) != _HOST:
             continue
         pid = int(m.group(1))
         try:
@@ -64,7 +141,10 @@ def remove_stale_temp_files(folder: str | Path) -> int:
         except PermissionError:
             alive = True
         if not alive:
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             n += 1
     return n
 

@@ -1,12 +1,22 @@
-"""Identifiers in outputs: study keys, keyed hashes (HMAC-SHA256) and the identifier mode
-(default, pseudonymised, kept)."""
+"""Identifiers in outputs: study keys, keyed hashes (HMAC-SHA256), the identifier mode (default,
+pseudonymised, kept) and the redaction of identifying text (names, IDs, dates, descriptions, paths) from
+free text such as messages and evidence."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import re
+from typing import Any
 
 from pipeline.types import StudyFiles
+
+_MIN_NEEDLE = 3  # shorter strings (a file named "1", a name "Li") would also hit ordinary words and numbers
+# Values that hold text from the input (tags, file names, exception messages); everything else in a record is
+# built by us from measurements (levels, Modic types, flags) and must not be touched: "III" is a name suffix too.
+FREE_TEXT_KEYS = frozenset({"series_description", "study_description", "evidence", "warnings", "message", "details"})
+_ROMAN = re.compile(r"^[ivxlcdm]+$", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -20,6 +30,71 @@ def study_key(study_uid: str, pseudonymise_key: str = "") -> str:
     if pseudonymise_key:
         return keyed_hash("study:" + study_uid, pseudonymise_key)
     return hashlib.sha256(("modicscan-study:" + study_uid).encode("utf-8")).hexdigest()[:16]
+
+
+def public_path(path: str, pseudonymise_key: str) -> str:
+    """An input folder or file name as outputs may show it: a keyed hash when pseudonymising."""
+    if pseudonymise_key and path:
+        return "path-" + keyed_hash("path:" + path, pseudonymise_key, 12)
+    return path
+
+
+def _date_forms(dicom_date: str) -> list[str]:
+    """A DICOM date (YYYYMMDD) as it may be typed into free text."""
+    d = dicom_date.strip()
+    if len(d) != 8 or not d.isdigit():
+        return [d]
+    y, m, day = d[:4], d[4:6], d[6:]
+    return [d, f"{y}-{m}-{day}", f"{day}.{m}.{y}", f"{day}/{m}/{y}", f"{m}/{day}/{y}", f"{y}/{m}/{day}"]
+
+
+def _name_forms(person_name: str) -> list[str]:
+    """A DICOM person name (Family^Given^Middle^Prefix^Suffix): whole, as words, and each of its words."""
+    words = [w for w in re.split(r"[\^\s,=]+", person_name) if w]
+    return [person_name, " ".join(words), " ".join(reversed(words)), *words]
+
+
+class Redactor:
+    """Replaces identifying substrings of free text (messages, descriptions, evidence) by placeholders.
+
+    Matching ignores case and takes whole words only (letters and digits; "_" separates), longest needle first:
+    a path goes before the file name inside it, and a patient called "Ann" leaves "Annotated" alone.
+    """
+
+    def __init__(self, replacements: dict[str, str] | None = None):
+        self._token: dict[str, str] = {}
+        for needle, token in (replacements or {}).items():
+            needle = needle.strip()
+            if len(needle) >= _MIN_NEEDLE and not _ROMAN.match(needle):
+                self._token.setdefault(needle.lower(), token)
+        self._compiled: re.Pattern | None = None
+
+    @property
+    def _pattern(self) -> re.Pattern | None:
+        """Compiled on first use: a study of thousands of files takes a second to compile."""
+        if self._compiled is None and self._token:
+            needles = sorted(self._token, key=len, reverse=True)
+            # A needle ends where letters and digits end: "_" and "-" separate words in folder and file names
+            self._compiled = re.compile(r"(?<![^\W_])(?:" + "|".join(map(re.escape, needles)) + r")(?![^\W_])",
+                                        re.IGNORECASE)
+        return self._compiled
+
+    def text(self, value: str) -> str:
+        if not value or not self._token:
+            return value
+        return self._pattern.sub(lambda m: self._token.get(m.group(0).lower(), "[removed]"), value)
+
+    def walk(self, obj: Any, free_text: bool = False) -> Any:
+        """A record (report, error record) with the strings under :data:`FREE_TEXT_KEYS` redacted."""
+        if not self._token:
+            return obj
+        if isinstance(obj, str):
+            return self.text(obj) if free_text else obj
+        if isinstance(obj, dict):
+            return {k: self.walk(v, free_text or k in FREE_TEXT_KEYS) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [self.walk(v, free_text) for v in obj]
+        return obj
 
 
 class Identity:
@@ -61,3 +136,49 @@ class Identity:
             # Folder names can carry patient names: only with --keep-identifiers.
             "source_folder": source_folder if self.keep else None,
         }
+
+    def redactor(self, study: StudyFiles, files: list[str] = (), input_root: str = "",
+                 source_folder: str = "") -> Redactor:
+        """What to strip from the study's free text in this mode.
+
+        Default: the patient's own name, ID, birth date and the accession number, and the input file names
+        (error messages name a file by its number in the study's sorted file list instead). Pseudonymised:
+        also the series and study descriptions and the input and study folder paths. Kept: nothing.
+        """
+        if self.keep:
+            return Redactor()
+        rep: dict[str, str] = {}
+        for i, f in enumerate(files, 1):
+            rep[f] = rep[os.path.basename(f)] = f"[file #{i}]"
+            if input_root:
+                rep[os.path.relpath(f, input_root)] = f"[file #{i}]"
+        if self.key:
+            # whole paths only: single folder names ("DICOM", "T2") would also hit ordinary words of a message
+            if input_root:
+                rep[input_root] = "[input folder]"
+                rep[os.path.join(input_root, source_folder)] = "[study folder]"
+            rep[source_folder] = rep[study.root] = "[study folder]"
+            for s in study.series.values():
+                rep[s.series_description] = f"[series {s.series_number}]" if s.series_number is not None \
+                    else "[series description]"
+            rep[study.study_description] = "[study description]"
+        rep.update(_patient_needles(study))  # last: they win over a folder or description with the same text
+        return Redactor(rep)
+
+    def patients_redactor(self, studies) -> Redactor:
+        """The identifiers of every patient of the run, for paths no single study owns (skipped files)."""
+        if self.keep:
+            return Redactor()
+        rep: dict[str, str] = {}
+        for study in studies:
+            rep.update(_patient_needles(study))
+        return Redactor(rep)
+
+
+def _patient_needles(study: StudyFiles) -> dict[str, str]:
+    """The patient's own name, ID, birth date and the accession number, with their placeholders."""
+    rep = dict.fromkeys(_name_forms(study.patient_name), "[patient name]")
+    rep[study.patient_id] = "[patient id]"
+    rep.update(dict.fromkeys(_date_forms(study.patient_birth_date), "[birth date]"))
+    rep[study.accession_number] = "[accession number]"
+    return rep

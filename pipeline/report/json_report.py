@@ -53,7 +53,8 @@ def _role_block(roles: RoleAssignment, volumes: dict[str, Volume], resampled: di
         vol = volumes.get(role)
         out[role] = {
             "series_uid": identity.uid(choice.series_uid, "series"),
-            "series_description": choice.series_description,
+            # Free text: left out when pseudonymising; by default the redactor strips the patient's identifiers
+            "series_description": "" if identity.key else choice.series_description,
             "series_number": (vol.meta.get("series_number") if vol is not None else None),
             "confidence": float(choice.confidence),
             "evidence": list(choice.evidence),

@@ -11,17 +11,14 @@ import numpy as np
 from pipeline.types import Segmentation, VertebralBody, Volume
 
 MODIC_COLOURS = {1: (1.0, 0.2, 0.2), 2: (1.0, 0.85, 0.1), 3: (0.3, 0.5, 1.0), 4: (1.0, 0.3, 1.0)}
-
-
 MODIC_NAMES = {1: "Modic I", 2: "Modic II", 3: "Modic III", 4: "edema (outside endplate bands)"}
-
-
 OUTLINE_COLOUR = (0.0, 1.0, 1.0)  # cyan: vertebral body outline
-
-
-FLAGGED_OUTLINE_COLOUR = (1.0, 0.55, 0.0)  # orange: outline of a body with a review flag
-
-
+# Text and flag colours stay clear of the Modic legend (red, yellow, blue, magenta): a level name must not read
+# as a finding.
+FLAGGED_OUTLINE_COLOUR = (0.2, 1.0, 0.2)  # green: outline and name of a body with a review flag
+LEVEL_NAME_COLOUR = (1.0, 1.0, 1.0)  # white: level names (the level of a level_*.png ...)
+OTHER_LEVEL_COLOUR = (0.75, 0.75, 0.75)  # ... and, light grey, its neighbours
+LEVEL_NAMES_NOTE = "level name (B1, B2, ...: a body whose level could not be named)"
 OVERLAY_ALPHA = 0.55  # opacity of the Modic / edema colours over the grey image
 
 
@@ -64,6 +61,20 @@ def render_panel(img: np.ndarray, class_slice: np.ndarray | None = None, labels_
     return rgb
 
 
+def legend_entries(legend: tuple[str, ...]) -> list[tuple[tuple[float, float, float], str]]:
+    """(colour, label) of the legend parts named in ``legend``: modic, outline, flags, levels."""
+    entries = []
+    if "modic" in legend:
+        entries += [(MODIC_COLOURS[c], MODIC_NAMES[c]) for c in MODIC_COLOURS]
+    if "outline" in legend:
+        entries.append((OUTLINE_COLOUR, "vertebral body outline"))
+    if "levels" in legend:
+        entries.append((LEVEL_NAME_COLOUR, LEVEL_NAMES_NOTE))
+    if "flags" in legend:
+        entries.append((FLAGGED_OUTLINE_COLOUR, "review flag (outline and name, marked !)"))
+    return entries
+
+
 def _figure_png(panels: list[tuple[str, np.ndarray]], spacing: tuple[float, float], texts, title: str,
                 caption: str = "", legend: tuple[str, ...] = ("modic", "outline")) -> bytes:
     """Panels side by side (same texts on each), a title, an optional caption and legend, as PNG bytes.
@@ -75,6 +86,7 @@ def _figure_png(panels: list[tuple[str, np.ndarray]], spacing: tuple[float, floa
     import io as _io
 
     # A bare Figure (no pyplot): no global backend switch, so the library also behaves inside Jupyter / threads.
+    from matplotlib import patheffects
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -87,21 +99,18 @@ def _figure_png(panels: list[tuple[str, np.ndarray]], spacing: tuple[float, floa
     extra_h = 0.9 + 0.16 * caption.count("\n") + (0.35 if caption else 0.0) + (0.3 if legend else 0.0)
     fig = Figure(figsize=(n * panel_w_px / dpi + 0.2 * n, panel_h_px / dpi + extra_h), dpi=dpi)
     axes = fig.subplots(1, n, squeeze=False)
+    halo = [patheffects.withStroke(linewidth=2, foreground="black")]  # names readable on bright marrow too
     for ax, (name, rgb) in zip(axes[0], panels, strict=True):
         ax.imshow(rgb, aspect=aspect, interpolation="nearest")  # head up, anterior left
         for row, col, text, colour in texts:
-            ax.text(col, row, text, color=colour, fontsize=8, ha="right", va="center", fontweight="bold")
+            ax.text(col, row, text, color=colour, fontsize=8, ha="right", va="center", fontweight="bold",
+                    path_effects=halo)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-    handles = []
-    if "modic" in legend:
-        handles += [Patch(color=MODIC_COLOURS[c], label=MODIC_NAMES[c]) for c in MODIC_COLOURS]
-    if "outline" in legend:
-        handles.append(Patch(color=OUTLINE_COLOUR, label="vertebral body outline"))
-    if "flags" in legend:
-        handles.append(Patch(color=FLAGGED_OUTLINE_COLOUR, label="review flag (outline, level marked !)"))
+    handles = [Patch(facecolor=colour, edgecolor="black", linewidth=0.5, label=label)
+               for colour, label in legend_entries(legend)]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=8)
     if caption:
         fig.text(0.01, 0.06 if handles else 0.01, caption, fontsize=7, ha="left", va="bottom", family="monospace")
@@ -180,15 +189,17 @@ def _study_panels(report: dict, artefacts: dict[str, Any], k: int, crop=None, fo
             continue
         img = vols[role].data[:, :, k]
         rgb = render_panel(img, cls[:, :, k], lab, flagged_values=flagged_values)
-        desc = vols[role].meta.get("series_description", "")
-        panels.append((f"{role} ({desc})" if desc else role, rgb[r0:r1, c0:c1]))
+        # The series number, never its description: descriptions can hold names or IDs
+        number = vols[role].meta.get("series_number")
+        panels.append((f"{role} (series {number})" if number is not None else role, rgb[r0:r1, c0:c1]))
     texts = []
     for b in seg.bodies:
         row, col = _level_anchor(lab, b) or (b.centroid_vox[0], b.centroid_vox[1] - 12.0)
         if not (r0 <= row < r1):
             continue
         mark = b.level in flagged
-        colour = "red" if mark else ("white" if b.level == focus else "yellow")
+        colour = FLAGGED_OUTLINE_COLOUR if mark else (
+            LEVEL_NAME_COLOUR if focus is None or b.level == focus else OTHER_LEVEL_COLOUR)
         texts.append((row - r0, max(col - c0, 0.0), b.level + (" !" if mark else ""), colour))
     return panels, texts
 
@@ -204,7 +215,7 @@ def write_overview(path: Path, report: dict, artefacts: dict[str, Any]) -> None:
     title = (f"study {report['study']['key']}, sagittal slice {k + 1} of {seg.labels.shape[2]} (head up, anterior left)"
              f"\n{flags}\nresearch output, not a diagnosis")
     sp = artefacts["volumes"]["T2"].spacing
-    write_bytes_atomic(path, _figure_png(panels, (sp[0], sp[1]), texts, title, legend=("modic", "outline", "flags")))
+    write_bytes_atomic(path, _figure_png(panels, (sp[0], sp[1]), texts, title, legend=("modic", "outline", "levels", "flags")))
 
 
 def _fmt(x, nd: int = 2) -> str:
@@ -275,7 +286,7 @@ def write_level_png(path: Path, report: dict, artefacts: dict[str, Any], level: 
     title = (f"study {report['study']['key']}, level {level}, sagittal slice {k + 1} of {seg.labels.shape[2]} "
              f"(head up, anterior left)\nresearch output, not a diagnosis")
     write_bytes_atomic(path, _figure_png(panels, (sp[0], sp[1]), texts, title, caption=level_caption(report, level),
-                                         legend=("modic", "outline", "flags")))
+                                         legend=("modic", "outline", "levels", "flags")))
     return True
 
 
@@ -288,11 +299,11 @@ def write_segmentation_png(path: Path, volume: Volume, seg: Segmentation, title:
     img = volume.data[:, :, k]
     win = display_window(img)
     lab = seg.labels[:, :, k]
-    texts = [(*anchor, b.level, "yellow") for b in seg.bodies if (anchor := _level_anchor(lab, b)) is not None]
+    texts = [(*anchor, b.level, LEVEL_NAME_COLOUR) for b in seg.bodies if (anchor := _level_anchor(lab, b)) is not None]
     panels = [("image", render_panel(img, window=win)), ("vertebral bodies", render_panel(img, labels_slice=lab, window=win))]
     head = (f"{title}: " if title else "") + f"{len(seg.bodies)} bodies, labelling confidence {seg.labelling_confidence:.2f}"
     if seg.flags:
         head += ", flags " + ", ".join(seg.flags)
     head += f"\nsagittal slice {k + 1} of {seg.labels.shape[2]} (head up, anterior left); research output, not a diagnosis"
     sp = volume.spacing
-    write_bytes_atomic(path, _figure_png(panels, (sp[0], sp[1]), texts, head, legend=("outline",)))
+    write_bytes_atomic(path, _figure_png(panels, (sp[0], sp[1]), texts, head, legend=("outline", "levels")))

@@ -1,0 +1,259 @@
+"""The batch survives its own environment (issue 30): worker supervision at --jobs 1, a full disk, two runs on
+one output folder, a read-only output folder, the umask. Every input is generated or copied here."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.batch.executors import get_executor
+from pipeline.batch.out_dir import RESERVE_NAME, OutputFolder
+from pipeline.batch.run import EXIT_DISK_FULL, EXIT_PARTIAL, EXIT_USAGE, run_batch
+from pipeline.cli import main
+from pipeline.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+
+
+def _copy_studies(root: Path, names: dict[str, int]) -> Path:
+    """Sample studies (by seed) copied under ``root/<name>/DICOM``: the run must never touch the committed ones."""
+    for name, seed in names.items():
+        shutil.copytree(SAMPLE / f"phantom_seed000{seed}" / "DICOM", root / name / "DICOM")
+    return root
+
+
+def _run_in_subprocess(script: str, timeout: float, **env) -> subprocess.CompletedProcess:
+    """A batch in its own process: when a study kills the batch (the old --jobs 1), the test sees it, not pytest."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+def _folders_complete_or_absent(out: Path) -> None:
+    for folder in (p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        records = [n for n in ("report.json", "error.json") if (folder / n).exists()]
+        assert len(records) == 1, (folder.name, sorted(p.name for p in folder.iterdir()))
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- --jobs 1
+RUN_WITH_HOOKS = """
+    import json
+    from pipeline.batch.run import run_batch
+    from pipeline.config import config_from_dict
+    cfg = config_from_dict({"batch": {"study_timeout_s": %s}})
+    res = run_batch("%s", "%s", cfg, jobs=1, progress=False,
+                    options={"_test_crash": {"b": "exit", "c": "sleep"}, "overlays": "none"})
+    print(json.dumps({"exit": res.exit_code, "outcomes": {o.source_folder.split("/")[0]: [o.status, o.code]
+                                                          for o in res.outcomes}}))
+"""
+
+
+def _run_hooked(inp: Path, out: Path, timeout_s: float) -> dict:
+    res = _run_in_subprocess(RUN_WITH_HOOKS % (timeout_s, inp, out), timeout=300, MODICSCAN_TEST_HOOKS="1")
+    assert res.returncode == 0, res.stderr[-3000:]  # the batch process survived
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["finished"] is True and batch["exit_code"] == result["exit"] == EXIT_PARTIAL
+    return result["outcomes"]
+
+
+def test_jobs_1_supervises_its_worker_a_killed_study_costs_only_itself(tmp_path):
+    """--jobs 1 used to run studies in the batch process: a study that took the process down (OOM kill, a decoder
+    crash; here: the worker exits) killed the batch with batch.json unfinished, and every rerun died the same."""
+    inp = _copy_studies(tmp_path / "in", {"a": 0, "b": 1})
+    out = tmp_path / "out"
+    assert _run_hooked(inp, out, 600) == {"a": ["analysed", None], "b": ["failed", "WORKER_CRASHED"]}
+    # the rerun retries the crashed study (it may have been the machine) and goes past it again
+    assert _run_hooked(inp, out, 600) == {"a": ["skipped", None], "b": ["failed", "WORKER_CRASHED"]}
+    (err,) = [json.loads(p.read_text()) for p in out.glob("*/error.json")]
+    assert err["error"]["code"] == "WORKER_CRASHED"
+    _folders_complete_or_absent(out)
+
+
+def test_jobs_1_honours_the_study_timeout(tmp_path):
+    """batch.study_timeout_s was ignored at --jobs 1: a hanging study hung the batch."""
+    inp = _copy_studies(tmp_path / "in", {"c": 3})
+    out = tmp_path / "out"
+    start = time.monotonic()
+    assert _run_hooked(inp, out, 3) == {"c": ["failed", "TIMEOUT"]}
+    assert time.monotonic() - start < 120
+    (err,) = [json.loads(p.read_text()) for p in out.glob("*/error.json")]
+    assert err["error"]["code"] == "TIMEOUT" and "batch.study_timeout_s" in err["error"]["message"]
+    _folders_complete_or_absent(out)  # the staging folder of the stopped worker is gone too
+
+
+def test_a_worker_memory_limit_fails_the_greedy_study_alone(tmp_path):
+    """batch.worker_memory_mb caps each worker: a study that asks for more (here 8 GiB) fails OUT_OF_MEMORY
+    instead of pulling down a SLURM job or container with its memory limit."""
+    inp = _copy_studies(tmp_path / "in", {"m": 0})
+    out = tmp_path / "out"
+    script = f"""
+        import json
+        from pipeline.batch.run import run_batch
+        from pipeline.config import config_from_dict
+        cfg = config_from_dict({{"batch": {{"worker_memory_mb": 3000}}}})
+        res = run_batch("{inp}", "{out}", cfg, progress=False, options={{"_test_crash": {{"m": "allocate"}}}})
+        print(json.dumps([[o.status, o.code] for o in res.outcomes]))
+    """
+    res = _run_in_subprocess(script, timeout=240, MODICSCAN_TEST_HOOKS="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [["failed", "OUT_OF_MEMORY"]]
+    (err,) = [json.loads(p.read_text()) for p in out.glob("*/error.json")]
+    assert "batch.worker_memory_mb = 3000 MiB" in err["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+def _fill_disk_after_first_study(monkeypatch, out: Path) -> None:
+    """Model a disk with room for one study: once a report is in place, every rename into OUT fails with
+    ENOSPC until the run's reserve file is deleted (then there is room for batch.json)."""
+    out = out.resolve()
+    real_replace, real_rename = os.replace, os.rename
+
+    def full(dst) -> bool:
+        dst = Path(dst).resolve()
+        published = [p for p in out.glob("*/report.json") if not p.parent.name.startswith(".")]
+        return out in dst.parents and (out / RESERVE_NAME).exists() and bool(published)
+
+    def replace(src, dst, *a, **kw):
+        if full(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    def rename(src, dst, *a, **kw):
+        if full(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_rename(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_resumes(tmp_path, monkeypatch):
+    inp = _copy_studies(tmp_path / "in", {"a": 0, "b": 1, "c": 3})
+    out = tmp_path / "out"
+    _fill_disk_after_first_study(monkeypatch, out)
+    inline = get_executor("inline")  # the patched os functions hold in this process only
+    res = run_batch(inp, out, Config(), progress=False, options={"overlays": "none"}, executor=inline)
+    assert res.exit_code == EXIT_DISK_FULL and res.disk_full
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["finished"] is True and batch["disk_full"] is True and batch["exit_code"] == EXIT_DISK_FULL
+    assert [s["status"] for s in batch["studies"]].count("analysed") == 1
+    # the next write fails: batch.json (the run stops at once) or the next study (DISK_FULL, nothing kept)
+    assert {s["code"] for s in batch["studies"] if s["status"] == "failed"} <= {"DISK_FULL"}
+    _folders_complete_or_absent(out)
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 1  # the study that did not fit left nothing
+    assert not (out / RESERVE_NAME).exists()
+
+    monkeypatch.undo()  # space freed: the same command resumes
+    res = run_batch(inp, out, Config(), progress=False, options={"overlays": "none"}, executor=inline)
+    assert res.exit_code == 0
+    assert sorted(o.status for o in res.outcomes) == ["analysed", "analysed", "skipped"]
+    _folders_complete_or_absent(out)
+
+
+def test_a_full_disk_in_the_worker_stops_the_run_with_exit_5(tmp_path):
+    """The same through the supervised worker (the test hook fills the disk inside the worker process)."""
+    inp = _copy_studies(tmp_path / "in", {"d": 0})
+    out = tmp_path / "out"
+    script = f"""
+        from pipeline.batch.run import run_batch
+        from pipeline.config import Config
+        res = run_batch("{inp}", "{out}", Config(), progress=False,
+                        options={{"_test_crash": {{"d": "enospc"}}, "overlays": "none"}})
+        print(res.exit_code)
+    """
+    res = _run_in_subprocess(script, timeout=240, MODICSCAN_TEST_HOOKS="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-1]) == EXIT_DISK_FULL
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["finished"] and batch["disk_full"] and [s["code"] for s in batch["studies"]] == ["DISK_FULL"]
+    assert not [p for p in out.iterdir() if p.is_dir()]  # no half-written study folder
+    assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------- OUT folder
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "out"
+    with OutputFolder(out):  # a first run holds the folder
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress"])
+        assert res.exit_code == EXIT_USAGE, res.output
+        assert "another modicscan run" in res.output and len(res.output.strip().splitlines()) == 1
+        assert not (out / "batch.log").exists() and not (out / "batch.json").exists()
+    with OutputFolder(out):  # ... and is free again when that run ends
+        pass
+
+
+def test_shards_of_a_job_array_share_the_folder_but_each_shard_and_a_whole_run_are_exclusive(tmp_path):
+    from pipeline.batch.out_dir import OutputFolderError
+
+    out = tmp_path / "out"
+    with OutputFolder(out, (0, 2)), OutputFolder(out, (1, 2)):  # the shards of one array, side by side
+        with pytest.raises(OutputFolderError, match="another modicscan run"):
+            OutputFolder(out, (1, 2)).acquire()  # the same shard twice
+        with pytest.raises(OutputFolderError, match="another modicscan run"):
+            OutputFolder(out).acquire()  # a whole run beside the shards
+        res = CliRunner().invoke(main, ["run", str(tmp_path), "-o", str(out), "--shard", "0/2", "--no-progress"])
+        assert res.exit_code == EXIT_USAGE and "another modicscan run" in res.output, res.output
+        assert (out / f"{RESERVE_NAME}.shard-0-of-2").exists()  # the refused run left the holder's reserve alone
+    with OutputFolder(out):  # all released
+        pass
+
+
+def test_a_read_only_output_folder_is_a_usage_error_in_one_line(tmp_path, monkeypatch):
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "ro" / "out"
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *a, **kw):  # a read-only mount (root ignores file modes, so modes cannot show it)
+        if Path(path).resolve().is_relative_to((tmp_path / "ro").resolve()):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress"])
+    assert res.exit_code == EXIT_USAGE, res.output
+    assert res.output.strip().splitlines() == [f"modicscan: cannot write to the output folder {out.resolve()}: "
+                                               "Read-only file system"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder without write permission")
+def test_an_unwritable_output_folder_is_a_usage_error(tmp_path):
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress"])
+    finally:
+        out.chmod(0o755)
+    assert res.exit_code == EXIT_USAGE and "cannot write to the output folder" in res.output
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """mkstemp creates 0600: reports, batch.json, tables and PNGs were unreadable for colleagues."""
+    inp = _copy_studies(tmp_path / "in", {"a": 0})
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        res = run_batch(inp, out, Config(), progress=False, options={"overlays": "all"},
+                        executor=get_executor("inline"))
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".modicscan.lock"]
+    names = {p.name for p in files}
+    assert {"report.json", "batch.json", "cohort.csv", "summary.json", "overview.png", "vertebrae.nii.gz"} <= names
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o640) for p in files}
+    assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_dir()} == {oct(0o750)}
