@@ -123,6 +123,8 @@ FOV_EDGE_MM = 12.0
 SACRAL_REVERSED_WEDGE_DEG = 12.0  # the top of the sacrum: lower outline tilted >= this much more than the upper
 SACRAL_SHORT = 0.8  # ... shorter than this fraction of the column's median body height
 SACRAL_SLOPE_DEG = -15.0  # ... upper outline (the S1 endplate, the sacral slope) at least this steep
+# S1 found whole (a phantom's S1): both outlines at least 20 deg steep, the upper within -10..+6 deg of the lower
+WHOLE_S1_DEG = (-20.0, -10.0, 6.0)
 L5_ENDPLATE_DEG = (8.0, 12.0)  # L5 evidence grows from 0 at an inferior tilt of -8 deg to 1 at -20 deg (the L5-S1 disc)
 WHOLE_BODY = 0.75  # a piece cut by the image's edge with this fraction of a typical volume is a body running out of view
 COLUMN_BREAK_SPACINGS = 1.8  # a gap this many spacings long ends the column (a piece far below is not the next level)
@@ -179,11 +181,15 @@ def junction_scores(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.n
     under it (the top of the sacrum is often found only in part, too small or too close for the chain); the last
     chain body with S1 not found. Each scores the L5 evidence of its L5 (a steep inferior endplate: the wedge of
     the L5-S1 disc; less when that body itself looks sacral) plus, with an S1, the sacral look of it
-    (:func:`sacral_likeness`) or, without, whether the image ends within a spacing under L5 (S1 out of view) or
-    body-like tissue lies where S1 would be. ``discs`` (:func:`disc_contrasts`): a piece read as S1 with a disc
+    (:func:`sacral_likeness`, or a whole body with both endplates steep and parallel: S1 found whole) or,
+    without, whether the image ends within a spacing under L5 (S1 out of view; else a body that looks like S1
+    found whole is not taken for L5) or body-like tissue lies where S1 would be. ``discs`` (:func:`disc_contrasts`): a piece read as S1 with a disc
     under it (as unlike marrow as the column's own discs) is a mobile vertebra, not the sacrum."""
     height_ref = float(np.nanmedian(geometry[chain, 2])) if np.any(~np.isnan(geometry[chain, 2])) else 1.0
     sacral = sacral_likeness(geometry, volumes_ml, cut, typical, height_ref)
+    sup, inf = np.nan_to_num(geometry[:, 0]), np.nan_to_num(geometry[:, 1])
+    whole_s1 = (~cut & (sup <= WHOLE_S1_DEG[0]) & (inf <= WHOLE_S1_DEG[0])
+                & (sup - inf >= WHOLE_S1_DEG[1]) & (sup - inf <= WHOLE_S1_DEG[2]))
     inferior = np.where(cut, -20.0, np.nan_to_num(geometry[:, 1]))  # a cut body's lower endplate is not in view
     readings: list[tuple[int, int | None]] = [(chain[j - 1], chain[j]) for j in range(max(1, len(chain) - 4), len(chain))]
     for b in chain[-4:]:
@@ -207,10 +213,12 @@ def junction_scores(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.n
         if not mobile[l5]:
             score -= 0.5 * max(0.0, sacral[l5] - 1.0)
         if s1 is not None:
-            score += sacral[s1] / 3.0 - 1.0 * mobile[s1]
+            score += (sacral[s1] + whole_s1[s1]) / 3.0 - 1.0 * mobile[s1]
         else:
             if fov_end_mm is not None and fov_end_mm - geometry[l5, 3] < spacing:
                 score += 0.5
+            elif whole_s1[l5]:
+                score -= 0.5  # S1 would be in view under it, and it looks like S1 found whole
             where_s1 = (others_mm > centroids_mm[l5] + 0.4 * spacing) & (others_mm < centroids_mm[l5] + 1.3 * spacing)
             score += 0.3 * bool(np.any(where_s1))
         scores[(l5, s1)] = score
