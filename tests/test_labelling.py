@@ -210,3 +210,71 @@ def test_real_scans_get_their_level_names(vertebral_bodies_dir, tmp_path):
     counts = {k: sum(s[k] for s in summary["level_naming"].values()) for k in ("correct", "wrong", "unnamed")}
     assert sum(counts.values()) == 7 + 2 * 5
     assert counts["correct"] >= MIN_CORRECT * sum(counts.values()) and counts["wrong"] <= MAX_WRONG, summary
+
+
+def _spider_like_cases(tmp_path, n=3):
+    import nibabel as nib
+
+    affine = np.array([[0, 0, 4.0, 0], [0, -0.5, 0, 0], [-0.5, 0, 0, 0], [0, 0, 0, 1]])  # as the SPIDER slices
+    lines = ["case,patient,t1,t2,n_discs"]
+    for i in range(n):
+        for kind in ("t1", "t2"):
+            nib.save(nib.Nifti1Image(np.ones((60, 50, 1), np.float32), affine), tmp_path / f"c{i}_{kind}.nii.gz")
+        lines.append(f"c{i},{i},c{i}_t1.nii.gz,c{i}_t2.nii.gz,6")
+    (tmp_path / "cases.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "cases.csv"
+
+
+def test_level_evaluation_scores_our_l5_against_a_reading(tmp_path, monkeypatch):
+    from pipeline.errors import StudyError
+    from pipeline.evaluation import levels
+    from pipeline.segmentation import segment
+    from pipeline.types import Segmentation, VertebralBody
+
+    calls = []
+
+    def fake_segment(image, spacing, cfg=None, extra_images=None, **_):
+        assert extra_images and extra_images[0].shape == image.shape  # the T1 goes along, on the T2's grid
+        assert spacing[0] == pytest.approx(0.5)
+        calls.append(1)
+        case = (len(calls) - 1) % 3
+        if case == 2:
+            raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found")
+        if case == 1:
+            return Segmentation(np.zeros(image.shape, np.int16), [VertebralBody("B1", 101, (20.0, 10.0, 0.0), 1.0)],
+                                0.2, ["NO_LUMBOSACRAL_JUNCTION"])
+        bodies = [VertebralBody("L4", 4, (20.0, 10.0, 0.0), 1.0), VertebralBody("L5", 5, (40.0, 10.0, 0.0), 1.0)]
+        return Segmentation(np.zeros(image.shape, np.int16), bodies, 0.8, [])
+
+    monkeypatch.setattr(segment, "segment_vertebrae", fake_segment)
+    cases = _spider_like_cases(tmp_path)
+    reading = tmp_path / "reading.csv"
+    # our L5 sits at row 40 of 0.5 mm rows = 20 mm from the top; c0 read 5 mm lower: the same body
+    reading.write_text("case,l5_row_mm\nc0,25.0\nc1,20.0\n")
+    summary = levels.evaluate_levels(cases, tmp_path / "out", reading, write_png=False)
+    assert summary["outcomes"] == {"correct": 1, "wrong": 0, "unnamed": 1, "failed": 1, "not_read": 0}
+    assert summary["unnamed_flags"] == ["NO_LUMBOSACRAL_JUNCTION"] and summary["correct_of_read_pct"] == 100.0
+    rows = (tmp_path / "out" / "levels.csv").read_text().splitlines()
+    assert len(rows) == 4 and "SEGMENTATION_FAILED" in rows[3]
+    # a reading one body (35 mm) lower: our L5 is wrong; no reading at all: not read
+    reading.write_text("case,l5_row_mm\nc0,55.0\n")
+    assert levels.evaluate_levels(cases, tmp_path / "out2", reading, write_png=False)["outcomes"]["wrong"] == 1
+    assert levels.evaluate_levels(cases, tmp_path / "out3", None, write_png=False)["outcomes"]["not_read"] == 1
+
+
+# The first eight SPIDER slices (unseen scanners: 1.5 / 3 T, Siemens / Philips); docs/spider_l5_reading.csv puts
+# L5 on all eight. On 2026-12-06 all eight were named correctly; before issue 29, two were unnamed (no sacrum found).
+SPIDER_CASES, SPIDER_MIN_CORRECT = 8, 7
+
+
+def test_spider_slices_get_l5_where_the_reading_puts_it(repo_root, tmp_path):
+    from conftest import SHARED_DATA
+
+    from pipeline.evaluation.levels import evaluate_levels
+
+    cases = SHARED_DATA / "modic-spider" / "cases.csv"
+    if not cases.is_file():
+        pytest.skip(f"real data not available: {cases} is absent (see README, 'Real data')")
+    summary = evaluate_levels(cases, tmp_path, repo_root / "docs" / "spider_l5_reading.csv", write_png=False,
+                              limit=SPIDER_CASES)
+    assert summary["outcomes"]["correct"] >= SPIDER_MIN_CORRECT and summary["outcomes"]["wrong"] == 0, summary
