@@ -85,10 +85,8 @@ def _unet_columns(dist: np.ndarray | None, region: np.ndarray | None, width: int
 
 
 def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
-                     body_model: str = "classifier", column_mm: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None, np.ndarray | None]:
-    """P(vertebral body) on the working grid; returns (probability, zoom, column region, in-plane distance (mm)
-    from the column or None).
+                     body_model: str = "classifier") -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
+    """P(vertebral body) on the working grid; returns (probability, zoom, column region).
 
     The classifier's stage 1 (cheap, 3 mm grid) finds the column. ``body_model="unet"``: the U-Net
     (:mod:`pipeline.segmentation.unet`) gives the probability, on the columns near the spine only. ``"classifier"``: stage 2
@@ -96,19 +94,15 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     ``COLUMN_HALF_WIDTH_MM`` of the column stage 1 found, and inside ``region`` when given; its features are
     computed on the bounding box of those voxels (plus the features' reach), so the cost follows the spine, not
     the field of view. Either way the probability is zero outside ``region``. ``model``: a trained classifier
-    dict (default: the shipped one). ``column_mm``: the distance from the column found on another contrast of the
-    same grid (the study's T2): the U-Net then skips stage 1, a third of the work per extra contrast.
+    dict (default: the shipped one).
     """
     work, zoom = to_work_grid(image, spacing)
     norm = normalise(work)
     model = model or load_model()
     sp = (WORK_MM, WORK_MM, float(spacing[2]))
-    if body_model == "unet" and column_mm is not None:
-        p1, dist = None, column_mm
-    else:
-        p1 = stage1_probability(model["stage1"], norm, sp[2])
-        dist = column_distance(p1, sp)
-    column = None if dist is None else np.broadcast_to((np.abs(dist) <= COLUMN_HALF_WIDTH_MM)[:, :, None], norm.shape)
+    p1 = stage1_probability(model["stage1"], norm, sp[2])
+    dist = column_distance(p1, sp)
+    column = None if dist is None else np.broadcast_to((np.abs(dist) <= COLUMN_HALF_WIDTH_MM)[:, :, None], p1.shape)
     if body_model == "unet":
         from pipeline.segmentation.unet import unet_probability
 
@@ -116,7 +110,7 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         prob = unet_probability(norm, sp[2], cols) if cols.stop > cols.start else np.zeros(norm.shape, np.float32)
         if region is not None:
             prob[~region] = 0
-        return prob, zoom, column, dist
+        return prob, zoom, column
     cand = stage2_candidates(p1, norm)
     if column is not None:
         cand &= column
@@ -130,7 +124,7 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     cand[:, :, skipped] = False
     prob = np.zeros(work.shape, np.float32)
     if not cand.any():
-        return prob, zoom, column, dist
+        return prob, zoom, column
     # features on the bounding box of the candidates + the features' reach (30 mm in-plane, 10 mm across slices)
     m_in = int(np.ceil(32.0 / WORK_MM))
     m_k = int(np.ceil(11.0 / sp[2]))
@@ -146,4 +140,4 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         prob = interpolate_slices(prob[:, :, ks], ks, prob.shape[2])
         if region is not None:
             prob[~region] = 0
-    return prob, zoom, column, dist
+    return prob, zoom, column

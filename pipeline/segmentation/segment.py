@@ -90,7 +90,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     spacing = tuple(float(s) for s in spacing)
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
-    prob, zoom, region, column_mm = body_probability(image, spacing, model=model, body_model=cfg.body_model)
+    prob, zoom, region = body_probability(image, spacing, model=model, body_model=cfg.body_model)
     if extra_images:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
         # T2 found (abnormal marrow sits in or beside a body): everything else is skipped.
@@ -106,9 +106,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         else:
             near = region
         for extra in extra_images:
-            # the column is where T2 found it: the other contrasts skip stage 1
-            p2, _, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model,
-                                           column_mm=column_mm)
+            p2, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model)
             np.maximum(prob, p2, out=prob)
     sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], spacing[2])
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
