@@ -335,8 +335,8 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
     assert summary["mean_body_dice"] >= DICE_FLOOR, summary
     assert (tmp_path / "per_body.csv").read_text().count("\n") == 1 + 19
     # level names: vb2 annotates T11-L5 (data README), and vb2-05 shows its whole sacrum; vb3-09 ends just below
-    # L5 (S1 cut short by the field of view): its levels cannot be counted from the sacrum, so no body may carry
-    # a level name there, let alone a wrong one
+    # L5 (S1 cut short by the field of view): L5 is named from its lumbosacral endplate (issue 29), and no body
+    # may carry a wrong name
     assert summary["level_naming"]["vb2"] == {"correct": 7, "wrong": 0, "unnamed": 0}
     assert summary["level_naming"]["vb3"]["wrong"] == 0 and "vb1" not in summary["level_naming"]
 
