@@ -95,6 +95,14 @@ def test_a_piece_far_below_the_column_does_not_end_it():
     names, _, _, _ = label_levels(np.r_[cents, far], np.vstack([geo, _body(far, 0, 0)]), np.r_[vols, 40.0], CFG,
                                   cut=np.r_[np.zeros(len(cents), bool), True], fov_end_mm=far + 10)
     assert names[:-1] == ["T12", *LUMBAR, "S1"] and names[-1] == ""
+    # ... nor through a fragment half-way down to it (the gap filling is for a compressed body between two bodies),
+    # even when the top of the sacrum is hard to read (vb1-02: the cut piece would otherwise be read as L5)
+    geo[-1] = _body(cents[-1], -4.5, 4.0, 24.0)
+    frag = 0.5 * (cents[-1] + far)
+    names2, _, _, _ = label_levels(np.r_[cents, frag, far], np.vstack([geo, _body(frag, 0, 0, 10), _body(far, 0, 0)]),
+                                   np.r_[vols, 7.0, 40.0], CFG, cut=np.r_[np.zeros(len(cents) + 1, bool), True],
+                                   fov_end_mm=far + 10)
+    assert names2[: len(cents)] == ["T12", *LUMBAR, "S1"] and names2[-1] == ""
 
 
 def test_s1_found_whole_with_the_image_going_on_under_it_is_s1_not_l5():

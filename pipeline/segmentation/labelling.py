@@ -89,16 +89,18 @@ def endplate_tilts(geometry: np.ndarray) -> np.ndarray:
 
 
 def _fill_rhythm_gaps(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.ndarray, spacing: float,
-                      min_ml: float) -> list[int]:
+                      min_ml: float, cut: np.ndarray | None = None) -> list[int]:
     """Insert a smaller body where the chain skips a level: between two chain bodies about two spacings apart,
     the largest component (>= ``min_ml``) near the midpoint is the missing vertebra (a compressed, fractured
-    body is too small to count as major; leaving it out shifts every level name above it)."""
+    body is too small to count as major; leaving it out shifts every level name above it). Not above a piece cut
+    by the image's edge (``cut``): that may be anything at the edge (pelvis, bowel), and a fragment in between
+    would join it to the column."""
     if spacing <= 0 or len(chain) < 2:
         return chain
     out = [chain[0]]
     for a, b in zip(chain[:-1], chain[1:], strict=True):
         gap = centroids_mm[b] - centroids_mm[a]
-        if gap > 1.6 * spacing:
+        if gap > 1.6 * spacing and (cut is None or not cut[b]):
             mid = 0.5 * (centroids_mm[a] + centroids_mm[b])
             cand = [i for i in range(len(centroids_mm)) if i not in chain and volumes_ml[i] >= min_ml
                     and abs(centroids_mm[i] - mid) <= 0.25 * gap]
@@ -151,7 +153,7 @@ def _column_chain(centroids_mm: np.ndarray, volumes_ml: np.ndarray, cut: np.ndar
             chain.append(int(m))
         elif volumes_ml[m] > volumes_ml[chain[-1]]:
             chain[-1] = int(m)  # two pieces of one level: keep the larger
-    chain = _fill_rhythm_gaps(chain, centroids_mm, volumes_ml, spacing, 0.15 * typical)
+    chain = _fill_rhythm_gaps(chain, centroids_mm, volumes_ml, spacing, 0.15 * typical, cut)
     if spacing > 0 and len(chain) > 1:
         breaks = np.flatnonzero(np.diff(centroids_mm[chain]) > COLUMN_BREAK_SPACINGS * spacing) + 1
         chain = [int(x) for x in max(np.split(np.asarray(chain), breaks), key=len)]
