@@ -1,5 +1,6 @@
-"""Level names (L1..L5, S1, T12, ...) for the bodies along the column, counted from the sacrum or the
-column's end, with a labelling confidence, flags and notes."""
+"""Level names (L1..L5, S1, T12, ...) for the bodies along the column, counted up from the lumbosacral junction
+found from anatomy (L5's steep lower endplate, the sloped top of the sacrum, the image's end), with a labelling
+confidence, flags and notes; the per-body geometry (endplate tilts, heights) the naming reads."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ from scipy import ndimage
 from pipeline.config import SegmentationConfig
 from pipeline.types import LUMBAR_LEVELS
 
-COLUMN_END_SPACINGS = 1.5  # image under the column's last body (in body spacings) needed to call it S1 without a sacrum
+GEOMETRY_COLUMNS = ("superior_tilt_deg", "inferior_tilt_deg", "height_mm", "bottom_mm")
 
 
-# A piece cut by the image's edge closer than this (in body spacings) under the last body may be the next body.
-CUT_NEXT_BODY_SPACINGS = 1.5
-
-
-def endplate_tilts(lab: np.ndarray, ids: np.ndarray, spacing_work) -> np.ndarray:
-    """Endplate tilt (degrees, signed, image coordinates) of each component in its mid slab."""
-    out = np.zeros(len(ids))
+def body_geometry(lab: np.ndarray, ids: np.ndarray, spacing_work) -> np.ndarray:
+    """Per component of ``ids`` (rows: ``GEOMETRY_COLUMNS``): the tilts (degrees, image coordinates: negative
+    when the endplate's anterior edge lies lower) of its upper and lower outline in its mid slab, fitted through
+    the central 60 % of its AP extent (the corners are rounded); its median SI height over that slab; and the
+    lowest row it reaches (mm). NaN where a body has too few columns to fit."""
+    out = np.full((len(ids), len(GEOMETRY_COLUMNS)), np.nan)
     boxes = ndimage.find_objects(lab)
     for n, lid in enumerate(ids):  # loop over <= ~12 bodies
         box = boxes[lid - 1]
         ii, jj, kk = np.nonzero(lab[box] == lid)  # box coordinates: slopes and the median slice are shift-free
+        out[n, 3] = (ii.max() + box[0].start) * spacing_work[0]
         kc = int(np.median(kk))
         sel = np.abs(kk - kc) <= 1
         ii, jj = ii[sel], jj[sel]
@@ -30,33 +31,76 @@ def endplate_tilts(lab: np.ndarray, ids: np.ndarray, spacing_work) -> np.ndarray
             continue
         order = np.lexsort((ii, jj))
         jj_s, ii_s = jj[order], ii[order]
-        first = np.r_[True, jj_s[1:] != jj_s[:-1]]
-        last = np.r_[jj_s[1:] != jj_s[:-1], True]
-        slopes = []
-        for pick in (first, last):
+        first = np.r_[True, jj_s[1:] != jj_s[:-1]]  # the top row of each AP column
+        last = np.r_[jj_s[1:] != jj_s[:-1], True]  # ... and its bottom row
+        out[n, 2] = float(np.median(ii_s[last] - ii_s[first])) * spacing_work[0]
+        for col, pick in ((0, first), (1, last)):
             x, y = jj_s[pick] * spacing_work[1], ii_s[pick] * spacing_work[0]
             if x.size >= 5 and np.ptp(x) > 0:
-                # the central 60 % of the AP extent: the corners are rounded
                 lo, hi = np.percentile(x, [20, 80])
                 c = (x >= lo) & (x <= hi)
-                if c.sum() >= 3:
-                    slopes.append(np.polyfit(x[c], y[c], 1)[0])
-        if slopes:
-            out[n] = np.degrees(np.arctan(np.mean(slopes)))
+                if c.sum() >= 3 and np.ptp(x[c]) > 0:
+                    out[n, col] = np.degrees(np.arctan(np.polyfit(x[c], y[c], 1)[0]))
     return out
 
 
+def pair_slices(lab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per component of ``ids`` (top -> bottom) but the last: the middle slice it shares with the next one (-1: none)."""
+    present = np.stack([(lab == i).any(axis=(0, 1)) for i in ids]) if len(ids) else np.zeros((0, lab.shape[2]), bool)
+    out = np.full(max(len(ids) - 1, 0), -1)
+    for n in range(len(ids) - 1):
+        shared = np.flatnonzero(present[n] & present[n + 1])
+        if shared.size:
+            out[n] = int(shared[shared.size // 2])
+    return out
+
+
+def disc_contrasts(slices: np.ndarray, lab: np.ndarray, ids: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Per component of ``ids`` (top -> bottom) but the last: how unlike marrow the tissue between it and the next
+    component is: median |gap - marrow| over the AP columns both cover in slice ``ks[n]`` (:func:`pair_slices`; NaN
+    without such columns). ``slices[:, :, n]``: the image on the working grid at slice ``ks[n]``, any scale (the
+    labelling compares a case's values with each other only). A disc differs from marrow on any contrast (bright or
+    dark); the top of the sacrum and the fused segment under it have bone between them."""
+    out = np.full(len(ks), np.nan)
+    rows = np.arange(lab.shape[0])[:, None]
+    for n, k in enumerate(ks):  # loop over <= ~12 pairs of neighbours
+        if k < 0:
+            continue
+        above, below = lab[:, :, k] == ids[n], lab[:, :, k] == ids[n + 1]
+        cols = np.flatnonzero(above.any(axis=0) & below.any(axis=0))
+        if cols.size < 3:
+            continue
+        bottom_a = np.where(above, rows, -1).max(axis=0)[cols]
+        top_b = np.where(below, rows, lab.shape[0]).min(axis=0)[cols]
+        between = (rows > bottom_a[None, :]) & (rows < top_b[None, :])
+        if not between.any():
+            continue
+        image = slices[:, :, n]
+        marrow = float(np.median(np.r_[image[above], image[below]]))
+        out[n] = float(np.median(np.abs(image[:, cols][between] - marrow)))
+    return out
+
+
+def endplate_tilts(geometry: np.ndarray) -> np.ndarray:
+    """Mean endplate tilt (degrees) per body from :func:`body_geometry` (0 where neither endplate was fitted)."""
+    both = geometry[:, :2]
+    n = np.sum(~np.isnan(both), axis=1)
+    return np.where(n > 0, np.nansum(both, axis=1) / np.maximum(n, 1), 0.0)
+
+
 def _fill_rhythm_gaps(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.ndarray, spacing: float,
-                      min_ml: float) -> list[int]:
+                      min_ml: float, cut: np.ndarray | None = None) -> list[int]:
     """Insert a smaller body where the chain skips a level: between two chain bodies about two spacings apart,
     the largest component (>= ``min_ml``) near the midpoint is the missing vertebra (a compressed, fractured
-    body is too small to count as major; leaving it out shifts every level name above it)."""
+    body is too small to count as major; leaving it out shifts every level name above it). Not above a piece cut
+    by the image's edge (``cut``): that may be anything at the edge (pelvis, bowel), and a fragment in between
+    would join it to the column."""
     if spacing <= 0 or len(chain) < 2:
         return chain
     out = [chain[0]]
     for a, b in zip(chain[:-1], chain[1:], strict=True):
         gap = centroids_mm[b] - centroids_mm[a]
-        if gap > 1.6 * spacing:
+        if gap > 1.6 * spacing and (cut is None or not cut[b]):
             mid = 0.5 * (centroids_mm[a] + centroids_mm[b])
             cand = [i for i in range(len(centroids_mm)) if i not in chain and volumes_ml[i] >= min_ml
                     and abs(centroids_mm[i] - mid) <= 0.25 * gap]
@@ -75,68 +119,31 @@ def _fill_rhythm_gaps(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np
 FOV_EDGE_MM = 12.0
 
 
-def _s1_at_column_end(chain: list[int], centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.ndarray,
-                      spacing: float, pool: np.ndarray, cut: np.ndarray, fov_end_mm: float | None,
-                      min_ml: float) -> int | None:
-    """Index of the body that ends the column when it can be taken for S1 without a sacrum below it, else None.
-
-    The U-Net finds S1 (often only its top, a piece too small for the chain) but, unlike the pixel classifier, not
-    the fused segments under it, so "something body-like below the last body" rarely holds. The column's last
-    body is S1 when (1) the image goes on for >= ``COLUMN_END_SPACINGS`` body spacings under it and nothing
-    body-like is found there (a lumbar body would be: the models rarely miss one), and (2) the steepest endplate
-    tilt of the column is at its last two bodies (the lumbosacral junction: L5's wedge or the sacral slope; on the
-    36 real scans whose levels are known the steepest body is L5 or below in 33). An uncut piece 0.6-1.3 spacings
-    under the last major body (>= ``min_ml``) counts as that last body. It fails when S1 is missed altogether and
-    L5 is the steepest (2 of those 36 scans): L5 is then named S1."""
-    if fov_end_mm is None or len(chain) < 2:
-        return None
-    last = chain[-1]
-    gap = centroids_mm - centroids_mm[last]
-    nxt = np.flatnonzero(~cut & (gap >= 0.6 * spacing) & (gap <= 1.3 * spacing) & (volumes_ml >= min_ml))
-    if nxt.size:
-        last = int(nxt[np.argmax(volumes_ml[nxt])])
-    ends = [*chain, last] if last != chain[-1] else chain
-    # A body running out of view has its centroid within a spacing under the last one; a cut piece farther down
-    # (the lower sacrum or the coccyx at the image's edge) is not the column going on.
-    under = centroids_mm - centroids_mm[last]
-    if (len(ends) < 3 or np.any(pool > centroids_mm[last] + 0.3 * spacing)
-            or np.any(cut & (under > 0.3 * spacing) & (under <= CUT_NEXT_BODY_SPACINGS * spacing))):
-        return None  # something below it: the sacrum (the usual rule decides), or a body running out of view
-    if fov_end_mm - centroids_mm[last] < COLUMN_END_SPACINGS * spacing:
-        return None  # the image stops too soon under it to tell S1 from L5 with S1 out of view
-    if min(tilts[ends[-2]], tilts[ends[-1]]) > np.min(tilts[ends]):
-        return None
-    return last
+# The lumbosacral junction is chosen by scoring each way the column's end could read (which body is L5, which
+# piece is S1, or S1 out of view / not found). Weights and thresholds were set by hand on the 36 real scans with
+# known levels (vb2, vb3) and then checked, unchanged, on the 85 SPIDER slices (README, "Level names").
+SACRAL_REVERSED_WEDGE_DEG = 12.0  # the top of the sacrum: lower outline tilted >= this much more than the upper
+SACRAL_SHORT = 0.8  # ... shorter than this fraction of the column's median body height
+SACRAL_SLOPE_DEG = -15.0  # ... upper outline (the S1 endplate, the sacral slope) at least this steep
+# S1 found whole (a phantom's S1): both outlines at least 20 deg steep, the upper within -10..+6 deg of the lower
+WHOLE_S1_DEG = (-20.0, -10.0, 6.0)
+L5_ENDPLATE_DEG = (8.0, 12.0)  # L5 evidence grows from 0 at an inferior tilt of -8 deg to 1 at -20 deg (the L5-S1 disc)
+WHOLE_BODY = 0.75  # a piece cut by the image's edge with this fraction of a typical volume is a body running out of view
+COLUMN_BREAK_SPACINGS = 1.8  # a gap this many spacings long ends the column (a piece far below is not the next level)
+MIN_JUNCTION_SCORE = 0.3  # below this no reading of the column's end looks lumbosacral: bodies stay unnamed
+UNCERTAIN_SCORE, UNCERTAIN_MARGIN = 0.8, 0.2  # a weak best reading, or a runner-up this close: flagged
+DISC_UNDER_S1 = 1.0  # a gap under the piece read as S1 at least this unlike marrow (x the column's discs) is a disc
 
 
-def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.ndarray,
-                 cfg: SegmentationConfig, others_mm: np.ndarray | None = None,
-                 cut: np.ndarray | None = None, fov_end_mm: float | None = None) -> tuple[list[str], float, list[str], list[str]]:
-    """Level names for components ordered top -> bottom (``""`` = not reported); (names, confidence, flags, notes).
-
-    The vertebral column is the chain of *major* components (volume >= ``major_body_fraction`` of the typical
-    large body) spaced like vertebrae (>= 75 % of the median centroid spacing); smaller pieces are fragments
-    or fused sacral segments. S1 is the last body of that chain when something (the rest of the sacrum) lies
-    below it; levels are then counted upward: L5, L4, ... L1, T12, ...
-
-    ``cut``: components cut by the bottom edge of the field of view (``others_mm`` should hold no such piece).
-    They are no evidence of a sacrum: a small piece at the edge is as likely the next body, cut short (on the
-    42 real scans, the water-fat ones (vb3) end just below L5 with S1 cut, and counting from the cut S1 as the
-    "sacrum" named L5 as S1 and every level one too low).
-
-    ``fov_end_mm``: where the image ends (same axis as the centroids); with it, a column that ends well inside the
-    image may end at S1 without a sacrum below (:func:`_s1_at_column_end`; flag ``S1_AT_COLUMN_END``).
-    """
-    n = len(centroids_mm)
-    flags: list[str] = []
-    notes: list[str] = []
-    names = [""] * n
-    if n == 0:
-        return names, 0.0, ["NO_BODIES"], notes
-    typical = float(np.median(np.sort(volumes_ml)[-5:]))
-    major = np.flatnonzero(volumes_ml >= cfg.major_body_fraction * typical)
+def _column_chain(centroids_mm: np.ndarray, volumes_ml: np.ndarray, cut: np.ndarray, typical: float,
+                  cfg: SegmentationConfig) -> tuple[list[int], float]:
+    """The column: indices of the *major* components (volume >= ``major_body_fraction`` of a typical body; a piece
+    cut by the image's edge only when it is nearly whole) spaced like vertebrae (>= 75 % of the median spacing;
+    closer pieces are two parts of one level, the larger kept), with missed levels filled in, and only its longest
+    run without a two-level gap. Returns (chain, median centroid spacing)."""
+    major = np.flatnonzero((volumes_ml >= cfg.major_body_fraction * typical) & (~cut | (volumes_ml >= WHOLE_BODY * typical)))
     if major.size == 0:
-        return names, 0.0, ["NO_BODIES"], notes
+        return [], 0.0
     gaps = np.diff(centroids_mm[major])
     spacing = float(np.median(gaps)) if gaps.size else 0.0
     chain = [int(major[0])]
@@ -146,46 +153,162 @@ def label_levels(centroids_mm: np.ndarray, tilts: np.ndarray, volumes_ml: np.nda
             chain.append(int(m))
         elif volumes_ml[m] > volumes_ml[chain[-1]]:
             chain[-1] = int(m)  # two pieces of one level: keep the larger
-    chain = _fill_rhythm_gaps(chain, centroids_mm, volumes_ml, spacing, 0.15 * typical)
-    last = chain[-1]
+    chain = _fill_rhythm_gaps(chain, centroids_mm, volumes_ml, spacing, 0.15 * typical, cut)
+    if spacing > 0 and len(chain) > 1:
+        breaks = np.flatnonzero(np.diff(centroids_mm[chain]) > COLUMN_BREAK_SPACINGS * spacing) + 1
+        chain = [int(x) for x in max(np.split(np.asarray(chain), breaks), key=len)]
+    return chain, spacing
+
+
+def sacral_likeness(geometry: np.ndarray, volumes_ml: np.ndarray, cut: np.ndarray, typical: float,
+                    height_ref: float) -> np.ndarray:
+    """How much each component looks like the top of the sacrum as the networks find it (0..3): its lower outline
+    tilted well past its upper one (the piece ends where the sacrum curves back, not at a disc), shorter than a
+    body, and its upper outline as steep as the sacral slope. A piece cut by the image's edge has no shape to read:
+    a nearly whole one is a body running out of view (0), a smaller one is neutral (1), a sliver 2."""
+    sup, inf, height = geometry[:, 0], geometry[:, 1], geometry[:, 2]
+    score = ((np.nan_to_num(inf - sup) >= SACRAL_REVERSED_WEDGE_DEG).astype(float)
+             + (np.nan_to_num(height, nan=height_ref) < SACRAL_SHORT * height_ref)
+             + (np.nan_to_num(sup) <= SACRAL_SLOPE_DEG))
+    cut_score = np.where(volumes_ml >= WHOLE_BODY * typical, 0.0, 1.0 + (volumes_ml < 0.3 * typical))
+    return np.where(cut, cut_score, score)
+
+
+def junction_scores(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.ndarray, geometry: np.ndarray,
+                    cut: np.ndarray, others_mm: np.ndarray, fov_end_mm: float | None, typical: float,
+                    spacing: float, discs: np.ndarray | None = None) -> dict[tuple[int, int | None], float]:
+    """Score of each reading (L5 index, S1 index or None) of the column's end.
+
+    Readings: two consecutive chain bodies among its last five; one of its last four and a smaller piece 0.3-1.3 spacings
+    under it (the top of the sacrum is often found only in part, too small or too close for the chain); the last
+    chain body with S1 not found. Each scores the L5 evidence of its L5 (a steep inferior endplate: the wedge of
+    the L5-S1 disc; less when that body itself looks sacral) plus, with an S1, the sacral look of it
+    (:func:`sacral_likeness`, or a whole body with both endplates steep and parallel: S1 found whole) or,
+    without, whether the image ends within a spacing under L5 (S1 out of view; else a body that looks like S1
+    found whole is not taken for L5) or body-like tissue lies where S1 would be. ``discs`` (:func:`disc_contrasts`): a piece read as S1 with a disc
+    under it (as unlike marrow as the column's own discs) is a mobile vertebra, not the sacrum."""
+    height_ref = float(np.nanmedian(geometry[chain, 2])) if np.any(~np.isnan(geometry[chain, 2])) else 1.0
+    sacral = sacral_likeness(geometry, volumes_ml, cut, typical, height_ref)
+    sup, inf = np.nan_to_num(geometry[:, 0]), np.nan_to_num(geometry[:, 1])
+    whole_s1 = (~cut & (sup <= WHOLE_S1_DEG[0]) & (inf <= WHOLE_S1_DEG[0])
+                & (sup - inf >= WHOLE_S1_DEG[1]) & (sup - inf <= WHOLE_S1_DEG[2]))
+    inferior = np.where(cut, -20.0, np.nan_to_num(geometry[:, 1]))  # a cut body's lower endplate is not in view
+    readings: list[tuple[int, int | None]] = [(chain[j - 1], chain[j]) for j in range(max(1, len(chain) - 4), len(chain))]
+    for b in chain[-4:]:
+        under = centroids_mm - centroids_mm[b]
+        for p in np.flatnonzero((under >= 0.3 * spacing) & (under <= 1.3 * spacing) & (volumes_ml >= 0.1 * typical)):
+            if int(p) not in chain:
+                readings.append((b, int(p)))
+    readings.append((chain[-1], None))
+    # A component with a disc under it (a gap to the next piece, within a spacing, as unlike marrow as the column's
+    # own discs) is a mobile vertebra: not S1, and its sacral look does not count against it as L5.
+    mobile = np.zeros(len(centroids_mm), bool)
+    if discs is not None and len(centroids_mm) > 1:
+        pairs = [a for a, b in zip(chain[:-1], chain[1:], strict=True) if b == a + 1]
+        known = [a for a in pairs if not np.isnan(discs[a])]
+        if known:
+            close = np.diff(centroids_mm) <= 1.3 * spacing
+            mobile[:-1] = close & (np.nan_to_num(discs, nan=-np.inf) >= DISC_UNDER_S1 * float(np.median(discs[known])))
+    scores = {}
+    for l5, s1 in readings:
+        score = float(np.clip((-inferior[l5] - L5_ENDPLATE_DEG[0]) / L5_ENDPLATE_DEG[1], 0.0, 1.2))
+        if not mobile[l5]:
+            score -= 0.5 * max(0.0, sacral[l5] - 1.0)
+        if s1 is not None:
+            score += (sacral[s1] + whole_s1[s1]) / 3.0 - 1.0 * mobile[s1]
+        else:
+            if fov_end_mm is not None and fov_end_mm - geometry[l5, 3] < spacing:
+                score += 0.5
+            elif whole_s1[l5]:
+                score -= 0.5  # S1 would be in view under it, and it looks like S1 found whole
+            where_s1 = (others_mm > centroids_mm[l5] + 0.4 * spacing) & (others_mm < centroids_mm[l5] + 1.3 * spacing)
+            score += 0.3 * bool(np.any(where_s1))
+        scores[(l5, s1)] = score
+    return scores
+
+
+def _level_name(above_s1: int) -> str:
+    """Name of the body ``above_s1`` levels above S1 (0 = S1, 1 = L5, ..., 6 = T12); "" past T1."""
+    if above_s1 <= 5:
+        return LUMBAR_LEVELS[5 - above_s1]
+    return f"T{12 - (above_s1 - 6)}" if above_s1 - 6 < 12 else ""
+
+
+def label_levels(centroids_mm: np.ndarray, geometry: np.ndarray, volumes_ml: np.ndarray,
+                 cfg: SegmentationConfig, others_mm: np.ndarray | None = None,
+                 cut: np.ndarray | None = None, fov_end_mm: float | None = None,
+                 discs: np.ndarray | None = None) -> tuple[list[str], float, list[str], list[str]]:
+    """Level names for components ordered top -> bottom (``""`` = not reported); (names, confidence, flags, notes).
+
+    ``geometry``: :func:`body_geometry` rows of the components. The column is :func:`_column_chain`; its
+    lumbosacral junction is the best-scoring reading of :func:`junction_scores` (which body is L5, which piece
+    the top of the sacrum); levels are counted up from L5 (L4, ..., L1, T12, ...). S1 is named when a piece is
+    read as the top of the sacrum; flag ``S1_NOT_IN_VIEW`` when the image ends under L5, ``S1_NOT_FOUND`` when
+    it does not. Bodies stay unnamed (B<n>) only when no reading looks lumbosacral (flag
+    ``NO_LUMBOSACRAL_JUNCTION``); a weak or close call is named and flagged ``LEVELS_UNCERTAIN``.
+
+    ``cut``: components cut by the bottom edge of the field of view: their shape is not read (a large one is a
+    body running out of view: the water-fat scans (vb3) end just under L5, S1 cut). ``others_mm``: centroids of
+    body-like pieces off the column (the top of the sacrum curving out of the column's tube). ``discs``:
+    :func:`disc_contrasts` of the components (optional: without it a disc under S1 is not looked for).
+    """
+    n = len(centroids_mm)
+    flags: list[str] = []
+    notes: list[str] = []
+    names = [""] * n
+    if n == 0:
+        return names, 0.0, ["NO_BODIES"], notes
+    geometry = np.asarray(geometry, float).reshape(n, len(GEOMETRY_COLUMNS))
     cut = np.zeros(n, bool) if cut is None else np.asarray(cut, bool)
-    # Anything body-like below the last body (the rest of the sacrum), including small pieces on the column.
-    pool = centroids_mm[~cut]
-    pool = pool if others_mm is None else np.concatenate([pool, others_mm])
-    below = [c for c in pool if c > centroids_mm[last] + 0.3 * spacing]
-    end_s1 = _s1_at_column_end(chain, centroids_mm, tilts, volumes_ml, spacing, pool, cut, fov_end_mm,
-                               0.5 * cfg.min_body_volume_ml)
-    if end_s1 is not None:
-        chain = [*chain, end_s1] if end_s1 != last else chain
-        flags.append("S1_AT_COLUMN_END")
-        notes.append("S1 taken as the lowest body of the column: nothing body-like below it, and the column's most "
-                     "steeply tilted body is at its end (the lumbosacral junction)")
-    elif not below or len(chain) < 2:
-        flags += ["NO_SACRUM_FOUND", "PARTIAL_FOV"]
-        notes.append("no sacrum below the lowest body: levels cannot be counted from S1; bodies are numbered B1.. from the top")
+    others_mm = np.zeros(0) if others_mm is None else np.asarray(others_mm, float)
+    typical = float(np.median(np.sort(volumes_ml)[-5:]))
+    chain, spacing = _column_chain(centroids_mm, volumes_ml, cut, typical, cfg)
+    if not chain:
+        return names, 0.0, ["NO_BODIES"], notes
+    if len(chain) < 2 or spacing <= 0:
+        for idx in chain:
+            names[idx] = f"B{idx + 1}"
+        return names, 0.2, ["NO_LUMBOSACRAL_JUNCTION", "PARTIAL_FOV"], [
+            "a single body in view: its level cannot be told; bodies are numbered B1.. from the top"]
+    scores = junction_scores(chain, centroids_mm, volumes_ml, geometry, cut, others_mm, fov_end_mm, typical, spacing,
+                             discs)
+    ranked = sorted(scores.values(), reverse=True)
+    best = max(scores, key=scores.get)
+    margin = ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0)
+    if ranked[0] < MIN_JUNCTION_SCORE:
+        flags += ["NO_LUMBOSACRAL_JUNCTION", "PARTIAL_FOV"]
+        notes.append("no body at the column's end looks like L5 or the top of the sacrum: levels cannot be counted; "
+                     "bodies are numbered B1.. from the top")
         for idx in chain:
             names[idx] = f"B{idx + 1}"  # position among all components, so names stay unique
-        return names, 0.3, flags, notes
-    conf = 0.8 if end_s1 is None else 0.6
-    for r, idx in enumerate(reversed(chain)):  # r = 0 for S1
-        if r == 0:
-            names[idx] = "S1"
-        elif r <= 5:
-            names[idx] = LUMBAR_LEVELS[5 - r]
-        elif r - 6 < 12:
-            names[idx] = f"T{12 - (r - 6)}"
-    if len(chain) < 6:
+        return names, 0.2, flags, notes
+    l5, s1 = best
+    column = chain[: chain.index(l5) + 1]
+    for r, idx in enumerate(reversed(column), start=1):  # r = 1 for L5
+        names[idx] = _level_name(r)
+    conf = 0.8
+    if s1 is not None:
+        names[s1] = "S1"
+    else:
+        in_view = fov_end_mm is None or fov_end_mm - geometry[l5, 3] >= spacing
+        flags.append("S1_NOT_FOUND" if in_view else "S1_NOT_IN_VIEW")
+        notes.append("L5 named from its lumbosacral endplate; S1 " + ("was not segmented" if in_view else
+                                                                      "is out of view under it"))
+        conf -= 0.1
+    if ranked[0] < UNCERTAIN_SCORE or margin < UNCERTAIN_MARGIN:
+        flags.append("LEVELS_UNCERTAIN")
+        notes.append(f"the lumbosacral junction is a close call (score {ranked[0]:.2f}, next {ranked[0] - margin:.2f}): "
+                     "check the level names on the overlay")
+        conf -= 0.3
+    if len(column) < 5:
         flags.append("PARTIAL_FOV")
-        notes.append(f"only {len(chain) - 1} bodies above S1 are in view")
-    chain_gaps = np.diff(centroids_mm[chain])
+        notes.append(f"only {len(column)} bodies from L5 up are in view")
+    chain_gaps = np.diff(centroids_mm[column])
     if chain_gaps.size >= 3 and (chain_gaps.max() > 1.6 * np.median(chain_gaps)):
         flags.append("COUNT_AMBIGUOUS")
         notes.append("uneven spacing between bodies: a level may be missing")
         conf -= 0.3
-    if len(chain) >= 2 and volumes_ml[chain[-1]] < 0.6 * np.median(volumes_ml[chain[:-1]]):
-        notes.append("the body taken as S1 is small for a first sacral body")
-        conf -= 0.1
-    if abs(tilts[chain[-2]]) >= cfg.sacral_tilt_deg if len(chain) >= 2 else False:
+    if abs(endplate_tilts(geometry[[l5]])[0]) >= cfg.sacral_tilt_deg:
         flags.append("POSSIBLE_TRANSITIONAL_VERTEBRA")
         notes.append("the lowest lumbar body is steeply tilted (possible lumbosacral transitional vertebra)")
         conf -= 0.2

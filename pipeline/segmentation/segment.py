@@ -23,11 +23,12 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/s
    :func:`drop_shallow_cuts`; a stretch two bodies long is cut at its dip even when the dip is faint:
    :func:`add_missed_cuts`), seeds grow back by watershed. Each body is then completed (notches closed, holes
    filled, in-plane convex hull per slice: a body is convex in the sagittal plane; dark marrow leaves bites).
-5. **Labelling** counts up from the sacrum: the chain of vertebra-sized bodies spaced like vertebrae ends at
-   S1 when sacral tissue lies below it, or when the column ends well inside the image at a steeply tilted body
-   (:func:`_s1_at_column_end`: the U-Net finds S1 but not the fused segments under it); levels are counted upward
-   from there (L5, L4, ...). Without a sacrum in view the bodies are named B<n> (values 100 + n) and the confidence is
-   low; body-sized instances the level chain leaves out are reported as B<n> too.
+5. **Labelling** (:mod:`pipeline.segmentation.labelling`) finds the lumbosacral junction from anatomy: each
+   reading of the column's end (which body is L5, which piece is the top of the sacrum, or S1 out of view) is
+   scored by L5's steep lower endplate (the wedge of the L5-S1 disc) and the look of the sacrum's top as the
+   networks find it (a short piece whose lower outline curves back, under a sloped upper endplate); levels are
+   counted up from L5 (L4, ..., T12, ...). Bodies stay unnamed (B<n>, values 100 + n) only when no reading looks
+   lumbosacral (flag ``NO_LUMBOSACRAL_JUNCTION``); body-sized instances the chain leaves out are B<n> too.
 6. **Edges at the input resolution** (:mod:`pipeline.segmentation.refine`): the named bodies are mapped back to the
    input grid and the voxels within 4 mm of their surfaces are re-decided by a third classifier (contrast-free
    features relative to each body's own interior), trained on held-out segmentations of the real scans: one
@@ -51,8 +52,14 @@ from pipeline.config import SegmentationConfig
 from pipeline.errors import StudyError
 from pipeline.segmentation.bodies import complete_heights, hull_bodies, smooth_bodies
 from pipeline.segmentation.column import split_column
-from pipeline.segmentation.grid import WORK_MM, resample_inplane, to_input_grid
-from pipeline.segmentation.labelling import FOV_EDGE_MM, endplate_tilts, label_levels
+from pipeline.segmentation.grid import WORK_MM, resample_inplane, to_input_grid, to_work_grid
+from pipeline.segmentation.labelling import (
+    FOV_EDGE_MM,
+    body_geometry,
+    disc_contrasts,
+    label_levels,
+    pair_slices,
+)
 from pipeline.segmentation.probability import body_probability, load_model
 from pipeline.segmentation.refine import edge_refiner_for
 from pipeline.types import Segmentation, VertebralBody, level_value
@@ -147,10 +154,15 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         raise StudyError("SEGMENTATION_FAILED", "no component had the size and position of a vertebral body")
     order = np.argsort(cents[:, 0])
     ids, vol_ml, cents, cut = ids[order], vol_ml[order], cents[order], cut[order]
-    tilts = endplate_tilts(lab, ids, sp_work)
-    log.debug("segment: centroids %s tilts %s volumes %s", np.round(cents[:, 0] * sp_work[0]), np.round(tilts), np.round(vol_ml))
-    names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], tilts, vol_ml, cfg, others_mm, cut,
-                                             fov_end_mm=lab.shape[0] * sp_work[0])
+    geometry = body_geometry(lab, ids, sp_work)
+    log.debug("segment: centroids %s geometry %s volumes %s", np.round(cents[:, 0] * sp_work[0]), np.round(geometry),
+              np.round(vol_ml))
+    # The discs between neighbours, read on the image itself (only the slices they are read on are resampled).
+    ks = pair_slices(lab, ids)
+    slices = to_work_grid(image[:, :, np.maximum(ks, 0)], spacing)[0] if ks.size else np.zeros((0, 0, 0))
+    discs = disc_contrasts(slices, lab, ids, ks)
+    names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], geometry, vol_ml, cfg, others_mm, cut,
+                                             fov_end_mm=lab.shape[0] * sp_work[0], discs=discs)
     chain = [lid for lid, name in zip(ids, names, strict=True) if name]
     # Instances on the column that the level chain left out (a body cut by the field of view, an under-segmented
     # body) are reported unnamed (B<position>) from half the minimum body volume: dropping

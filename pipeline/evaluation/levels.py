@@ -1,0 +1,134 @@
+"""Level names on single-slice lumbar series without body masks (the SPIDER slices of ../shared/data/modic-spider):
+``python -m pipeline.evaluation.levels CASES.csv -o results/ [--reading READING.csv]``.
+
+The SPIDER gradings count discs up from the lowest graded one, normally L5-S1, so per-disc findings need our L5
+on the right body. The cases carry no body masks: each case is segmented (T2, with the T1 resampled onto it) and
+our L5 (its centroid row, mm from the top of the slice) is written with the flags, for review on the PNGs. A
+reading (``case,l5_row_mm``: where a reader put the centroid of L5 on the same slice) scores it: correct when
+our L5 lies within ``L5_TOLERANCE_MM`` of it, wrong otherwise; unnamed when we named no L5 (with the flags that
+say why), failed when no body was segmented. ``docs/spider_l5_reading.csv`` holds one reader's (a developer's,
+not an expert's) reading of the cases the reader could tell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+from pathlib import Path
+
+from pipeline.config import SegmentationConfig
+from pipeline.errors import StudyError
+from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
+
+L5_TOLERANCE_MM = 12.0  # under half a vertebral spacing (30-45 mm): the next body's centroid is always farther
+OUTCOMES = ("correct", "wrong", "unnamed", "failed", "not_read")
+
+
+def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, object, object]:
+    """(result row, T2 volume, segmentation or None) of one cases.csv row."""
+    from pipeline.io.nifti import load_nifti, resample_to
+    from pipeline.segmentation.segment import segment_vertebrae
+
+    t2 = load_nifti(root / row["t2"])
+    extra = [resample_to(load_nifti(root / row["t1"]), t2).data] if row.get("t1") else None
+    res = {"case": row["case"], "levels": "", "l5_row_mm": None, "s1_row_mm": None, "flags": "", "confidence": None,
+           "error": ""}
+    try:
+        seg = segment_vertebrae(t2.data, t2.spacing, cfg, extra_images=extra)
+    except StudyError as exc:
+        res["error"] = str(exc)
+        return res, t2, None
+    rows_mm = {b.level: round(b.centroid_vox[0] * t2.spacing[0], 1) for b in seg.bodies}
+    res.update(levels=" ".join(b.level for b in seg.bodies), l5_row_mm=rows_mm.get("L5"), s1_row_mm=rows_mm.get("S1"),
+               flags=" ".join(seg.flags), confidence=round(seg.labelling_confidence, 2))
+    return res, t2, seg
+
+
+def outcome(res: dict, reading_mm: float | None) -> str:
+    """correct / wrong / unnamed / failed / not_read (no reading of this case)."""
+    if res["error"]:
+        return "failed"
+    if res["l5_row_mm"] is None:
+        return "unnamed"
+    if reading_mm is None:
+        return "not_read"
+    return "correct" if abs(res["l5_row_mm"] - reading_mm) <= L5_TOLERANCE_MM else "wrong"
+
+
+def read_reading(path: Path | None) -> dict[str, float]:
+    if path is None:
+        return {}
+    with open(path, newline="") as fh:
+        return {r["case"]: float(r["l5_row_mm"]) for r in csv.DictReader(fh) if r.get("l5_row_mm")}
+
+
+def _png(t2, seg, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = t2.data[:, :, t2.data.shape[2] // 2]
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=80)
+    ax.imshow(image, cmap="gray", aspect=t2.spacing[0] / t2.spacing[1])
+    if seg is not None:
+        k = min(seg.labels.shape[2] - 1, t2.data.shape[2] // 2)
+        ax.contour(seg.labels[:, :, k] > 0, levels=[0.5], colors="red", linewidths=0.6)
+        for b in seg.bodies:
+            ax.text(b.centroid_vox[1] - 0.12 * image.shape[1], b.centroid_vox[0], b.level, color="yellow", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None, write_png: bool = True,
+                    cfg: SegmentationConfig | None = None, limit: int | None = None) -> dict:
+    """Segment every case, write levels.csv (+ a PNG per case) and summary.json; returns the summary."""
+    cfg = cfg or SegmentationConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(cases_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))[:limit]
+    read = read_reading(reading)
+    results = []
+    for row in rows:  # one slice per case: ~1 s each
+        res, t2, seg = segment_case(row, Path(cases_csv).parent, cfg)
+        res["reading_l5_row_mm"] = read.get(row["case"])
+        res["outcome"] = outcome(res, read.get(row["case"]))
+        results.append(res)
+        if write_png:
+            _png(t2, seg, out_dir / "png" / f"{row['case']}.png", f"{row['case']}: {res['outcome']} {res['flags']}")
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(results[0]) if results else ["case"], lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in results)
+    write_bytes_atomic(out_dir / "levels.csv", buf.getvalue().encode())
+    counts = {k: sum(r["outcome"] == k for r in results) for k in OUTCOMES}
+    judged = counts["correct"] + counts["wrong"]
+    summary = {"n_cases": len(results), "outcomes": counts,
+               "correct_of_read_pct": round(100.0 * counts["correct"] / judged, 1) if judged else None,
+               "unnamed_flags": sorted({f for r in results if r["outcome"] == "unnamed" for f in r["flags"].split()}),
+               "tolerance_mm": L5_TOLERANCE_MM}
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases_csv", type=Path)
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--reading", type=Path, help="case,l5_row_mm: a reader's L5 centroid row per case")
+    ap.add_argument("--no-png", action="store_true")
+    ap.add_argument("--limit", type=int)
+    args = ap.parse_args(argv)
+    if not args.cases_csv.is_file():
+        ap.error(f"{args.cases_csv} does not exist")
+    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, limit=args.limit))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
