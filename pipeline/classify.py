@@ -272,6 +272,11 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
             m["extent_height_pct"] = m["extent_volume_pct"] = 0.0
         span = (1.0 - model.threshold) if present else model.threshold
         conf = 0.5 + 0.5 * abs(float(p) - model.threshold) / max(span, 1e-6)
+        # Damped like the threshold call when a band is small or missing (the features then see one side only).
+        n_band = min((by_level[lv]["endplates"][side]["n_voxels"] for lv, side in
+                      ((d["upper"], "inferior"), (d["lower"], "superior")) if lv in by_level), default=0)
+        if n_band < 50:
+            conf *= max(0.3, n_band / 50.0)
         if single_slice:
             conf *= cfg.single_slice_confidence
         m["score"] = round(float(p), 4)
