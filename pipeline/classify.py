@@ -205,6 +205,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
     for d in discs:
         d["bright"] = bool(d["t2_ratio_to_discs"] is not None and d["t2_ratio_to_discs"] >= cfg.disc_bright_ratio)
     add_disc_modic(vertebrae, discs, cfg.diffuse_edema_volume_pct)
+    if cfg.disc_model == "model" and modic_judged and discs:
+        model_disc_modic(meas, vertebrae, discs, cfg, single_slice)
     flags = review_flags(vertebrae, discs, cfg)
     return StudyFindings(vertebrae=vertebrae, discs=discs, reference=dict(meas.reference), flags=flags,
                          warnings=warnings, zone_map=meas.zone_map, class_map=class_map, fluid_role=fluid_role)
@@ -241,6 +243,44 @@ def add_disc_modic(vertebrae: list[dict], discs: list[dict], diffuse_edema_volum
             "confidence": round(float(conf), 3),
             "endplates": [name for name, _, _ in eps],
         }
+
+
+def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list[dict], cfg: ClassificationConfig,
+                     single_slice: bool) -> None:
+    """Replace each disc's Modic presence by the shipped disc model's call (``disc_model.py``; README "Modic
+    findings on real data"): ``score`` = the model's probability, type "0" below its threshold; above it the
+    threshold type of the two endplates, or when they show none the dominant type fraction of the two bands
+    ("II" when all are zero: nearly all changes in the training gradings are type II). Per-endplate types are
+    left as the thresholds gave them."""
+    from pipeline.disc_model import disc_features, load_disc_model
+
+    model = load_disc_model()
+    prob = model.score(disc_features(meas))
+    by_level = {v["level"]: v for v in vertebrae}
+    for d, p in zip(discs, prob, strict=True):
+        m = d["modic"]
+        present = bool(p >= model.threshold)
+        if present and m["modic_type"] == "0":
+            fr = np.zeros(4)
+            for lv, side in ((d["upper"], "inferior"), (d["lower"], "superior")):
+                if lv in by_level:
+                    tf = by_level[lv]["endplates"][side]["type_fractions"]
+                    fr = np.maximum(fr, [0.0, tf["I"], tf["II"], tf["III"]])
+            m["modic_type"] = _TYPE_NAMES[int(np.argmax(fr[1:])) + 1] if fr[1:].max() > 0 else "II"
+        elif not present:
+            m["modic_type"] = "0"
+            m["extent_height_pct"] = m["extent_volume_pct"] = 0.0
+        span = (1.0 - model.threshold) if present else model.threshold
+        conf = 0.5 + 0.5 * abs(float(p) - model.threshold) / max(span, 1e-6)
+        # Damped like the threshold call when a band is small or missing (the features then see one side only).
+        n_band = min((by_level[lv]["endplates"][side]["n_voxels"] for lv, side in
+                      ((d["upper"], "inferior"), (d["lower"], "superior")) if lv in by_level), default=0)
+        if n_band < 50:
+            conf *= max(0.3, n_band / 50.0)
+        if single_slice:
+            conf *= cfg.single_slice_confidence
+        m["score"] = round(float(p), 4)
+        m["confidence"] = round(float(np.clip(conf, 0.0, 1.0)), 3)
 
 
 def _group_median(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:

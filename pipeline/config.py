@@ -100,6 +100,9 @@ class ClassificationConfig:
     disc_bright_ratio: float = _f(1.3, 1.0, 5.0, doc="disc T2 median / median of the study's discs at or above this is 'bright'")
     single_slice_confidence: float = _f(0.6, 0.0, 1.0, doc="confidences are multiplied by this on a single-slice study "
                                         "(one sagittal slice per series: a change off that slice is not seen)")
+    disc_model: str = _f("model", choices=("model", "thresholds"), doc="per-disc Modic presence: 'model' = the "
+                         "shipped model on both endplate bands, the disc and the patient's other discs (cross-validated "
+                         "on SPIDER, README); 'thresholds' = the union of the two endplates' threshold types")
 
 
 @dataclass

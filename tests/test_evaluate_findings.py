@@ -73,8 +73,12 @@ def test_evaluate_findings_on_phantom_slices(tmp_path):
     gradings = tmp_path / "gradings.csv"
     gradings.write_text("\n".join(grades) + "\n")
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["evaluate-findings", str(cases), "--gradings", str(gradings), "-o", str(out)],
-                             catch_exceptions=False)
+    # the phantoms' planted truth checks the threshold rules' disc call (the default disc model is trained on real
+    # gradings, not tuned to phantoms: tests/test_nifti_study.py)
+    thresholds = tmp_path / "thresholds.yaml"
+    thresholds.write_text("classification:\n  disc_model: thresholds\n")
+    res = CliRunner().invoke(main, ["evaluate-findings", str(cases), "--gradings", str(gradings), "-o", str(out),
+                                    "--config", str(thresholds)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     with open(out / "per_disc.csv", newline="") as fh:
         per_disc = list(csv.DictReader(fh))
@@ -113,7 +117,13 @@ def test_evaluate_findings_on_real_spider_slices_meets_a_floor(tmp_path):
     assert summary["n_graded_discs_found"] >= 0.75 * summary["n_graded_discs"]
     assert summary["presence"]["balanced_accuracy"] >= FLOOR_BA
     assert summary["presence"]["auc_score"] >= FLOOR_AUC
+    assert summary["presence"]["kappa"] >= FLOOR_KAPPA
 
 
-FLOOR_BA = 0.53  # this subset today: 0.576
-FLOOR_AUC = 0.57  # this subset today: 0.629
+# With the shipped disc model (classification.disc_model: model) this subset gives BA 0.782, kappa 0.598, AUC 0.788
+# over its 112 graded discs - in-sample: these 16 patients are among the 92 the model was trained on, so the
+# floors sit well under it, near what patients the model did not see get (5-fold CV over patients, all graded
+# discs: BA 0.65, kappa 0.31; README). The threshold rules gave BA 0.576, AUC 0.629 here.
+FLOOR_BA = 0.68
+FLOOR_AUC = 0.70
+FLOOR_KAPPA = 0.35

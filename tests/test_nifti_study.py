@@ -52,7 +52,12 @@ def test_single_slice_phantom_on_two_grids_finds_the_planted_modic_ii(tmp_path):
     paths = phantom_slices(1, tmp_path)
     volumes = load_nifti_study(paths)
     assert volumes["T1"].shape[:2] != volumes["T2"].shape[:2]  # really two grids
-    analysis = analyse_volumes(volumes, Config())
+    # The disc-level call of the threshold rules is what this phantom's truth checks; the default disc model,
+    # trained on real gradings, also weighs the disc and the patient's other (here normal) discs and is not tuned
+    # to phantoms (test_default_disc_model_keeps_the_phantom_endplate_types checks what it leaves unchanged).
+    cfg = Config()
+    cfg.classification.disc_model = "thresholds"
+    analysis = analyse_volumes(volumes, cfg)
     assert analysis.single_slice and is_single_slice(analysis.volumes)
     assert "SINGLE_SLICE" in analysis.qc_flags
     assert analysis.volumes["T1"].shape == analysis.volumes["T2"].shape  # T1 brought onto the T2 grid
@@ -66,6 +71,19 @@ def test_single_slice_phantom_on_two_grids_finds_the_planted_modic_ii(tmp_path):
     assert all(v["edema"]["confidence"] <= cap + 1e-9 for v in analysis.findings.vertebrae)
     clean = [lv for lv in ("L1-L2", "L2-L3", "L3-L4", "L4-L5") if discs[lv]["modic_type"] == "0"]
     assert len(clean) >= 3  # no planted change there
+
+
+def test_default_disc_model_keeps_the_phantom_endplate_types(tmp_path):
+    """With the shipped disc model (the default), the per-endplate types still come from the thresholds and find
+    the planted Modic II on both endplates of L5-S1; only discs[].modic is the model's call (a probability)."""
+    assert Config().classification.disc_model == "model"
+    analysis = analyse_volumes(load_nifti_study(phantom_slices(1, tmp_path)), Config())
+    by_level = {v["level"]: v["endplates"] for v in analysis.findings.vertebrae}
+    assert by_level["L5"]["inferior"]["modic_type"] == "II"
+    assert by_level["S1"]["superior"]["modic_type"] == "II"
+    for d in analysis.findings.discs:
+        assert 0.0 <= d["modic"]["score"] <= 1.0
+        assert d["modic"]["modic_type"] in ("0", "I", "II", "III", "I/II", "II/III")
 
 
 def test_two_d_nifti_is_one_sagittal_slice(tmp_path):

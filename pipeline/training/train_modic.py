@@ -1,0 +1,235 @@
+"""Train the per-disc Modic presence model shipped as ``pipeline/models/disc_modic.joblib``
+(``python -m pipeline.training.train_modic``).
+
+Training data: the SPIDER patients of ``../shared/data/modic-spider/`` (van der Graaf et al., Sci Data 2024;11:264;
+one mid-sagittal T1 + T2 slice each, per-disc Modic gradings). Every case goes through the real stages after
+loading (``batch.study.analyse_volumes``: segmentation, measurement, threshold classification); discs are counted
+from the bottom as the readers count them (``disc_model.discs_anchor``) and each graded disc we found gives one row
+of ``disc_model.disc_features`` (label: Modic change present, type 1-3). Per-case rows are cached (``--cache``), so a
+second run only refits.
+
+Model: logistic regression (impute median, standardise, L2 with ``--C``, balanced classes). The decision threshold
+maximises balanced accuracy on grouped out-of-fold predictions of the training data, never on the data it is
+scored on. ``--repeats R`` first prints a cross-validation estimate over patients (5 folds grouped by patient,
+R shuffles; the threshold chosen inside each training split by an inner grouped 4-fold CV) beside the threshold
+rules scored on the same discs, for the graded discs we found and for all graded discs (a disc not found counts as
+"no change", as in ``modicscan evaluate-findings``). The final model is fitted on all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.disc_model import MODEL_PATH, disc_features, discs_anchor, feature_names
+from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
+
+DATA = Path("../shared/data/modic-spider")
+FOLDS = 5
+
+
+def case_rows(row: dict, cfg: Config) -> dict:
+    """Features, threshold calls and ivd of every disc above the count's anchor in one case ({} on failure)."""
+    from pipeline.batch.study import analyse_volumes
+    from pipeline.errors import StudyError
+    from pipeline.io.nifti_study import load_nifti_study
+
+    try:
+        an = analyse_volumes(load_nifti_study(row["paths"]), cfg)
+    except StudyError as exc:
+        return {"case": row["case"], "error": exc.code}
+    meas = an.measurements
+    anchor = discs_anchor(meas.levels)
+    x = disc_features(meas)
+    keep = [a for a in range(len(meas.discs)) if anchor - a >= 1]
+    by_level = {v["level"]: v for v in an.findings.vertebrae}
+    dominant = []
+    for a in keep:
+        d = an.findings.discs[a]
+        fr = np.zeros(3)
+        for lv, side in ((d["upper"], "inferior"), (d["lower"], "superior")):
+            if lv in by_level:
+                tf = by_level[lv]["endplates"][side]["type_fractions"]
+                fr = np.maximum(fr, [tf["I"], tf["II"], tf["III"]])
+        dominant.append(int(np.argmax(fr)) + 1 if fr.max() > 0 else 2)
+    return {"case": row["case"], "x": x[keep], "ivd": np.array([anchor - a for a in keep], dtype=int),
+            "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),
+            "thr_score": np.array([an.findings.discs[a]["modic"]["score"] for a in keep], dtype=float),
+            "dominant": np.array(dominant, dtype=int)}
+
+
+def _extract(row, cfg, cache: Path | None) -> dict:
+    import pickle
+
+    path = cache / f"{row['case']}.pkl" if cache else None
+    if path is not None and path.is_file():
+        with open(path, "rb") as fh:
+            rec = pickle.load(fh)
+        if rec.get("features") == feature_names():
+            return rec
+    rec = case_rows(row, cfg)
+    rec["features"] = feature_names()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            pickle.dump(rec, fh)
+    return rec
+
+
+def make_model(c: float):
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                         LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
+
+
+def _fold_ids(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    cases = np.unique(groups)
+    np.random.RandomState(seed).shuffle(cases)
+    fold = {c: i % folds for i, c in enumerate(cases)}
+    return np.array([fold[c] for c in groups])
+
+
+def choose_threshold(x, y, groups, c: float, seed: int = 0) -> float:
+    """Threshold maximising balanced accuracy on grouped out-of-fold (4-fold) probabilities of (x, y)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    fid = _fold_ids(groups, 4, seed)
+    p = np.zeros(len(y))
+    for k in range(4):
+        tr = fid != k
+        p[~tr] = make_model(c).fit(x[tr], y[tr]).predict_proba(x[~tr])[:, 1]
+    candidates = np.quantile(p, np.linspace(0.05, 0.95, 91))
+    return float(candidates[int(np.argmax([balanced_accuracy_score(y, p >= t) for t in candidates]))])
+
+
+def cross_validate(x, y, groups, c: float, repeats: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per repeat: out-of-fold probability and presence call (threshold from the training folds only)."""
+    out = []
+    for rep in range(repeats):
+        fid = _fold_ids(groups, FOLDS, 100 + rep)
+        p = np.zeros(len(y))
+        call = np.zeros(len(y), dtype=int)
+        for k in range(FOLDS):
+            tr, te = fid != k, fid == k
+            t = choose_threshold(x[tr], y[tr], groups[tr], c, seed=rep)
+            p[te] = make_model(c).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1]
+            call[te] = p[te] >= t
+        out.append((p, call))
+    return out
+
+
+def _metrics(truth, call, score, type_pred, missing: np.ndarray) -> dict:
+    """Presence metrics on the found discs and on all graded discs (``missing``: truth of the graded discs not
+    found, counted as "no change" with score 0); type kappa on all graded discs."""
+    from sklearn.metrics import cohen_kappa_score
+
+    zeros = np.zeros(missing.size, dtype=int)
+    t_all = np.concatenate([truth, missing])
+    return {"found": presence_metrics((truth > 0).astype(int), call, score),
+            "all_graded": presence_metrics((t_all > 0).astype(int), np.concatenate([call, zeros]),
+                                           np.concatenate([score, zeros.astype(float)])),
+            "type_kappa_all_graded": round(float(cohen_kappa_score(t_all, np.concatenate([type_pred, zeros]))), 4)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.training.train_modic", description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=Path, default=DATA / "cases.csv")
+    ap.add_argument("--gradings", type=Path, default=DATA / "gradings.csv")
+    ap.add_argument("--cache", type=Path, default=None, help="folder for per-case feature rows (reused when present)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--C", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
+    ap.add_argument("--repeats", type=int, default=5, help="cross-validation shuffles (0: no CV estimate)")
+    ap.add_argument("--out", type=Path, default=MODEL_PATH)
+    ap.add_argument("--no-save", action="store_true", help="only print the cross-validation estimate")
+    args = ap.parse_args(argv)
+    import joblib
+    import sklearn
+
+    start = time.perf_counter()
+    cfg = Config()
+    cfg.classification.disc_model = "thresholds"  # the features do not depend on it; never needs the old model
+    rows = read_cases(args.cases)
+    truth = read_gradings(args.gradings)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            recs = list(pool.map(_extract, rows, [cfg] * len(rows), [args.cache] * len(rows)))
+    else:
+        recs = [_extract(r, cfg, args.cache) for r in rows]
+    t_extract = time.perf_counter() - start
+    xs, types, groups, thr_code, thr_score, dominant = [], [], [], [], [], []
+    found = set()
+    for rec in recs:
+        if "x" not in rec:
+            continue
+        for i, ivd in enumerate(rec["ivd"]):
+            key = (rec["case"], int(ivd))
+            if key not in truth:
+                continue
+            found.add(key)
+            xs.append(rec["x"][i])
+            types.append(truth[key])
+            groups.append(rec["case"])
+            thr_code.append(rec["thr_code"][i])
+            thr_score.append(rec["thr_score"][i])
+            dominant.append(rec["dominant"][i])
+    x, t = np.array(xs), np.array(types)
+    y, g = (t > 0).astype(int), np.array(groups)
+    thr_code, thr_score, dominant = np.array(thr_code), np.array(thr_score), np.array(dominant)
+    cases_in = {r["case"] for r in rows}
+    missing = np.array([v for k, v in truth.items() if k[0] in cases_in and k not in found], dtype=int)
+    print(f"{len(rows)} cases ({sum('x' not in r for r in recs)} failed), {len(y)} graded discs found "
+          f"({y.sum()} with a change), {missing.size} graded discs not found; features {t_extract:.0f} s")
+    report = {"n_cases": len(rows), "n_discs": int(len(y)), "n_positive": int(y.sum()), "n_missing": int(missing.size),
+              "C": args.C, "features": x.shape[1]}
+    thr_type = np.where(thr_code > 0, thr_code, 0)
+    report["thresholds"] = _metrics(t, (thr_code > 0).astype(int), thr_score, thr_type, missing)
+    if args.repeats:
+        t0 = time.perf_counter()
+        runs = []
+        for p, call in cross_validate(x, y, g, args.C, args.repeats):
+            model_type = np.where(call == 1, np.where(thr_code > 0, thr_code, dominant), 0)
+            runs.append(_metrics(t, call, p, model_type, missing))
+        report["cv"] = {part: {k: [r[part][k] for r in runs] for k in runs[0][part]} for part in ("found", "all_graded")}
+        report["cv"]["type_kappa_all_graded"] = [r["type_kappa_all_graded"] for r in runs]
+        report["cv_seconds"] = round(time.perf_counter() - t0, 1)
+        for part in ("found", "all_graded"):
+            cv = report["cv"][part]
+            th = report["thresholds"][part]
+            print(f"{part:>10}: model CV (5-fold over patients x {args.repeats}) "
+                  + " ".join(f"{k} {np.mean(cv[k]):.3f}±{np.std(cv[k]):.3f}" for k in
+                             ("balanced_accuracy", "kappa", "sensitivity", "specificity", "auc_score"))
+                  + " | thresholds " + " ".join(f"{k} {th[k]:.3f}" for k in
+                                                ("balanced_accuracy", "kappa", "sensitivity", "specificity", "auc_score")))
+        print(f"type kappa (all graded): model CV {np.mean(report['cv']['type_kappa_all_graded']):.3f}, "
+              f"thresholds {report['thresholds']['type_kappa_all_graded']:.3f}")
+    if not args.no_save:
+        t0 = time.perf_counter()
+        threshold = choose_threshold(x, y, g, args.C)
+        estimator = make_model(args.C).fit(x, y)
+        bundle = {"estimator": estimator, "threshold": threshold, "features": feature_names(),
+                  "trained_on": f"SPIDER modic-spider: {len(set(g))} patients, {len(y)} graded discs",
+                  "sklearn": sklearn.__version__, "C": args.C,
+                  "cv": {part: {k: round(float(np.mean(v)), 4) for k, v in report["cv"][part].items()}
+                         for part in ("found", "all_graded")} if args.repeats else None}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump(bundle, args.out, compress=3)
+        print(f"saved {args.out} (threshold {threshold:.3f}, fit {time.perf_counter() - t0:.1f} s)")
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("cv",)}, default=float)[:2000])
+    print(f"total {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
