@@ -94,6 +94,33 @@ def test_latin1_folder_and_file_names_do_not_kill_the_batch(tmp_path):
     assert len(input_hash(st)) == 16 and sum(len(s.files) for s in st.series.values()) == N_SLICES
 
 
+def test_input_folder_itself_named_in_latin1_and_after_the_patient(tmp_path):
+    """Review of issue 30, item 1 again: when INPUT itself (not a folder below it) has a name that is not UTF-8,
+    batch.json could not be written (UnicodeEncodeError: exit 1, no batch.json) and with --pseudonymise the name
+    could not even be hashed. Also, batch.log named INPUT before discovery knew the patient: a patient's own folder
+    given as INPUT kept her name in the log."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    inp = Path(os.fsdecode(os.fsencode(tmp_path) + b"/Mueller_Hans_\xfc"))
+    _study(inp, "s", 60, series=("T2",), patient_name="Mueller^Hans", patient_id="PID-60")
+    for extra, shown_input in (((), str(tmp_path) + "/[patient name]_[patient name]_\\xfc"),
+                               (("--pseudonymise", "k1"), None)):
+        out = tmp_path / f"out{len(extra)}"
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress", *extra])
+        assert res.exit_code == 3, res.output  # the study has no T1
+        batch = strict_json(out / "batch.json")
+        assert batch["finished"] and [s["code"] for s in batch["studies"]] == ["NO_SAGITTAL_T1"]
+        if shown_input:
+            assert batch["input"] == shown_input
+        else:
+            assert batch["input"].startswith("path-")
+        log_text = (out / "batch.log").read_text(encoding="utf-8")
+        assert "Mueller" not in log_text and "Hans" not in log_text
+        assert f"input {batch['input']}" in log_text
+
+
 # ---------------------------------------------------------------------------------------------- 2: sizes
 def _sparse_copy(src: Path, dst: Path, size: int) -> None:
     """``src`` with a private OB element of ``size`` bytes (a hole on disk: nothing is written)."""

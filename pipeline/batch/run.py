@@ -114,6 +114,7 @@ def run_batch(
 
     batch_path = out_root / ("batch.json" if shard is None else f"batch.shard-{shard[0]}-of-{shard[1]}.json")
     run = _BatchRecord(batch_path, input_root, out_root, cfg, discovery, started, discover_s)
+    log.info("input %s", run.public_input)  # after discovery: the patients' identifiers are known now
     outcomes: list[StudyOutcome] = []
     key = cfg.report.pseudonymise_key
     for v in (folder_verdicts(input_root, discovery.skipped, discovery.studies) if shard is None or shard[0] == 0 else []):
@@ -216,6 +217,12 @@ class _BatchRecord:
             self._patients = identity.patients_redactor(self.discovery.studies.values())
         return self._patients
 
+    @property
+    def public_input(self) -> str:
+        """The INPUT folder as batch.json and batch.log show it: printable (a Latin-1 name as escapes), without any
+        patient's identifiers, hashed when pseudonymising."""
+        return public_path(self.patients.text(shown(self.input_root)), self.cfg.report.pseudonymise_key)
+
     def write_unless_disk_full(self, outcomes: list[StudyOutcome], **kw) -> bool:
         """:meth:`write`; False (the earlier batch.json stays, whole) when the disk is full."""
         try:
@@ -247,7 +254,7 @@ class _BatchRecord:
             "interrupted": interrupted,
             "disk_full": disk_full,
             "exit_code": exit_code,
-            "input": public_path(self.patients.text(str(self.input_root)), key),
+            "input": self.public_input,
             "config_hash": cfg.hash(),
             "config": cfg.to_dict_public(),
             "files_seen": self.discovery.n_files_seen,

@@ -151,4 +151,6 @@ def remove_stale_temp_files(folder: str | Path) -> int:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     text = json.dumps(finite_json(obj), indent=2, allow_nan=False, ensure_ascii=False)
-    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+    # backslashreplace: a lone surrogate (a path byte that is not UTF-8, missed by walk.shown) is written as its
+    # JSON escape instead of killing the batch with UnicodeEncodeError
+    write_bytes_atomic(path, (text + "\n").encode("utf-8", "backslashreplace"))

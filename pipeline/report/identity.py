@@ -22,7 +22,8 @@ _ROMAN = re.compile(r"^[ivxlcdm]+$", re.IGNORECASE)
 # ---------------------------------------------------------------------------------------------- identity
 def keyed_hash(value: str, key: str, n: int = 16) -> str:
     """HMAC-SHA256 of ``value`` under ``key``: stable across runs, not reversible without the key."""
-    return hmac.new(key.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:n]
+    # surrogateescape: a path whose name is not UTF-8 (Latin-1 "M\xfcller") is hashed as its bytes, never an error
+    return hmac.new(key.encode("utf-8"), value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:n]
 
 
 def study_key(study_uid: str, pseudonymise_key: str = "") -> str:
