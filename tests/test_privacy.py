@@ -218,3 +218,15 @@ def test_latin1_input_folder_file_and_patient_names_never_kill_the_batch_nor_lea
             assert needle not in data, f"{needle!r} found in {name}"
     assert "[file #" in next(s["message"] for s in batch["studies"] if s["code"] == "PIXEL_DATA_UNREADABLE")
 
+
+def test_pseudonymised_messages_hold_no_series_uid_and_no_latin1_names(latin1_input, tmp_path):
+    """Review of issue 30: a series without a description is named by its SeriesInstanceUID in the roles error
+    ("sagittal series seen: '1.2.826...': T2"); with --pseudonymise the raw UID reached error.json, batch.json and
+    batch.log although the README promises keyed hashes for series UIDs."""
+    root, uids = latin1_input
+    batch, files = _run_latin1(root, tmp_path / "out", "--pseudonymise", "k1")
+    assert uids
+    for name, data in files.items():
+        for needle in [u.encode() for u in uids] + [FILE_MARK.encode(), b"xfc", b"xeb", b"\\udc", b"nodesc"]:
+            assert needle not in data, f"{needle!r} found in {name}"
+    assert "'[series " in next(s["message"] for s in batch["studies"] if s["code"] == "NO_SAGITTAL_T1")

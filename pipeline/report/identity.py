@@ -161,6 +161,9 @@ class Identity:
             for s in study.series.values():
                 label = f"[series {s.series_number}]" if s.series_number is not None else "[series description]"
                 rep[s.series_description] = label
+                # a series without a description is named by its UID in messages: hashed UIDs only in this mode
+                rep[s.series_uid] = rep[str(s.extra.get("series_uid_original") or s.series_uid)] = label
+            rep[study.study_uid] = "[study uid]"
             rep[study.study_description] = "[study description]"
         rep.update(_patient_needles(study))  # last: they win over a folder or description with the same text
         return Redactor(rep)
