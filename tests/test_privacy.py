@@ -230,3 +230,29 @@ def test_pseudonymised_messages_hold_no_series_uid_and_no_latin1_names(latin1_in
         for needle in [u.encode() for u in uids] + [FILE_MARK.encode(), b"xfc", b"xeb", b"\\udc", b"nodesc"]:
             assert needle not in data, f"{needle!r} found in {name}"
     assert "'[series " in next(s["message"] for s in batch["studies"] if s["code"] == "NO_SAGITTAL_T1")
+
+
+def test_pseudonymised_failed_folder_key_is_keyed(tmp_path):
+    """Review of issue 30: a top-level folder without a usable study is a failed entry keyed ``folder-`` + a plain
+    SHA-256 of its name; with --pseudonymise that let anyone confirm a guessed folder name (a patient's) by hashing
+    it. Its key is now a keyed hash in that mode (stable with the same key)."""
+    import hashlib
+
+    from pipeline.batch.run import run_batch
+    from pipeline.config import config_from_dict
+
+    inp = tmp_path / "in" / "Mueller_Hans"
+    inp.mkdir(parents=True)
+    (inp / "IM_0001.dcm").write_bytes(b"")  # looked like DICOM: a failed folder, not a skipped one
+    plain = "folder-" + hashlib.sha256(b"Mueller_Hans").hexdigest()[:10]
+    keys = []
+    for i, key in enumerate(("k1", "k1", "k2")):
+        cfg = config_from_dict({"report": {"pseudonymise_key": key}})
+        result = run_batch(tmp_path / "in", tmp_path / f"out{i}", cfg, progress=False)
+        batch = json.loads(result.batch_json.read_text(encoding="utf-8"))
+        (entry,) = batch["studies"]
+        assert entry["code"] == "NO_DICOM_FILES" and result.exit_code == 3
+        keys.append(entry["key"])
+    assert keys[0] == keys[1] != keys[2] and plain not in keys and all(k.startswith("folder-") for k in keys)
+    default = run_batch(tmp_path / "in", tmp_path / "out_default", config_from_dict({}), progress=False)
+    assert [o.key for o in default.outcomes] == [plain]

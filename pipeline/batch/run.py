@@ -123,7 +123,7 @@ def run_batch(
             run.skipped_folders.append({"path": v.folder, "reason": v.code, "message": v.message, "n_files": v.n_files})
             log.info("skipped folder %s: %s", shown_folder, v.message)
         else:
-            outcomes.append(StudyOutcome(key=v.key, status="failed", code=v.code, message=v.message,
+            outcomes.append(StudyOutcome(key=v.key_for(key), status="failed", code=v.code, message=v.message,
                                          source_folder=shown_folder, n_files=v.n_files))
 
     todo: list[StudyTask] = []
