@@ -404,6 +404,38 @@ def test_conflicting_duplicate_instances_refuse_the_series(tmp_path):
     assert exc.value.code == "DUPLICATE_INSTANCE_CONFLICT"
 
 
+def _sparse_pixels(src: Path, dst: Path, size: int, last: bytes = b"\0") -> None:
+    """``src`` with its pixel data element grown to ``size`` bytes: a hole on disk, then ``last``."""
+    data = src.read_bytes()
+    i = data.index(struct.pack("<HH", 0x7FE0, 0x0010) + b"OW")
+    with open(dst, "wb") as fh:
+        fh.write(data[:i] + struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\0\0" + struct.pack("<I", size))
+        fh.seek(i + 12 + size - len(last))
+        fh.write(last)
+
+
+def test_duplicates_of_a_huge_file_are_compared_without_loading_the_pixels(tmp_path):
+    """Review of issue 30 (items 2 and 9 together): telling an exact duplicate from a conflicting one loaded both
+    pixel data elements whole, in the batch process (which has no memory isolation): two copies of a 1.2 GB file
+    took 2.4 GB during discovery; under a 1.5 GB address-space limit the exact copy was misreported as
+    DUPLICATE_INSTANCE_CONFLICT (MemoryError taken for "differs"), without a limit the batch could be OOM-killed
+    at every rerun. Now the elements are compared a chunk at a time."""
+    s = _study(tmp_path, "s", 46, series=("T2",))
+    files = sorted(s.rglob("*.dcm"))
+    size = 1_200_000_000
+    _sparse_pixels(files[3], files[3], size)
+    _sparse_pixels(files[3], files[3].with_name("ZZZ_exact_copy.dcm"), size)
+    _sparse_pixels(files[6], files[6], size)
+    _sparse_pixels(files[6], files[6].with_name("ZZZ_other.dcm"), size, last=b"\1")
+    out = _run_limited(f"""
+        import os
+        from pipeline.io.discovery import discover
+        d = discover({str(tmp_path)!r})
+        print(json.dumps({{os.path.basename(s.path): s.reason for s in d.skipped}}))
+    """, 1_500_000_000)
+    assert out == {"ZZZ_exact_copy.dcm": "DUPLICATE_INSTANCE", "ZZZ_other.dcm": "DUPLICATE_INSTANCE_CONFLICT"}
+
+
 # ---------------------------------------------------------------------------------------------- 10 + 11: layouts
 def test_out_inside_the_study_folder_with_truth_and_notes(tmp_path):
     """Items 10 and 11 as a new user meets them: `modicscan run STUDY -o STUDY/out --dicom-out` on a phantom study
