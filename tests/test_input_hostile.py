@@ -437,6 +437,22 @@ def test_duplicates_of_a_huge_file_are_compared_without_loading_the_pixels(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- 10 + 11: layouts
+def test_out_is_the_input_folder_itself(tmp_path):
+    """Review of issue 30, item 10: with `-o INPUT` (OUT is INPUT, not inside it) the second run listed our own lock,
+    reserve, batch.json, batch.log and cohort tables as NOT_DICOM skipped files and a study's output folder as a
+    `skipped_folders` entry ("no DICOM image here"). They are our outputs: listed as MODICSCAN_OUTPUT, never read,
+    no skipped folder."""
+    s = _study(tmp_path, "study", 62, series=("T2",))
+    for run in range(2):
+        code, batch = _batch(s, s)
+        assert code == 3 and [(x["status"], x["code"]) for x in batch["studies"]] == [
+            ("failed" if run == 0 else "skipped", "NO_SAGITTAL_T1")]
+        assert batch["skipped_folders"] == []
+        assert {x["reason"] for x in batch["skipped_files"]} == {walk.MODICSCAN_OUTPUT}
+    listed = {x["path"] for x in batch["skipped_files"]}
+    assert {".modicscan.lock", "batch.json", "cohort.csv", batch["studies"][0]["key"]} <= listed
+
+
 def test_out_inside_the_study_folder_with_truth_and_notes(tmp_path):
     """Items 10 and 11 as a new user meets them: `modicscan run STUDY -o STUDY/out --dicom-out` on a phantom study
     (its truth/ folder kept) with a notes/ folder. Old: exit 3 with a failed `truth` folder, the second run read

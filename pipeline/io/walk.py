@@ -7,7 +7,9 @@ Nothing under the input may be lost silently, and nothing of ours may be read ba
 * a folder that cannot be listed is listed as ``UNREADABLE_FOLDER``, a path past the OS limit as
   ``PATH_TOO_LONG``, a dangling link as ``BROKEN_LINK``, a FIFO / socket / device as ``NOT_A_FILE``;
 * our own output folders are not entered (``MODICSCAN_OUTPUT``): the run's OUT folder when it lies inside
-  the input, and any sub-folder holding a modicscan ``batch.json`` (an earlier run's output);
+  the input, and any sub-folder holding a modicscan ``batch.json`` (an earlier run's output) or a study's
+  ``report.json`` / ``error.json``; when OUT is INPUT itself, the run's files at its top (lock, reserve,
+  ``batch.json``, ``batch.log``, cohort tables, temp files) are listed the same way and not read;
 * file and folder names are kept as the OS gives them (``str`` with surrogate escapes for bytes that are
   not UTF-8, so the files can still be opened); :func:`shown` turns such a path into text for messages
   and JSON.
@@ -33,6 +35,11 @@ NOT_A_FILE = "NOT_A_FILE"
 MODICSCAN_OUTPUT = "MODICSCAN_OUTPUT"
 
 _BATCH_RECORD = re.compile(r"^batch(\.shard-\d+-of-\d+)?\.json$")
+_STUDY_RECORD = re.compile(r"^(report|error)\.json$")
+_OUR_RECORD_TYPE = re.compile(r'"report_type":\s*"modicscan\.(batch|study_report|study_error)"')
+# What a run leaves at the top of its OUT folder besides the study folders (OUT == INPUT: never read as input)
+_OWN_TOP_FILES = re.compile(r"^(\.modicscan\.(lock|reserve)(\.shard-\d+-of-\d+)?|batch(\.shard-\d+-of-\d+)?\.json"
+                            r"|batch\.log|cohort\.(csv|parquet)|summary\.json|\..+\.\d+\..*tmp.*)$")
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -49,14 +56,15 @@ def os_reason(exc: OSError) -> str:
 
 def is_modicscan_output(folder: Path, names: Iterable[str]) -> bool:
     """True when ``folder`` (whose entries are ``names``) holds a modicscan batch record (``batch.json`` /
-    ``batch.shard-i-of-N.json``): an earlier run's output folder."""
-    for name in (n for n in names if _BATCH_RECORD.match(n)):
+    ``batch.shard-i-of-N.json``: an earlier run's output folder) or a study record (``report.json`` /
+    ``error.json``: one study's output folder, e.g. when OUT is INPUT itself)."""
+    for name in (n for n in names if _BATCH_RECORD.match(n) or _STUDY_RECORD.match(n)):
         try:
             with open(folder / name, encoding="utf-8") as fh:
                 head = fh.read(4096)  # report_type is among the first keys; never parse a huge file
         except (OSError, UnicodeDecodeError):
             continue
-        if re.search(r'"report_type":\s*"modicscan\.batch"', head):
+        if _OUR_RECORD_TYPE.search(head):
             return True
     return False
 
@@ -105,6 +113,9 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
         sub: list[Path] = []
         for entry in entries:
             path = Path(entry.path)
+            if folder == root and ident in excluded and _OWN_TOP_FILES.match(entry.name):
+                skipped.append(SkippedFile(str(path), MODICSCAN_OUTPUT))  # OUT is INPUT: our lock, log, tables
+                continue
             try:
                 if entry.is_dir():  # follows symlinks
                     sub.append(path)
