@@ -211,6 +211,29 @@ def test_shards_of_a_job_array_share_the_folder_but_each_shard_and_a_whole_run_a
         pass
 
 
+def test_a_shard_whose_share_is_empty_exits_0_not_no_studies(tmp_path):
+    """Review of issue 30 (exit codes): a shard that got none of the studies (fewer studies than shards, or the keys
+    fell elsewhere) exited 4, "no DICOM studies found under INPUT", although INPUT holds studies: a SLURM array task
+    marked failed for nothing. Exit 4 now means that nothing under INPUT looked like a study, in every shard."""
+    from pipeline import phantom
+
+    inp = tmp_path / "in"
+    phantom.make_study(inp, 70, matrix=96, n_slices=12, series=("T2",), study_name="s")  # fails fast: no T1
+    codes = {}
+    for i in range(2):
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(tmp_path / "out"), "--shard", f"{i}/2",
+                                        "--no-progress"])
+        batch = json.loads((tmp_path / "out" / f"batch.shard-{i}-of-2.json").read_text(encoding="utf-8"))
+        codes[len(batch["studies"])] = res.exit_code
+        assert "no DICOM studies found" not in res.output
+    assert codes == {0: 0, 1: EXIT_PARTIAL}  # the empty shard: 0; the one with the failed study: 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images\n")
+    res = CliRunner().invoke(main, ["run", str(empty), "-o", str(tmp_path / "out2"), "--shard", "1/2", "--no-progress"])
+    assert res.exit_code == 4  # truly nothing: still 4
+
+
 def test_a_read_only_output_folder_is_a_usage_error_in_one_line(tmp_path, monkeypatch):
     inp = _copy_studies(tmp_path / "in", {"a": 0})
     out = tmp_path / "ro" / "out"

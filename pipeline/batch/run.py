@@ -117,7 +117,10 @@ def run_batch(
     log.info("input %s", run.public_input)  # after discovery: the patients' identifiers are known now
     outcomes: list[StudyOutcome] = []
     key = cfg.report.pseudonymise_key
-    for v in (folder_verdicts(input_root, discovery.skipped, discovery.studies) if shard is None or shard[0] == 0 else []):
+    verdicts = folder_verdicts(input_root, discovery.skipped, discovery.studies)
+    # exit 4 only when nothing under INPUT looked like a study, not when this shard's share is empty
+    nothing_found = not discovery.studies and not any(v.status == "failed" for v in verdicts)
+    for v in (verdicts if shard is None or shard[0] == 0 else []):
         shown_folder = public_path(run.patients.text(v.folder), key)
         if v.status == "skipped":  # e.g. truth/ or notes/ beside a study: listed, not a failed study
             run.skipped_folders.append({"path": v.folder, "reason": v.code, "message": v.message, "n_files": v.n_files})
@@ -184,7 +187,7 @@ def run_batch(
     n_failed = sum(o.status == "failed" or (o.status == "skipped" and bool(o.code)) for o in outcomes)
     if disk_full:
         code = EXIT_DISK_FULL
-    elif not tasks and not outcomes:
+    elif nothing_found:
         code = EXIT_NO_STUDIES
     elif interrupted:
         code = EXIT_INTERRUPTED
