@@ -25,7 +25,7 @@ from pipeline.batch.run import (
     EXIT_PARTIAL,
     EXIT_USAGE,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StudyError
 
 log = logging.getLogger("modicscan")
 
@@ -152,6 +152,10 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
                  cfg.batch.jobs, executor, cfg.hash())
         result = run_batch(input_dir, out_dir, cfg, jobs=cfg.batch.jobs, force=force, progress=not no_progress,
                            options=options, executor=runner, shard=shard_ix, output=output)
+    except StudyError as exc:  # the input as a whole was refused before any study (more than loading.max_files)
+        log.error("%s", exc.message)
+        click.echo(f"modicscan: {exc.message}", err=True)
+        sys.exit(EXIT_USAGE)
     except Exception:  # noqa: BLE001 - the batch machinery itself failed: exit 1 with the traceback in the log
         log.exception("internal error")
         sys.exit(EXIT_INTERNAL)

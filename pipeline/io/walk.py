@@ -123,8 +123,10 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
                 if entry.is_file():
                     files.append(path)
                     if len(files) > max_files:
-                        raise StudyError("NO_DICOM_FILES", f"more than {max_files} files under {shown(root)}; "
-                                         "raise loading.max_files")
+                        # no path in the message: it reaches batch.log and stderr, also when pseudonymising
+                        raise StudyError("NO_DICOM_FILES", f"more than {max_files} files under the input folder; "
+                                         "nothing was analysed: raise loading.max_files (--config) or run on "
+                                         "sub-folders")
                     continue
                 reason = BROKEN_LINK if entry.is_symlink() else NOT_A_FILE
             except OSError as exc:
