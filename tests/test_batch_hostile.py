@@ -280,3 +280,33 @@ def test_outputs_follow_the_umask(tmp_path):
     assert {"report.json", "batch.json", "cohort.csv", "summary.json", "overview.png", "vertebrae.nii.gz"} <= names
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o640) for p in files}
     assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_dir()} == {oct(0o750)}
+
+
+def test_a_worker_that_dies_before_it_gets_its_study_costs_only_that_study(tmp_path, monkeypatch):
+    """Review of issue 30 (item 2, supervision at --jobs 1): a worker that died while idle (an out-of-memory kill
+    after a big study: Python keeps its memory) or at its start made handing it the next study raise
+    BrokenPipeError in the batch process: exit 1, batch.json unfinished, every study after it lost. Now that study
+    fails WORKER_CRASHED and the batch goes on."""
+    from pipeline import phantom
+    from pipeline.batch import executors
+
+    inp = tmp_path / "in"
+    for i, name in enumerate(("a", "b")):
+        phantom.make_study(inp, 80 + i, matrix=96, n_slices=12, series=("T2",), study_name=name)  # fail fast: no T1
+    real_give, calls = executors._Worker.give, []
+
+    def give(self, task):
+        calls.append(task.source_folder)
+        if len(calls) == 1:  # the first worker is dead before its study reaches it
+            self.proc.kill()
+            self.proc.join()
+        real_give(self, task)
+
+    monkeypatch.setattr(executors._Worker, "give", give)
+    result = run_batch(inp, tmp_path / "out", Config(), jobs=1, progress=False)
+    batch = json.loads(result.batch_json.read_text(encoding="utf-8"))
+    codes = sorted((s["source_folder"].split("/")[0], s["code"]) for s in batch["studies"])
+    first = calls[0].split("/")[0]
+    other = ({"a", "b"} - {first}).pop()
+    assert codes == sorted([(first, "WORKER_CRASHED"), (other, "NO_SAGITTAL_T1")])
+    assert batch["finished"] and result.exit_code == EXIT_PARTIAL
