@@ -310,3 +310,22 @@ def test_a_worker_that_dies_before_it_gets_its_study_costs_only_that_study(tmp_p
     other = ({"a", "b"} - {first}).pop()
     assert codes == sorted([(first, "WORKER_CRASHED"), (other, "NO_SAGITTAL_T1")])
     assert batch["finished"] and result.exit_code == EXIT_PARTIAL
+
+
+def test_input_inside_the_output_folder_is_never_cleaned_up(tmp_path):
+    """Review of issue 30: with INPUT inside OUT (`modicscan run proj/dicom -o proj`) the start-up clean-up of temp
+    files left by killed writers searched all of OUT, input included, and deleted an input file whose name looked
+    like one of ours (`.export.4000000.tmp`: a pid that does not run). Input files are never changed; our own stale
+    temp files are still removed."""
+    from pipeline import phantom
+
+    proj = tmp_path / "proj"
+    phantom.make_study(proj / "dicom", 82, matrix=96, n_slices=12, series=("T2",), study_name="s")
+    theirs = proj / "dicom" / "s" / ".export.4000000.tmp"
+    theirs.write_text("the scanner's, not ours\n")
+    ours = proj / ".batch.json.4000000.x1y2.tmp"
+    ours.write_text("{")
+    result = run_batch(proj / "dicom", proj, Config(), jobs=1, progress=False)
+    assert result.exit_code == EXIT_PARTIAL  # the study has no T1
+    assert theirs.read_text() == "the scanner's, not ours\n"
+    assert not ours.exists()

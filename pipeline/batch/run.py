@@ -96,7 +96,7 @@ def run_batch(
 
     input_root = Path(input_root).resolve()
     out_root = Path(out_root).resolve()
-    stale = remove_stale_temp_files(out_root)
+    stale = remove_stale_temp_files(out_root, keep=(input_root,))  # INPUT may lie inside OUT: never touched
     if stale:
         log.info("removed %d temp file(s) left by an interrupted earlier run", stale)
     started = time.time()
