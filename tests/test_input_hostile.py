@@ -436,6 +436,27 @@ def test_duplicates_of_a_huge_file_are_compared_without_loading_the_pixels(tmp_p
     assert out == {"ZZZ_exact_copy.dcm": "DUPLICATE_INSTANCE", "ZZZ_other.dcm": "DUPLICATE_INSTANCE_CONFLICT"}
 
 
+def test_an_exact_copy_of_a_file_without_preamble_is_no_conflict(tmp_path):
+    """Review of issue 30, item 9: discovery accepts files written without the 128-byte preamble, but the duplicate
+    check read them without ``force`` and took "unreadable" for "different": an exact copy of such a file was
+    DUPLICATE_INSTANCE_CONFLICT and its whole series refused. It is a plain DUPLICATE_INSTANCE again."""
+    import io
+
+    s = _study(tmp_path, "s", 47, series=("T2",))
+    f = sorted(s.rglob("*.dcm"))[4]
+    ds = pydicom.dcmread(f)
+    ds.preamble = None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=False)
+    raw = buf.getvalue()
+    assert raw[128:132] != b"DICM"
+    f.write_bytes(raw)
+    f.with_name("ZZZ_copy.dcm").write_bytes(raw)
+    st, d = _only_study(tmp_path)
+    assert [(Path(x.path).name, x.reason) for x in d.skipped] == [("ZZZ_copy.dcm", "DUPLICATE_INSTANCE")]
+    del st
+
+
 # ---------------------------------------------------------------------------------------------- 10 + 11: layouts
 def test_out_is_the_input_folder_itself(tmp_path):
     """Review of issue 30, item 10: with `-o INPUT` (OUT is INPUT, not inside it) the second run listed our own lock,

@@ -158,7 +158,8 @@ def _pixel_offset(fh) -> int | None:
     """Where the pixel data element starts in the open file ``fh`` (its header read, its value never loaded):
     ``None`` when the file has no pixel data or cannot be parsed."""
     try:
-        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        # force: a file without the 128-byte preamble was accepted by discovery too (its copy is no conflict)
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
     except Exception:  # noqa: BLE001 - unreadable: cannot be shown to be the same
         return None
     del ds
