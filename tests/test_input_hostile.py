@@ -439,7 +439,8 @@ def test_duplicates_of_a_huge_file_are_compared_without_loading_the_pixels(tmp_p
 def test_an_exact_copy_of_a_file_without_preamble_is_no_conflict(tmp_path):
     """Review of issue 30, item 9: discovery accepts files written without the 128-byte preamble, but the duplicate
     check read them without ``force`` and took "unreadable" for "different": an exact copy of such a file was
-    DUPLICATE_INSTANCE_CONFLICT and its whole series refused. It is a plain DUPLICATE_INSTANCE again."""
+    DUPLICATE_INSTANCE_CONFLICT and its whole series refused. It is a plain DUPLICATE_INSTANCE again. Loading read
+    such a file without ``force`` as well (PIXEL_DATA_UNREADABLE): it loads now."""
     import io
 
     s = _study(tmp_path, "s", 47, series=("T2",))
@@ -454,7 +455,8 @@ def test_an_exact_copy_of_a_file_without_preamble_is_no_conflict(tmp_path):
     f.with_name("ZZZ_copy.dcm").write_bytes(raw)
     st, d = _only_study(tmp_path)
     assert [(Path(x.path).name, x.reason) for x in d.skipped] == [("ZZZ_copy.dcm", "DUPLICATE_INSTANCE")]
-    del st
+    # and the series loads: reading the pixels without force failed the study PIXEL_DATA_UNREADABLE
+    assert N_SLICES in load_series(next(iter(st.series.values()))).shape
 
 
 # ---------------------------------------------------------------------------------------------- 10 + 11: layouts
