@@ -25,7 +25,7 @@ from pipeline.batch.run import (
     EXIT_PARTIAL,
     EXIT_USAGE,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StudyError
 
 log = logging.getLogger("modicscan")
 
@@ -98,7 +98,7 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
     """Analyse every study found under INPUT_DIR (any depth) and write reports to OUT."""
     from pipeline.batch.out_dir import OutputFolder, OutputFolderError
     from pipeline.batch.run import run_batch
-    from pipeline.report.identity import public_path
+    from pipeline.io.walk import shown
 
     overrides: dict[str, dict] = {}
     if pseudonymise_key is not None and not pseudonymise_key.strip():
@@ -147,11 +147,15 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         sys.exit(EXIT_DISK_FULL if exc.disk_full else EXIT_USAGE)
     try:
         setup_logging(out_dir / "batch.log", verbose)
-        log.info("modicscan %s: run %s -> %s (jobs=%d, executor %s, config %s)", __version__,
-                 public_path(str(input_dir), cfg.report.pseudonymise_key), out_dir, cfg.batch.jobs, executor,
-                 cfg.hash())
+        # the input folder is logged by run_batch once discovery knows the patients (their names are removed)
+        log.info("modicscan %s: run -> %s (jobs=%d, executor %s, config %s)", __version__, shown(out_dir),
+                 cfg.batch.jobs, executor, cfg.hash())
         result = run_batch(input_dir, out_dir, cfg, jobs=cfg.batch.jobs, force=force, progress=not no_progress,
                            options=options, executor=runner, shard=shard_ix, output=output)
+    except StudyError as exc:  # the input as a whole was refused before any study (more than loading.max_files)
+        log.error("%s", exc.message)
+        click.echo(f"modicscan: {exc.message}", err=True)
+        sys.exit(EXIT_USAGE)
     except Exception:  # noqa: BLE001 - the batch machinery itself failed: exit 1 with the traceback in the log
         log.exception("internal error")
         sys.exit(EXIT_INTERNAL)

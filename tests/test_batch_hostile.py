@@ -211,6 +211,29 @@ def test_shards_of_a_job_array_share_the_folder_but_each_shard_and_a_whole_run_a
         pass
 
 
+def test_a_shard_whose_share_is_empty_exits_0_not_no_studies(tmp_path):
+    """Review of issue 30 (exit codes): a shard that got none of the studies (fewer studies than shards, or the keys
+    fell elsewhere) exited 4, "no DICOM studies found under INPUT", although INPUT holds studies: a SLURM array task
+    marked failed for nothing. Exit 4 now means that nothing under INPUT looked like a study, in every shard."""
+    from pipeline import phantom
+
+    inp = tmp_path / "in"
+    phantom.make_study(inp, 70, matrix=96, n_slices=12, series=("T2",), study_name="s")  # fails fast: no T1
+    codes = {}
+    for i in range(2):
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(tmp_path / "out"), "--shard", f"{i}/2",
+                                        "--no-progress"])
+        batch = json.loads((tmp_path / "out" / f"batch.shard-{i}-of-2.json").read_text(encoding="utf-8"))
+        codes[len(batch["studies"])] = res.exit_code
+        assert "no DICOM studies found" not in res.output
+    assert codes == {0: 0, 1: EXIT_PARTIAL}  # the empty shard: 0; the one with the failed study: 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images\n")
+    res = CliRunner().invoke(main, ["run", str(empty), "-o", str(tmp_path / "out2"), "--shard", "1/2", "--no-progress"])
+    assert res.exit_code == 4  # truly nothing: still 4
+
+
 def test_a_read_only_output_folder_is_a_usage_error_in_one_line(tmp_path, monkeypatch):
     inp = _copy_studies(tmp_path / "in", {"a": 0})
     out = tmp_path / "ro" / "out"
@@ -257,3 +280,52 @@ def test_outputs_follow_the_umask(tmp_path):
     assert {"report.json", "batch.json", "cohort.csv", "summary.json", "overview.png", "vertebrae.nii.gz"} <= names
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o640) for p in files}
     assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_dir()} == {oct(0o750)}
+
+
+def test_a_worker_that_dies_before_it_gets_its_study_costs_only_that_study(tmp_path, monkeypatch):
+    """Review of issue 30 (item 2, supervision at --jobs 1): a worker that died while idle (an out-of-memory kill
+    after a big study: Python keeps its memory) or at its start made handing it the next study raise
+    BrokenPipeError in the batch process: exit 1, batch.json unfinished, every study after it lost. Now that study
+    fails WORKER_CRASHED and the batch goes on."""
+    from pipeline import phantom
+    from pipeline.batch import executors
+
+    inp = tmp_path / "in"
+    for i, name in enumerate(("a", "b")):
+        phantom.make_study(inp, 80 + i, matrix=96, n_slices=12, series=("T2",), study_name=name)  # fail fast: no T1
+    real_give, calls = executors._Worker.give, []
+
+    def give(self, task):
+        calls.append(task.source_folder)
+        if len(calls) == 1:  # the first worker is dead before its study reaches it
+            self.proc.kill()
+            self.proc.join()
+        real_give(self, task)
+
+    monkeypatch.setattr(executors._Worker, "give", give)
+    result = run_batch(inp, tmp_path / "out", Config(), jobs=1, progress=False)
+    batch = json.loads(result.batch_json.read_text(encoding="utf-8"))
+    codes = sorted((s["source_folder"].split("/")[0], s["code"]) for s in batch["studies"])
+    first = calls[0].split("/")[0]
+    other = ({"a", "b"} - {first}).pop()
+    assert codes == sorted([(first, "WORKER_CRASHED"), (other, "NO_SAGITTAL_T1")])
+    assert batch["finished"] and result.exit_code == EXIT_PARTIAL
+
+
+def test_input_inside_the_output_folder_is_never_cleaned_up(tmp_path):
+    """Review of issue 30: with INPUT inside OUT (`modicscan run proj/dicom -o proj`) the start-up clean-up of temp
+    files left by killed writers searched all of OUT, input included, and deleted an input file whose name looked
+    like one of ours (`.export.4000000.tmp`: a pid that does not run). Input files are never changed; our own stale
+    temp files are still removed."""
+    from pipeline import phantom
+
+    proj = tmp_path / "proj"
+    phantom.make_study(proj / "dicom", 82, matrix=96, n_slices=12, series=("T2",), study_name="s")
+    theirs = proj / "dicom" / "s" / ".export.4000000.tmp"
+    theirs.write_text("the scanner's, not ours\n")
+    ours = proj / ".batch.json.4000000.x1y2.tmp"
+    ours.write_text("{")
+    result = run_batch(proj / "dicom", proj, Config(), jobs=1, progress=False)
+    assert result.exit_code == EXIT_PARTIAL  # the study has no T1
+    assert theirs.read_text() == "the scanner's, not ours\n"
+    assert not ours.exists()

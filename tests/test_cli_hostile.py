@@ -158,3 +158,24 @@ def test_the_legend_explains_unnamed_bodies():
 
     labels = [label for _, label in overlays.legend_entries(("modic", "outline", "levels", "flags"))]
     assert any("B1" in label and "could not be named" in label for label in labels), labels
+
+
+def test_more_files_than_max_files_is_one_line_exit_2_without_the_input_path(tmp_path):
+    """Review of issue 30: an input with more files than loading.max_files (200000 by default: a large archive
+    export) ended as an "internal error" with a traceback (exit 1), and its message named the input folder in
+    batch.log and on stderr even with --pseudonymise. Now: one line, exit 2 (nothing was run), no path."""
+    inp = tmp_path / "Mueller_Hans"
+    inp.mkdir()
+    for i in range(6):
+        (inp / f"IM_{i}.dcm").write_bytes(b"")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("loading:\n  max_files: 5\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--config", str(cfg), "--pseudonymise", "k1",
+                                    "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "loading.max_files" in res.output and "Traceback" not in res.output
+    log_text = (out / "batch.log").read_text(encoding="utf-8")
+    assert "Traceback" not in log_text and "internal error" not in log_text
+    for text in (res.output, log_text):
+        assert "Mueller" not in text  # the input folder (OUT, named by the user, is logged)

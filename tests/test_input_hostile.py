@@ -94,6 +94,33 @@ def test_latin1_folder_and_file_names_do_not_kill_the_batch(tmp_path):
     assert len(input_hash(st)) == 16 and sum(len(s.files) for s in st.series.values()) == N_SLICES
 
 
+def test_input_folder_itself_named_in_latin1_and_after_the_patient(tmp_path):
+    """Review of issue 30, item 1 again: when INPUT itself (not a folder below it) has a name that is not UTF-8,
+    batch.json could not be written (UnicodeEncodeError: exit 1, no batch.json) and with --pseudonymise the name
+    could not even be hashed. Also, batch.log named INPUT before discovery knew the patient: a patient's own folder
+    given as INPUT kept her name in the log."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    inp = Path(os.fsdecode(os.fsencode(tmp_path) + b"/Mueller_Hans_\xfc"))
+    _study(inp, "s", 60, series=("T2",), patient_name="Mueller^Hans", patient_id="PID-60")
+    for extra, shown_input in (((), str(tmp_path) + "/[patient name]_[patient name]_\\xfc"),
+                               (("--pseudonymise", "k1"), None)):
+        out = tmp_path / f"out{len(extra)}"
+        res = CliRunner().invoke(main, ["run", str(inp), "-o", str(out), "--no-progress", *extra])
+        assert res.exit_code == 3, res.output  # the study has no T1
+        batch = strict_json(out / "batch.json")
+        assert batch["finished"] and [s["code"] for s in batch["studies"]] == ["NO_SAGITTAL_T1"]
+        if shown_input:
+            assert batch["input"] == shown_input
+        else:
+            assert batch["input"].startswith("path-")
+        log_text = (out / "batch.log").read_text(encoding="utf-8")
+        assert "Mueller" not in log_text and "Hans" not in log_text
+        assert f"input {batch['input']}" in log_text
+
+
 # ---------------------------------------------------------------------------------------------- 2: sizes
 def _sparse_copy(src: Path, dst: Path, size: int) -> None:
     """``src`` with a private OB element of ``size`` bytes (a hole on disk: nothing is written)."""
@@ -377,7 +404,78 @@ def test_conflicting_duplicate_instances_refuse_the_series(tmp_path):
     assert exc.value.code == "DUPLICATE_INSTANCE_CONFLICT"
 
 
+def _sparse_pixels(src: Path, dst: Path, size: int, last: bytes = b"\0") -> None:
+    """``src`` with its pixel data element grown to ``size`` bytes: a hole on disk, then ``last``."""
+    data = src.read_bytes()
+    i = data.index(struct.pack("<HH", 0x7FE0, 0x0010) + b"OW")
+    with open(dst, "wb") as fh:
+        fh.write(data[:i] + struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\0\0" + struct.pack("<I", size))
+        fh.seek(i + 12 + size - len(last))
+        fh.write(last)
+
+
+def test_duplicates_of_a_huge_file_are_compared_without_loading_the_pixels(tmp_path):
+    """Review of issue 30 (items 2 and 9 together): telling an exact duplicate from a conflicting one loaded both
+    pixel data elements whole, in the batch process (which has no memory isolation): two copies of a 1.2 GB file
+    took 2.4 GB during discovery; under a 1.5 GB address-space limit the exact copy was misreported as
+    DUPLICATE_INSTANCE_CONFLICT (MemoryError taken for "differs"), without a limit the batch could be OOM-killed
+    at every rerun. Now the elements are compared a chunk at a time."""
+    s = _study(tmp_path, "s", 46, series=("T2",))
+    files = sorted(s.rglob("*.dcm"))
+    size = 1_200_000_000
+    _sparse_pixels(files[3], files[3], size)
+    _sparse_pixels(files[3], files[3].with_name("ZZZ_exact_copy.dcm"), size)
+    _sparse_pixels(files[6], files[6], size)
+    _sparse_pixels(files[6], files[6].with_name("ZZZ_other.dcm"), size, last=b"\1")
+    out = _run_limited(f"""
+        import os
+        from pipeline.io.discovery import discover
+        d = discover({str(tmp_path)!r})
+        print(json.dumps({{os.path.basename(s.path): s.reason for s in d.skipped}}))
+    """, 1_500_000_000)
+    assert out == {"ZZZ_exact_copy.dcm": "DUPLICATE_INSTANCE", "ZZZ_other.dcm": "DUPLICATE_INSTANCE_CONFLICT"}
+
+
+def test_an_exact_copy_of_a_file_without_preamble_is_no_conflict(tmp_path):
+    """Review of issue 30, item 9: discovery accepts files written without the 128-byte preamble, but the duplicate
+    check read them without ``force`` and took "unreadable" for "different": an exact copy of such a file was
+    DUPLICATE_INSTANCE_CONFLICT and its whole series refused. It is a plain DUPLICATE_INSTANCE again. Loading read
+    such a file without ``force`` as well (PIXEL_DATA_UNREADABLE): it loads now."""
+    import io
+
+    s = _study(tmp_path, "s", 47, series=("T2",))
+    f = sorted(s.rglob("*.dcm"))[4]
+    ds = pydicom.dcmread(f)
+    ds.preamble = None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=False)
+    raw = buf.getvalue()
+    assert raw[128:132] != b"DICM"
+    f.write_bytes(raw)
+    f.with_name("ZZZ_copy.dcm").write_bytes(raw)
+    st, d = _only_study(tmp_path)
+    assert [(Path(x.path).name, x.reason) for x in d.skipped] == [("ZZZ_copy.dcm", "DUPLICATE_INSTANCE")]
+    # and the series loads: reading the pixels without force failed the study PIXEL_DATA_UNREADABLE
+    assert N_SLICES in load_series(next(iter(st.series.values()))).shape
+
+
 # ---------------------------------------------------------------------------------------------- 10 + 11: layouts
+def test_out_is_the_input_folder_itself(tmp_path):
+    """Review of issue 30, item 10: with `-o INPUT` (OUT is INPUT, not inside it) the second run listed our own lock,
+    reserve, batch.json, batch.log and cohort tables as NOT_DICOM skipped files and a study's output folder as a
+    `skipped_folders` entry ("no DICOM image here"). They are our outputs: listed as MODICSCAN_OUTPUT, never read,
+    no skipped folder."""
+    s = _study(tmp_path, "study", 62, series=("T2",))
+    for run in range(2):
+        code, batch = _batch(s, s)
+        assert code == 3 and [(x["status"], x["code"]) for x in batch["studies"]] == [
+            ("failed" if run == 0 else "skipped", "NO_SAGITTAL_T1")]
+        assert batch["skipped_folders"] == []
+        assert {x["reason"] for x in batch["skipped_files"]} == {walk.MODICSCAN_OUTPUT}
+    listed = {x["path"] for x in batch["skipped_files"]}
+    assert {".modicscan.lock", "batch.json", "cohort.csv", batch["studies"][0]["key"]} <= listed
+
+
 def test_out_inside_the_study_folder_with_truth_and_notes(tmp_path):
     """Items 10 and 11 as a new user meets them: `modicscan run STUDY -o STUDY/out --dicom-out` on a phantom study
     (its truth/ folder kept) with a notes/ folder. Old: exit 3 with a failed `truth` folder, the second run read

@@ -148,3 +148,111 @@ def test_pseudonymised_outputs_hold_nothing_from_input_paths_or_free_text(leaky_
     for name, data in files.items():
         for needle in _needles() + [FREE_TEXT_MARK.encode(), FILE_MARK.encode(), WARD.encode(), b"broken"]:
             assert needle not in data, f"{needle!r} found in {name}"
+
+
+# ---------------------------------------------------------------------------------------------- review of issue 30
+LATIN1_PATIENT = "Müller^Zoë"
+UID_DESC_GONE = "nodesc"
+
+
+@pytest.fixture(scope="module")
+def latin1_input(tmp_path_factory):
+    """An INPUT folder whose own name is the patient's name in Latin-1 bytes (not UTF-8); in it the patient's study
+    in a folder named after her (Latin-1) whose T2 has a broken file with a Latin-1 name, and a study whose series
+    have no SeriesDescription and no T1 (its error message names the series by UID)."""
+    import os
+
+    import pydicom
+
+    base = tmp_path_factory.mktemp("latin1")
+    root = Path(os.fsdecode(os.fsencode(base) + b"/M\xfcller"))
+    who = dict(patient_name=LATIN1_PATIENT, patient_id=PHI["PatientID"],
+               extra_tags={"PatientBirthDate": PHI["PatientBirthDate"]})
+    name = os.fsdecode(b"M\xfcller_Zo\xeb")
+    phantom.make_study(root, 24, matrix=96, n_slices=12, study_name=name, series=("T1", "T2"), **who)
+    t2 = sorted((root / name / "DICOM" / "SE003").glob("*.dcm"))
+    ds = pydicom.dcmread(t2[3])
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(t2[3].with_name(os.fsdecode(b"IM_\xe9" + FILE_MARK.encode() + b".dcm")))
+    t2[3].unlink()
+    phantom.make_study(root, 25, matrix=96, n_slices=12, study_name=UID_DESC_GONE, series=("T1", "T2"))
+    uids = set()
+    for f in sorted((root / UID_DESC_GONE / "DICOM").rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        if ds.SeriesDescription.upper().startswith("T1") or "T1" in ds.SeriesDescription.split()[:2]:
+            f.unlink()
+            continue
+        uids.add(str(ds.SeriesInstanceUID))
+        del ds.SeriesDescription
+        ds.save_as(f)
+    for folder in (name, UID_DESC_GONE):
+        shutil_rmtree(root / folder / "truth")
+    return root, uids
+
+
+def shutil_rmtree(path):
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_latin1(root: Path, out: Path, *extra: str) -> tuple[dict, dict[str, bytes]]:
+    res = CliRunner().invoke(main, ["run", str(root), "-o", str(out), "--no-progress", "--overlays", "none", *extra])
+    # was: exit 1 and no batch.json (the INPUT folder's own Latin-1 name could not be written or hashed)
+    assert res.exit_code == 3, res.output
+    batch = json.loads((out / "batch.json").read_text(encoding="utf-8"))
+    assert sorted(s["code"] for s in batch["studies"]) == ["NO_SAGITTAL_T1", "PIXEL_DATA_UNREADABLE"]
+    return batch, {str(p.relative_to(out)): data for p, data in _all_bytes(out)}
+
+
+def test_latin1_input_folder_file_and_patient_names_never_kill_the_batch_nor_leak(latin1_input, tmp_path):
+    """Review of issue 30: the two halves met in Latin-1 names. The INPUT folder's own non-UTF-8 name killed the run
+    (exit 1, no batch.json); a Latin-1 file name in an error message was shown with escapes (``IM_\\xe9...``) while
+    the redactor looked for the raw name, so it stayed; a patient's name in a Latin-1 folder name (``M\\xfcller``)
+    stayed in batch.json and batch.log in default mode."""
+    root, _ = latin1_input
+    batch, files = _run_latin1(root, tmp_path / "out")
+    assert batch["input"].endswith("/[patient name]")
+    for name, data in files.items():
+        for needle in (FILE_MARK.encode(), b"M\\\\xfcller", b"M\\xfcller", b"Zo\\\\xeb", b"Zo\\xeb", b"\\udc"):
+            assert needle not in data, f"{needle!r} found in {name}"
+    assert "[file #" in next(s["message"] for s in batch["studies"] if s["code"] == "PIXEL_DATA_UNREADABLE")
+
+
+def test_pseudonymised_messages_hold_no_series_uid_and_no_latin1_names(latin1_input, tmp_path):
+    """Review of issue 30: a series without a description is named by its SeriesInstanceUID in the roles error
+    ("sagittal series seen: '1.2.826...': T2"); with --pseudonymise the raw UID reached error.json, batch.json and
+    batch.log although the README promises keyed hashes for series UIDs."""
+    root, uids = latin1_input
+    batch, files = _run_latin1(root, tmp_path / "out", "--pseudonymise", "k1")
+    assert uids
+    for name, data in files.items():
+        for needle in [u.encode() for u in uids] + [FILE_MARK.encode(), b"xfc", b"xeb", b"\\udc", b"nodesc"]:
+            assert needle not in data, f"{needle!r} found in {name}"
+    assert "'[series " in next(s["message"] for s in batch["studies"] if s["code"] == "NO_SAGITTAL_T1")
+
+
+def test_pseudonymised_failed_folder_key_is_keyed(tmp_path):
+    """Review of issue 30: a top-level folder without a usable study is a failed entry keyed ``folder-`` + a plain
+    SHA-256 of its name; with --pseudonymise that let anyone confirm a guessed folder name (a patient's) by hashing
+    it. Its key is now a keyed hash in that mode (stable with the same key)."""
+    import hashlib
+
+    from pipeline.batch.run import run_batch
+    from pipeline.config import config_from_dict
+
+    inp = tmp_path / "in" / "Mueller_Hans"
+    inp.mkdir(parents=True)
+    (inp / "IM_0001.dcm").write_bytes(b"")  # looked like DICOM: a failed folder, not a skipped one
+    plain = "folder-" + hashlib.sha256(b"Mueller_Hans").hexdigest()[:10]
+    keys = []
+    for i, key in enumerate(("k1", "k1", "k2")):
+        cfg = config_from_dict({"report": {"pseudonymise_key": key}})
+        result = run_batch(tmp_path / "in", tmp_path / f"out{i}", cfg, progress=False)
+        batch = json.loads(result.batch_json.read_text(encoding="utf-8"))
+        (entry,) = batch["studies"]
+        assert entry["code"] == "NO_DICOM_FILES" and result.exit_code == 3
+        keys.append(entry["key"])
+    assert keys[0] == keys[1] != keys[2] and plain not in keys and all(k.startswith("folder-") for k in keys)
+    default = run_batch(tmp_path / "in", tmp_path / "out_default", config_from_dict({}), progress=False)
+    assert [o.key for o in default.outcomes] == [plain]

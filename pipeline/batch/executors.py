@@ -151,7 +151,10 @@ class _Worker:
 
     def give(self, task: StudyTask) -> None:
         self.task, self.started = task, time.monotonic()
-        self.conn.send(task)
+        try:
+            self.conn.send(task)
+        except OSError:  # BrokenPipeError: the worker died before it got the study (killed while idle, or at start)
+            pass  # the supervision loop sees its sentinel and records the study as WORKER_CRASHED
 
     def stop(self) -> None:
         try:

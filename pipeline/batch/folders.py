@@ -41,9 +41,18 @@ class FolderVerdict:
     message: str
     n_files: int
 
+    def key_for(self, pseudonymise_key: str = "") -> str:
+        """The folder's entry key in batch.json: a keyed hash when pseudonymising (a plain hash of a folder name such
+        as a patient's could be confirmed by hashing guessed names)."""
+        if pseudonymise_key:
+            from pipeline.report.identity import keyed_hash
+
+            return "folder-" + keyed_hash("folder:" + self.folder, pseudonymise_key, 10)
+        return "folder-" + hashlib.sha256(os.fsencode(self.folder)).hexdigest()[:10]
+
     @property
     def key(self) -> str:
-        return "folder-" + hashlib.sha256(os.fsencode(self.folder)).hexdigest()[:10]
+        return self.key_for()
 
 
 def _top(path: str, root: Path, is_folder: bool) -> str:

@@ -96,7 +96,7 @@ def run_batch(
 
     input_root = Path(input_root).resolve()
     out_root = Path(out_root).resolve()
-    stale = remove_stale_temp_files(out_root)
+    stale = remove_stale_temp_files(out_root, keep=(input_root,))  # INPUT may lie inside OUT: never touched
     if stale:
         log.info("removed %d temp file(s) left by an interrupted earlier run", stale)
     started = time.time()
@@ -114,15 +114,19 @@ def run_batch(
 
     batch_path = out_root / ("batch.json" if shard is None else f"batch.shard-{shard[0]}-of-{shard[1]}.json")
     run = _BatchRecord(batch_path, input_root, out_root, cfg, discovery, started, discover_s)
+    log.info("input %s", run.public_input)  # after discovery: the patients' identifiers are known now
     outcomes: list[StudyOutcome] = []
     key = cfg.report.pseudonymise_key
-    for v in (folder_verdicts(input_root, discovery.skipped, discovery.studies) if shard is None or shard[0] == 0 else []):
+    verdicts = folder_verdicts(input_root, discovery.skipped, discovery.studies)
+    # exit 4 only when nothing under INPUT looked like a study, not when this shard's share is empty
+    nothing_found = not discovery.studies and not any(v.status == "failed" for v in verdicts)
+    for v in (verdicts if shard is None or shard[0] == 0 else []):
         shown_folder = public_path(run.patients.text(v.folder), key)
         if v.status == "skipped":  # e.g. truth/ or notes/ beside a study: listed, not a failed study
             run.skipped_folders.append({"path": v.folder, "reason": v.code, "message": v.message, "n_files": v.n_files})
             log.info("skipped folder %s: %s", shown_folder, v.message)
         else:
-            outcomes.append(StudyOutcome(key=v.key, status="failed", code=v.code, message=v.message,
+            outcomes.append(StudyOutcome(key=v.key_for(key), status="failed", code=v.code, message=v.message,
                                          source_folder=shown_folder, n_files=v.n_files))
 
     todo: list[StudyTask] = []
@@ -183,7 +187,7 @@ def run_batch(
     n_failed = sum(o.status == "failed" or (o.status == "skipped" and bool(o.code)) for o in outcomes)
     if disk_full:
         code = EXIT_DISK_FULL
-    elif not tasks and not outcomes:
+    elif nothing_found:
         code = EXIT_NO_STUDIES
     elif interrupted:
         code = EXIT_INTERRUPTED
@@ -216,6 +220,12 @@ class _BatchRecord:
             self._patients = identity.patients_redactor(self.discovery.studies.values())
         return self._patients
 
+    @property
+    def public_input(self) -> str:
+        """The INPUT folder as batch.json and batch.log show it: printable (a Latin-1 name as escapes), without any
+        patient's identifiers, hashed when pseudonymising."""
+        return public_path(self.patients.text(shown(self.input_root)), self.cfg.report.pseudonymise_key)
+
     def write_unless_disk_full(self, outcomes: list[StudyOutcome], **kw) -> bool:
         """:meth:`write`; False (the earlier batch.json stays, whole) when the disk is full."""
         try:
@@ -247,7 +257,7 @@ class _BatchRecord:
             "interrupted": interrupted,
             "disk_full": disk_full,
             "exit_code": exit_code,
-            "input": public_path(self.patients.text(str(self.input_root)), key),
+            "input": self.public_input,
             "config_hash": cfg.hash(),
             "config": cfg.to_dict_public(),
             "files_seen": self.discovery.n_files_seen,

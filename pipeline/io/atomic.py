@@ -120,14 +120,19 @@ def publish_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_stale_temp_files(folder: str | Path) -> int:
+def remove_stale_temp_files(folder: str | Path, keep: tuple[str | Path, ...] = ()) -> int:
     """Delete temp files and staging folders left by writers that were killed (their pid no longer runs here;
-    staging folders of another host are left alone)."""
+    staging folders of another host are left alone). Nothing under a folder in ``keep`` is touched: the input
+    may lie inside the output folder (``modicscan run proj/dicom -o proj``), and input files are never changed."""
     n = 0
     pat = re.compile(r"^\..+?\.(\d+)\.(?:[^.]+\.)?(?:old\.)?tmp(?:\..*)?$")
+    kept = [Path(os.path.abspath(k)) for k in keep]
     for p in sorted(Path(folder).rglob(".*tmp*"), key=lambda q: len(q.parts)):
         m = pat.match(p.name)
         if not m or not p.exists():
+            continue
+        absolute = Path(os.path.abspath(p))
+        if any(absolute == k or k in absolute.parents for k in kept):
             continue
         host = _OTHER_HOST.search(p.name)
         if host and host.group(1) != _HOST:
@@ -151,4 +156,6 @@ def remove_stale_temp_files(folder: str | Path) -> int:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     text = json.dumps(finite_json(obj), indent=2, allow_nan=False, ensure_ascii=False)
-    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+    # backslashreplace: a lone surrogate (a path byte that is not UTF-8, missed by walk.shown) is written as its
+    # JSON escape instead of killing the batch with UnicodeEncodeError
+    write_bytes_atomic(path, (text + "\n").encode("utf-8", "backslashreplace"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -150,21 +151,47 @@ def _classify_file(path: Path):
         return None, "UNREADABLE"
 
 
-def _pixel_bytes(path: str) -> bytes | None:
-    """The raw pixel data element of a file (to tell an exact duplicate from a conflicting one)."""
+_COMPARE_CHUNK = 1 << 20
+
+
+def _pixel_offset(fh) -> int | None:
+    """Where the pixel data element starts in the open file ``fh`` (its header read, its value never loaded):
+    ``None`` when the file has no pixel data or cannot be parsed."""
     try:
-        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
-        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            if keyword in ds:
-                return bytes(ds[keyword].value)
+        # force: a file without the 128-byte preamble was accepted by discovery too (its copy is no conflict)
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
     except Exception:  # noqa: BLE001 - unreadable: cannot be shown to be the same
         return None
-    return None
+    del ds
+    pos = fh.tell()  # stop_before_pixels leaves the file at the pixel data element's tag
+    tag = fh.read(4)
+    pixel_tags = {(0x7FE0, e) for e in (0x0008, 0x0009, 0x0010)}
+    if len(tag) != 4 or not ({struct.unpack("<HH", tag), struct.unpack(">HH", tag)} & pixel_tags):
+        return None  # no pixel data element (either byte order)
+    return pos
 
 
 def _same_pixels(path_a: str, path_b: str) -> bool:
-    a = _pixel_bytes(path_a)
-    return a is not None and a == _pixel_bytes(path_b)
+    """True when two files hold the same pixel data element, compared a chunk at a time from the element's start
+    to the end of the file: a multi-gigabyte (or sparse, hostile) pixel element is never loaded whole into the
+    batch process, which has no memory isolation (the studies' workers have)."""
+    try:
+        with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+            a, b = _pixel_offset(fa), _pixel_offset(fb)
+            if a is None or b is None:
+                return False
+            if os.fstat(fa.fileno()).st_size - a != os.fstat(fb.fileno()).st_size - b:
+                return False
+            fa.seek(a)
+            fb.seek(b)
+            while True:
+                ca, cb = fa.read(_COMPARE_CHUNK), fb.read(_COMPARE_CHUNK)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+    except OSError:
+        return False
 
 
 def discover(root: str | Path, cfg: LoadingConfig | None = None, *, exclude=()) -> Discovery:

@@ -142,7 +142,8 @@ def _frames(summary: SeriesSummary):
     """Yield (ipp, iop, pixel_spacing, slope, intercept, 2-D pixels, source) for every frame of the series."""
     for path in summary.files:
         try:
-            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+            # force: discovery accepted files written without the 128-byte preamble (they parse as a dataset)
+            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)
         except Exception as exc:  # noqa: BLE001
             raise StudyError("PIXEL_DATA_UNREADABLE", f"{shown(Path(path).name)} could not be read: {exc}") from exc
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:

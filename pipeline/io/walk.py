@@ -7,7 +7,9 @@ Nothing under the input may be lost silently, and nothing of ours may be read ba
 * a folder that cannot be listed is listed as ``UNREADABLE_FOLDER``, a path past the OS limit as
   ``PATH_TOO_LONG``, a dangling link as ``BROKEN_LINK``, a FIFO / socket / device as ``NOT_A_FILE``;
 * our own output folders are not entered (``MODICSCAN_OUTPUT``): the run's OUT folder when it lies inside
-  the input, and any sub-folder holding a modicscan ``batch.json`` (an earlier run's output);
+  the input, and any sub-folder holding a modicscan ``batch.json`` (an earlier run's output); when OUT is
+  INPUT itself, the run's files at its top (lock, reserve, ``batch.json``, ``batch.log``, cohort tables, temp
+  files) and its study folders (holding our ``report.json`` / ``error.json``) are listed the same way;
 * file and folder names are kept as the OS gives them (``str`` with surrogate escapes for bytes that are
   not UTF-8, so the files can still be opened); :func:`shown` turns such a path into text for messages
   and JSON.
@@ -33,6 +35,11 @@ NOT_A_FILE = "NOT_A_FILE"
 MODICSCAN_OUTPUT = "MODICSCAN_OUTPUT"
 
 _BATCH_RECORD = re.compile(r"^batch(\.shard-\d+-of-\d+)?\.json$")
+_STUDY_RECORD = re.compile(r"^(report|error)\.json$")
+_OUR_RECORD_TYPE = re.compile(r'"report_type":\s*"modicscan\.(batch|study_report|study_error)"')
+# What a run leaves at the top of its OUT folder besides the study folders (OUT == INPUT: never read as input)
+_OWN_TOP_FILES = re.compile(r"^(\.modicscan\.(lock|reserve)(\.shard-\d+-of-\d+)?|batch(\.shard-\d+-of-\d+)?\.json"
+                            r"|batch\.log|cohort\.(csv|parquet)|summary\.json|\..+\.\d+\..*tmp.*)$")
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -47,16 +54,17 @@ def os_reason(exc: OSError) -> str:
     return PATH_TOO_LONG if exc.errno == errno.ENAMETOOLONG else UNREADABLE_FOLDER
 
 
-def is_modicscan_output(folder: Path, names: Iterable[str]) -> bool:
+def is_modicscan_output(folder: Path, names: Iterable[str], study_records: bool = False) -> bool:
     """True when ``folder`` (whose entries are ``names``) holds a modicscan batch record (``batch.json`` /
-    ``batch.shard-i-of-N.json``): an earlier run's output folder."""
-    for name in (n for n in names if _BATCH_RECORD.match(n)):
+    ``batch.shard-i-of-N.json``: an earlier run's output folder) or, with ``study_records`` (a folder at the top
+    of this run's OUT when OUT is INPUT itself), a study record (``report.json`` / ``error.json``)."""
+    for name in (n for n in names if _BATCH_RECORD.match(n) or (study_records and _STUDY_RECORD.match(n))):
         try:
             with open(folder / name, encoding="utf-8") as fh:
                 head = fh.read(4096)  # report_type is among the first keys; never parse a huge file
         except (OSError, UnicodeDecodeError):
             continue
-        if re.search(r'"report_type":\s*"modicscan\.batch"', head):
+        if _OUR_RECORD_TYPE.search(head):
             return True
     return False
 
@@ -74,6 +82,7 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
     """Files under ``root`` in a stable order (a folder's files by name, then its sub-folders by name), and
     every folder / link that was not read with its reason. Folders in ``exclude`` are not entered."""
     excluded = {ident for ident in (_identity(Path(p)) for p in exclude) if ident is not None}
+    root_is_out = _identity(root) in excluded  # `-o INPUT`: our own files lie among the input's
     seen: set[tuple[int, int]] = set()
     files: list[Path] = []
     skipped: list[SkippedFile] = []
@@ -99,12 +108,16 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
         except OSError as exc:
             skipped.append(SkippedFile(str(folder), os_reason(exc)))
             continue
-        if folder != root and is_modicscan_output(folder, [e.name for e in entries]):
+        if folder != root and is_modicscan_output(folder, [e.name for e in entries],
+                                                  study_records=root_is_out and folder.parent == root):
             skipped.append(SkippedFile(str(folder), MODICSCAN_OUTPUT))
             continue
         sub: list[Path] = []
         for entry in entries:
             path = Path(entry.path)
+            if folder == root and root_is_out and _OWN_TOP_FILES.match(entry.name):
+                skipped.append(SkippedFile(str(path), MODICSCAN_OUTPUT))  # OUT is INPUT: our lock, log, tables
+                continue
             try:
                 if entry.is_dir():  # follows symlinks
                     sub.append(path)
@@ -112,8 +125,10 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
                 if entry.is_file():
                     files.append(path)
                     if len(files) > max_files:
-                        raise StudyError("NO_DICOM_FILES", f"more than {max_files} files under {shown(root)}; "
-                                         "raise loading.max_files")
+                        # no path in the message: it reaches batch.log and stderr, also when pseudonymising
+                        raise StudyError("NO_DICOM_FILES", f"more than {max_files} files under the input folder; "
+                                         "nothing was analysed: raise loading.max_files (--config) or run on "
+                                         "sub-folders")
                     continue
                 reason = BROKEN_LINK if entry.is_symlink() else NOT_A_FILE
             except OSError as exc:

@@ -422,7 +422,8 @@ def write_dicom_outputs(out_dir: Path, report: dict, artefacts: dict[str, Any], 
         raise ValueError("DICOM export needs the source T2 files (artefacts['t2_files'])")
     t2 = artefacts["volumes"]["T2"]
     seg_result = artefacts["segmentation"]
-    sources = [pydicom.dcmread(f, defer_size=DEFER_SIZE) for f in source_files]  # private blobs stay on disk
+    sources = [pydicom.dcmread(f, defer_size=DEFER_SIZE, force=True)  # force: files without preamble (discovery)
+               for f in source_files]  # private blobs stay on disk
     series_uids = {str(ds.SeriesInstanceUID) for ds in sources}
     if series_uids != {t2.series_uid}:
         raise ValueError(f"source files belong to series {sorted(series_uids)}, not the T2 series {t2.series_uid}")

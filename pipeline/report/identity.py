@@ -22,7 +22,8 @@ _ROMAN = re.compile(r"^[ivxlcdm]+$", re.IGNORECASE)
 # ---------------------------------------------------------------------------------------------- identity
 def keyed_hash(value: str, key: str, n: int = 16) -> str:
     """HMAC-SHA256 of ``value`` under ``key``: stable across runs, not reversible without the key."""
-    return hmac.new(key.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:n]
+    # surrogateescape: a path whose name is not UTF-8 (Latin-1 "M\xfcller") is hashed as its bytes, never an error
+    return hmac.new(key.encode("utf-8"), value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:n]
 
 
 def study_key(study_uid: str, pseudonymise_key: str = "") -> str:
@@ -149,18 +150,20 @@ class Identity:
             return Redactor()
         rep: dict[str, str] = {}
         for i, f in enumerate(files, 1):
-            rep[f] = rep[os.path.basename(f)] = f"[file #{i}]"
-            if input_root:
-                rep[os.path.relpath(f, input_root)] = f"[file #{i}]"
+            names = [f, os.path.basename(f)] + ([os.path.relpath(f, input_root)] if input_root else [])
+            rep.update(dict.fromkeys(_path_forms(names), f"[file #{i}]"))
         if self.key:
             # whole paths only: single folder names ("DICOM", "T2") would also hit ordinary words of a message
             if input_root:
-                rep[input_root] = "[input folder]"
-                rep[os.path.join(input_root, source_folder)] = "[study folder]"
-            rep[source_folder] = rep[study.root] = "[study folder]"
+                rep.update(dict.fromkeys(_path_forms([input_root]), "[input folder]"))
+                rep.update(dict.fromkeys(_path_forms([os.path.join(input_root, source_folder)]), "[study folder]"))
+            rep.update(dict.fromkeys(_path_forms([source_folder, study.root]), "[study folder]"))
             for s in study.series.values():
-                rep[s.series_description] = f"[series {s.series_number}]" if s.series_number is not None \
-                    else "[series description]"
+                label = f"[series {s.series_number}]" if s.series_number is not None else "[series description]"
+                rep[s.series_description] = label
+                # a series without a description is named by its UID in messages: hashed UIDs only in this mode
+                rep[s.series_uid] = rep[str(s.extra.get("series_uid_original") or s.series_uid)] = label
+            rep[study.study_uid] = "[study uid]"
             rep[study.study_description] = "[study description]"
         rep.update(_patient_needles(study))  # last: they win over a folder or description with the same text
         return Redactor(rep)
@@ -175,10 +178,36 @@ class Identity:
         return Redactor(rep)
 
 
+def _path_forms(paths) -> list[str]:
+    """Paths as the OS gives them (a name that is not UTF-8 holds lone surrogates) and as messages and JSON show
+    them (:func:`pipeline.io.walk.shown`: ``\\xfc`` escapes): a redactor must find both."""
+    from pipeline.io.walk import shown
+
+    out = []
+    for p in paths:
+        if p:
+            out += [p, shown(p)]
+    return out
+
+
+def _byte_forms(text: str) -> list[str]:
+    """``text`` (a name from a header, decoded) as it appears in a path written by a Latin-1 system: the file
+    system gives bytes that are not UTF-8, shown as lone surrogates or ``\\xfc`` escapes ("M\\xfcller")."""
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return []
+    if raw == text.encode("utf-8"):
+        return []  # plain ASCII: the same in every form
+    return _path_forms([os.fsdecode(raw)])
+
+
 def _patient_needles(study: StudyFiles) -> dict[str, str]:
     """The patient's own name, ID, birth date and the accession number, with their placeholders."""
-    rep = dict.fromkeys(_name_forms(study.patient_name), "[patient name]")
-    rep[study.patient_id] = "[patient id]"
+    rep: dict[str, str] = {}
+    for form in _name_forms(study.patient_name):
+        rep.update(dict.fromkeys([form, *_byte_forms(form)], "[patient name]"))
+    rep.update(dict.fromkeys([study.patient_id, *_byte_forms(study.patient_id)], "[patient id]"))
     rep.update(dict.fromkeys(_date_forms(study.patient_birth_date), "[birth date]"))
-    rep[study.accession_number] = "[accession number]"
+    rep.update(dict.fromkeys([study.accession_number, *_byte_forms(study.accession_number)], "[accession number]"))
     return rep
