@@ -286,3 +286,14 @@ def test_spider_slices_get_l5_where_the_reading_puts_it(repo_root, tmp_path):
     summary = evaluate_levels(cases, tmp_path, repo_root / "docs" / "spider_l5_reading.csv", write_png=False,
                               limit=SPIDER_CASES)
     assert summary["outcomes"]["correct"] >= SPIDER_MIN_CORRECT and summary["outcomes"]["wrong"] == 0, summary
+
+
+def test_two_bodies_are_no_column_even_when_the_lower_one_looks_like_l5():
+    """A knee's femur and tibia (two body-sized blobs) once read as "L4, L5, S1 out of view": fewer than three
+    bodies are never counted as lumbar levels, however L5-like the lower one's endplate is."""
+    cents, geo, vols = _column(n_above_l5=1, sacrum=False)  # one body above an L5 with the lumbosacral wedge
+    names, conf, flags, _ = label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 20)
+    assert names == ["B1", "B2"] and conf < 0.5 and "NO_LUMBOSACRAL_JUNCTION" in flags
+    cents3, geo3, vols3 = _column(n_above_l5=2, sacrum=False)  # three bodies: counted
+    names3, _, _, _ = label_levels(cents3, geo3, vols3, CFG, fov_end_mm=cents3[-1] + 20)
+    assert names3 == ["L3", "L4", "L5"]

@@ -234,6 +234,9 @@ def _level_name(above_s1: int) -> str:
     return f"T{12 - (above_s1 - 6)}" if above_s1 - 6 < 12 else ""
 
 
+MIN_COLUMN_BODIES = 3  # fewer bodies along the column are not counted as lumbar levels (see label_levels)
+
+
 def label_levels(centroids_mm: np.ndarray, geometry: np.ndarray, volumes_ml: np.ndarray,
                  cfg: SegmentationConfig, others_mm: np.ndarray | None = None,
                  cut: np.ndarray | None = None, fov_end_mm: float | None = None,
@@ -265,11 +268,14 @@ def label_levels(centroids_mm: np.ndarray, geometry: np.ndarray, volumes_ml: np.
     chain, spacing = _column_chain(centroids_mm, volumes_ml, cut, typical, cfg)
     if not chain:
         return names, 0.0, ["NO_BODIES"], notes
-    if len(chain) < 2 or spacing <= 0:
+    if len(chain) < MIN_COLUMN_BODIES or spacing <= 0:
+        # One or two body-like blobs are no spinal column (a knee's femur and tibia read as "L4, L5, S1 out of
+        # view" otherwise): every lumbar sagittal shows at least three bodies, so levels are not counted.
         for idx in chain:
             names[idx] = f"B{idx + 1}"
         return names, 0.2, ["NO_LUMBOSACRAL_JUNCTION", "PARTIAL_FOV"], [
-            "a single body in view: its level cannot be told; bodies are numbered B1.. from the top"]
+            f"{'a single body' if len(chain) < 2 else 'only two bodies'} in a column: levels cannot be told; "
+            "bodies are numbered B1.. from the top"]
     scores = junction_scores(chain, centroids_mm, volumes_ml, geometry, cut, others_mm, fov_end_mm, typical, spacing,
                              discs)
     ranked = sorted(scores.values(), reverse=True)
