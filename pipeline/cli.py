@@ -62,6 +62,15 @@ def _load_config(path: str | None, overrides: dict[str, dict]) -> object:
     return config_from_dict(raw)
 
 
+def _config_or_exit(path: str | None):
+    """The config of a command that takes only ``--config``; a bad one exits 2 with one line."""
+    try:
+        return _load_config(path, {})
+    except ConfigError as exc:
+        click.echo(f"modicscan: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modicscan")
 def main() -> None:
@@ -243,11 +252,7 @@ def segment(input_path: Path, out_path: Path, config_path: str | None, png_path:
     if png_path is not None and not png_path.name.lower().endswith(".png"):
         click.echo(f"modicscan: --png {png_path} must name a .png file", err=True)
         sys.exit(EXIT_USAGE)
-    try:
-        cfg = _load_config(config_path, {})
-    except ConfigError as exc:
-        click.echo(f"modicscan: config error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    cfg = _config_or_exit(config_path)
     try:
         seg = segment_path(input_path, out_path, cfg.segmentation, png_path=png_path)
     except StudyError as exc:
@@ -298,11 +303,7 @@ def evaluate_segmentation_cmd(cases_csv: Path, out_dir: Path, jobs: int, no_png:
             click.echo(f"modicscan: --first-level expects SOURCE=LEVEL, got {item!r}: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         first_levels[item_source] = level
-    try:
-        cfg = _load_config(config_path, {})
-    except ConfigError as exc:
-        click.echo(f"modicscan: config error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    cfg = _config_or_exit(config_path)
     if source is not None:
         try:
             check_source(read_cases(Path(cases_csv)), source)
@@ -330,11 +331,7 @@ def evaluate_findings_cmd(cases_csv: Path, out_dir: Path, gradings_csv: Path | N
     """Per-disc Modic findings of the NIfTI studies in CASES_CSV (case,t1,t2[,stir]), against gradings if given."""
     from pipeline.evaluation.findings import evaluate_findings
 
-    try:
-        cfg = _load_config(config_path, {})
-    except ConfigError as exc:
-        click.echo(f"modicscan: config error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    cfg = _config_or_exit(config_path)
     try:
         summary = evaluate_findings(cases_csv, out_dir, gradings_csv=gradings_csv, jobs=jobs, cfg=cfg,
                                     write_png=not no_png, limit=limit)
@@ -355,8 +352,8 @@ def evaluate_edema_cmd(cases_csv: Path, out_dir: Path, config_path: str | None, 
     """Marrow-edema rule on STIR inside a bone region against readers' masks (CASES: case,stir,t1,bone_region[,edema_*])."""
     from pipeline.evaluation.edema import CasesError, evaluate_edema
 
+    cfg = _config_or_exit(config_path)
     try:
-        cfg = _load_config(config_path, {})
         summary = evaluate_edema(cases_csv, out_dir, cfg.edema, progress=not no_progress)
     except (ConfigError, CasesError) as exc:
         click.echo(f"modicscan: {exc}", err=True)
