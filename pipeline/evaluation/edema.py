@@ -25,8 +25,9 @@ import numpy as np
 
 from pipeline.classify import edema_mask
 from pipeline.config import EdemaConfig
+from pipeline.errors import StudyError
 from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
-from pipeline.io.nifti import resample_to, save_nifti
+from pipeline.io.nifti import read_nifti_native, resample_to, save_nifti
 from pipeline.types import Volume
 
 REQUIRED_COLUMNS = ("case", "stir", "t1", "bone_region")
@@ -94,31 +95,16 @@ def read_edema_cases(cases_csv: Path) -> tuple[list[dict], list[str]]:
     return out, readers
 
 
-def load_native(path: Path) -> Volume:
-    """A NIfTI image on its own grid (no reorientation: the output mask must share the STIR file's voxel order)."""
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:  # one slice stored as a 2-D image: a volume of one slice
-        data = data[..., None]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D image, got shape {data.shape}")
-    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), series_uid=str(path), meta={})
-
-
 def on_stir_grid(path: Path, target: Volume, order: int) -> np.ndarray:
     """The image at ``path`` sampled on ``target``'s grid through the affines (order 0 for masks)."""
-    return resample_to(load_native(path), target, order=order).data
+    return resample_to(read_nifti_native(path), target, order=order).data
 
 
 def evaluate_case(rec: dict, readers: list[str], cfg: EdemaConfig, out_dir: Path) -> dict:
     """Run the rule on one case, write its mask, return its per_case.csv row (raises ValueError for bad images)."""
     from sklearn.metrics import precision_score, recall_score
 
-    stir = load_native(rec["stir"])
+    stir = read_nifti_native(rec["stir"])  # its own voxel order: the output mask shares the STIR file's
     spacing = stir.spacing
     region = on_stir_grid(rec["bone_region"], stir, 0) > 0.5
     t1 = on_stir_grid(rec["t1"], stir, 1)
@@ -205,7 +191,7 @@ def evaluate_edema(cases_csv: Path, out_dir: Path, cfg: EdemaConfig | None = Non
     for rec in iterator:
         try:
             rows.append(evaluate_case(rec, readers, cfg, out_dir))
-        except (ValueError, OSError, EOFError, ImageFileError) as exc:  # unreadable / misshapen image: record, go on
+        except (StudyError, ValueError, OSError, EOFError, ImageFileError) as exc:  # unreadable / misshapen image: record, go on
             rows.append({"case": rec["case"], "error": str(exc).splitlines()[0][:300]})
     columns: list[str] = []
     for r in rows:

@@ -27,15 +27,26 @@ def reorient_to_work(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, 
     return new, new_aff
 
 
-def load_nifti(path: str | Path) -> Volume:
+def read_nifti_native(path: str | Path, *, allow_2d: bool = True) -> Volume:
+    """A NIfTI image on its own voxel grid, not reoriented (float32, its affine). A single volume stored as 4-D is
+    3-D; with ``allow_2d`` a plain 2-D image is one slice (a third axis of length 1: many research sets and key-image
+    exports are one sagittal slice). Any other shape: StudyError ``GEOMETRY_INCONSISTENT``."""
     img = nib.load(str(path))
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim == 2 and allow_2d:
+        data = data[..., None]
     if data.ndim != 3:
         raise StudyError("GEOMETRY_INCONSISTENT", f"{path}: expected a 3-D image, got shape {data.shape}")
-    work, aff = reorient_to_work(data, img.affine)
-    return Volume(data=np.ascontiguousarray(work), affine=aff, series_uid="", meta={"source": str(path)})
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), series_uid="", meta={"source": str(path)})
+
+
+def load_nifti(path: str | Path, *, allow_2d: bool = False) -> Volume:
+    """A NIfTI image in the working frame (I, P, R); see :func:`read_nifti_native` for ``allow_2d``."""
+    native = read_nifti_native(path, allow_2d=allow_2d)
+    work, aff = reorient_to_work(native.data, native.affine)
+    return Volume(data=np.ascontiguousarray(work), affine=aff, series_uid="", meta=native.meta)
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:

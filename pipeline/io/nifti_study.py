@@ -42,7 +42,7 @@ def load_nifti_study(paths: dict[str, str | Path | None]) -> dict[str, Volume]:
             code = _MISSING_CODE.get(role, "PIXEL_DATA_UNREADABLE")
             raise StudyError(code, f"{role} image {p.name} does not exist")
         try:
-            vol = _load_2d_or_3d(p)
+            vol = load_nifti(p, allow_2d=True)  # a 2-D image is one sagittal slice
         except StudyError:
             raise
         except Exception as exc:  # nibabel raises many types for a broken file
@@ -52,20 +52,6 @@ def load_nifti_study(paths: dict[str, str | Path | None]) -> dict[str, Volume]:
         vol.meta.update({"role": role, "n_slices": int(vol.shape[2])})
         volumes[role] = vol
     return volumes
-
-
-def _load_2d_or_3d(path: Path) -> Volume:
-    """load_nifti, also for a plain 2-D image (taken as one sagittal slice: a third axis of length 1)."""
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    if len(img.shape) == 2:
-        from pipeline.io.nifti import reorient_to_work
-
-        data = np.asarray(img.dataobj, dtype=np.float32)[:, :, None]
-        work, aff = reorient_to_work(data, img.affine)
-        return Volume(data=np.ascontiguousarray(work), affine=aff, series_uid="", meta={"source": str(path)})
-    return load_nifti(path)
 
 
 def is_single_slice(volumes: dict[str, Volume]) -> bool:

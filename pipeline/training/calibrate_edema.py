@@ -25,7 +25,8 @@ from scipy import ndimage
 
 from pipeline.classify import edema_mask
 from pipeline.config import EdemaConfig, load_config
-from pipeline.evaluation.edema import READER_PREFIX, load_native, on_stir_grid, read_edema_cases
+from pipeline.evaluation.edema import READER_PREFIX, on_stir_grid, read_edema_cases
+from pipeline.io.nifti import read_nifti_native
 
 GROW = (1.4, 1.5, 1.6, 1.7, 1.8)
 SEED = (1.8, 2.0, 2.2, 2.4, 2.7, 3.0)
@@ -40,7 +41,7 @@ def calibrate(cases_csv: Path, base: EdemaConfig) -> dict:
         masks_paths = [rec[READER_PREFIX + r] for r in readers if rec.get(READER_PREFIX + r)]
         if not masks_paths:
             continue
-        stir = load_native(rec["stir"])
+        stir = read_nifti_native(rec["stir"])
         region = on_stir_grid(rec["bone_region"], stir, 0) > 0.5
         t1 = on_stir_grid(rec["t1"], stir, 1)
         masks = [on_stir_grid(p, stir, 0) > 0.5 for p in masks_paths]
