@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.classify import edema_mask
 from pipeline.config import EdemaConfig
 from pipeline.errors import StudyError
-from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.io.atomic import write_csv_atomic, write_json_atomic
 from pipeline.io.nifti import read_nifti_native, resample_to, save_nifti
 from pipeline.types import Volume
 
@@ -193,20 +193,7 @@ def evaluate_edema(cases_csv: Path, out_dir: Path, cfg: EdemaConfig | None = Non
             rows.append(evaluate_case(rec, readers, cfg, out_dir))
         except (StudyError, ValueError, OSError, EOFError, ImageFileError) as exc:  # unreadable / misshapen image: record, go on
             rows.append({"case": rec["case"], "error": str(exc).splitlines()[0][:300]})
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    lines = [",".join(columns)]
-    for r in rows:
-        lines.append(",".join(_csv_cell(r.get(k)) for k in columns))
-    write_bytes_atomic(out_dir / "per_case.csv", ("\n".join(lines) + "\n").encode("utf-8"))
+    write_csv_atomic(out_dir / "per_case.csv", rows)
     summary = summarise(rows, cfg)
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
-
-
-def _csv_cell(value) -> str:
-    if value is None:
-        return ""
-    text = str(value)
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text

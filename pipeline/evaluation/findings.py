@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import StudyError
-from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.io.atomic import write_csv_atomic, write_json_atomic
 
 MODIC_TYPES = ("0", "I", "II", "III", "I/II", "II/III")
 # Type kappa compares with the readers' 0-3: a mixed type counts as its first (more active) component.
@@ -278,24 +278,10 @@ def evaluate_findings(cases_csv: Path, out_dir: Path, *, gradings_csv: Path | No
                          "count_matches": (len(res["discs"]) == graded) if graded is not None and not res["error"]
                          else "", "anchor": res["anchor"], "single_slice": res["single_slice"],
                          "error": res["error"], "seconds": round(res["seconds"], 3)})
-    _write_csv(out_dir / "per_disc.csv", per_disc)
-    _write_csv(out_dir / "per_case.csv", per_case)
+    write_csv_atomic(out_dir / "per_disc.csv", per_disc)
+    write_csv_atomic(out_dir / "per_case.csv", per_case)
     summary = summarise(per_disc, per_case) if gradings is not None else {
         "n_cases": len(per_case), "n_discs": len(per_disc),
         "modic_types": {t: sum(d["modic_type"] == t for d in per_disc) for t in MODIC_TYPES}}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import io as _io
-
-    buf = _io.StringIO()
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    w = csv.DictWriter(buf, fieldnames=fields or ["case"], lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    write_bytes_atomic(path, buf.getvalue().encode())

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io as _io
 from pathlib import Path
 
 from pipeline.config import SegmentationConfig
 from pipeline.errors import StudyError
-from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.io.atomic import write_csv_atomic, write_json_atomic
 
 L5_TOLERANCE_MM = 12.0  # under half a vertebral spacing (30-45 mm): the next body's centroid is always farther
 OUTCOMES = ("correct", "wrong", "unnamed", "failed", "not_read")
@@ -101,11 +100,7 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
         results.append(res)
         if write_png:
             _png(t2, seg, out_dir / "png" / f"{row['case']}.png", f"{row['case']}: {res['outcome']} {res['flags']}")
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(results[0]) if results else ["case"], lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in results)
-    write_bytes_atomic(out_dir / "levels.csv", buf.getvalue().encode())
+    write_csv_atomic(out_dir / "levels.csv", results)
     counts = {k: sum(r["outcome"] == k for r in results) for k in OUTCOMES}
     judged = counts["correct"] + counts["wrong"]
     summary = {"n_cases": len(results), "outcomes": counts,

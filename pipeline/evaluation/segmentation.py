@@ -14,7 +14,6 @@ correct, wrong (a confident wrong name: the worst output, every finding lands at
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ from scipy import ndimage
 
 from pipeline.config import SegmentationConfig
 from pipeline.evaluation.cases import common_box
-from pipeline.io.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.io.atomic import write_csv_atomic, write_json_atomic
 from pipeline.types import LUMBAR_LEVELS
 
 
@@ -219,8 +218,8 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
                          "seconds": round(res["seconds"], 3), "error": res["error"] or ""})
         for b in res["bodies"]:
             per_body.append({"case": res["case"], "source": res["source"], **b})
-    _write_csv(out_dir / "per_case.csv", per_case)
-    _write_csv(out_dir / "per_body.csv", per_body)
+    write_csv_atomic(out_dir / "per_case.csv", per_case, empty_header=())
+    write_csv_atomic(out_dir / "per_body.csv", per_body, empty_header=())
     dices = np.array([b["dice"] for b in per_body]) if per_body else np.zeros(0)
     sources = sorted({c["source"] for c in per_case})
     summary = {
@@ -246,18 +245,6 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
             for s in sources if s in first_levels}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import io as _io
-
-    buf = _io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def evaluate_segmentation(cases_csv: Path, out_dir: Path, *, jobs: int = 1, cfg: SegmentationConfig | None = None,

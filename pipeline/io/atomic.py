@@ -4,8 +4,10 @@ clean-up of temporary files and folders a killed run left behind."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -159,3 +161,19 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     # backslashreplace: a lone surrogate (a path byte that is not UTF-8, missed by walk.shown) is written as its
     # JSON escape instead of killing the batch with UnicodeEncodeError
     write_bytes_atomic(path, (text + "\n").encode("utf-8", "backslashreplace"))
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict], empty_header: tuple[str, ...] = ("case",)) -> None:
+    """Rows as CSV, written atomically: the columns are every key of the rows in first-seen order, a missing or
+    None value is an empty cell; with no rows only the ``empty_header`` line (nothing when it is empty)."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    fields = fields or list(empty_header)
+    buf = io.StringIO()
+    if fields:
+        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
