@@ -50,10 +50,6 @@ class FolderVerdict:
             return "folder-" + keyed_hash("folder:" + self.folder, pseudonymise_key, 10)
         return "folder-" + hashlib.sha256(os.fsencode(self.folder)).hexdigest()[:10]
 
-    @property
-    def key(self) -> str:
-        return self.key_for()
-
 
 def _top(path: str, root: Path, is_folder: bool) -> str:
     rel = Path(os.path.relpath(path, root)).parts
