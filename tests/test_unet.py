@@ -85,6 +85,34 @@ def test_the_net_runs_on_the_columns_near_the_spine_and_near_a_given_region_only
     assert nowhere.stop == nowhere.start
 
 
+def test_onepass_runs_whole_slices_and_keeps_only_the_column_it_finds(monkeypatch):
+    """body_model onepass: no classifier; the net sees whole slices, the column is fitted through its own output
+    and what lies beyond the cascade's reach of it (iliac bone, bowel) is dropped."""
+    from pipeline.segmentation import probability
+    from pipeline.segmentation.grid import WORK_MM
+
+    fake = FakeSession()
+    monkeypatch.setattr(unet, "load_session", lambda path=None, body_model="unet": fake)
+    monkeypatch.setattr(probability, "load_model", lambda: pytest.fail("onepass must not load the classifier"))
+    h, w, k = 200, 240, 5
+    norm = np.zeros((h, w, k), np.float32)
+    for top in range(10, 190, 30):  # a column of bright "bodies" down AP column 150, 18 px apart
+        norm[top:top + 22, 140:160] = 1.0
+    norm[80:110, 10:30] = 1.0  # a bright blob 120 px (180 mm) in front of the column
+    prob, column = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0))
+    assert fake.shapes[0][0] == k and fake.shapes[0][3] >= w  # every slice, every column
+    assert prob[15, 150, 2] > 0.99 and prob[95, 20, 2] == 0  # the column kept, the far blob dropped
+    assert column is not None and column[15, 150, 0] and not column[15, 20, 0]
+    half = int(probability.COLUMN_HALF_WIDTH_MM / WORK_MM)
+    assert column[15, 150 + half - 2, 0] and not column[15, 150 + half + 3, 0]
+    region = np.zeros_like(norm, bool)
+    region[10:60, 130:170, 1:4] = True  # another contrast: only near the bodies T2 found
+    fake.shapes.clear()
+    p2, col2 = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0), region)
+    assert col2 is None and not p2[~region].any() and p2[15, 150, 2] > 0.99
+    assert fake.shapes[0][3] < w  # the region's columns (and the net's margin) only
+
+
 def test_missing_or_corrupt_network_file_is_a_clear_study_error(tmp_path):
     with pytest.raises(StudyError, match="missing"):
         unet.load_session(str(tmp_path / "none.onnx"))
@@ -285,17 +313,19 @@ def test_use_network_switches_the_process_net_and_refuses_a_bad_file(tmp_path):
     shutil.copy(shipped, copy)
     try:
         unet.use_network(copy)
-        assert unet.UNET_PATH == copy and unet.load_session() is not before  # a new session, from the copy
+        assert unet.net_path() == copy and unet.load_session() is not before  # a new session, from the copy
+        assert unet.net_path("onepass") == copy  # one net for the process, whichever body model asks
         with pytest.raises(StudyError, match="missing"):
             unet.use_network(tmp_path / "fold9.onnx")  # fails when asked, not at the first study
         (tmp_path / "bad.onnx").write_bytes(b"not a network")
         with pytest.raises(StudyError, match="cannot be loaded"):
             unet.use_network(tmp_path / "bad.onnx")
-        assert unet.UNET_PATH == copy  # a refused file leaves the current net in place
+        assert unet.net_path() == copy  # a refused file leaves the current net in place
         unet.load_session()
     finally:
-        unet.use_network(shipped)
-    assert unet.UNET_PATH == shipped
+        unet.use_network(None)
+    assert unet.net_path() == shipped and unet.load_session() is before
+    assert unet.net_path("onepass") == unet.ONEPASS_PATH
 
 
 def test_train_unet_refuses_a_source_no_case_has_before_loading_anything(tmp_path, capsys):

@@ -214,5 +214,7 @@ def edge_refiner_for(model: dict, body_model: str):
     """The edge refiner for a body model: each learns from its own model's held-out output (the U-Net's probability
     is sharper than stage 2's, its errors differ); a model file without a U-Net refiner falls back to the
     classifier's. None: no refiner."""
+    if body_model == "onepass":
+        return None  # the one-pass net's edges stand as they are (no refiner learnt on its output)
     refiner = model.get("refiner_unet") if body_model == "unet" else None
     return refiner if refiner is not None else model.get("refiner")
