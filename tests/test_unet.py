@@ -66,6 +66,20 @@ def test_unet_probability_stays_in_its_columns_and_interpolates_skipped_thin_sli
     np.testing.assert_allclose(prob[5, 15, 4], run[1] + (run[2] - run[1]) / 3, rtol=1e-5)
 
 
+def test_needed_slices_come_out_as_without_the_option_and_the_others_are_skipped():
+    rng = np.random.default_rng(0)
+    for n_k, slice_mm in ((13, 1.0), (15, 4.0), (40, 0.9)):  # thin slices are interpolated, thick ones each run
+        norm = rng.random((20, 30, n_k)).astype(np.float32)
+        full = unet.unet_probability(norm, slice_mm, slice(5, 25), session=FakeSession())
+        for _ in range(10):
+            needed = rng.random(n_k) < 0.3
+            fake = FakeSession()
+            part = unet.unet_probability(norm, slice_mm, slice(5, 25), session=fake, needed=needed)
+            np.testing.assert_array_equal(part[:, :, needed], full[:, :, needed])
+            if slice_mm >= 3.0:
+                assert sum(s[0] for s in fake.shapes) == needed.sum()  # one net slice per needed slice, no more
+
+
 def test_the_net_runs_on_the_columns_near_the_spine_and_near_a_given_region_only():
     from pipeline.segmentation.grid import WORK_MM
     from pipeline.segmentation.probability import _unet_columns

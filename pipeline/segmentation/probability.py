@@ -98,8 +98,8 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
     session = load_session(body_model="onepass")
     if region is not None:
         cols = _unet_columns(None, region, norm.shape[1])
-        prob = (unet_probability(norm, sp[2], cols, session=session) if cols.stop > cols.start
-                else np.zeros(norm.shape, np.float32))
+        prob = (unet_probability(norm, sp[2], cols, session=session, needed=region.any(axis=(0, 1)))
+                if cols.stop > cols.start else np.zeros(norm.shape, np.float32))
         prob[~region] = 0
         return prob, None
     prob = unet_probability(norm, sp[2], session=session)

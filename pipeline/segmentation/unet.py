@@ -113,11 +113,14 @@ def run_net(session, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = None, session=None) -> np.ndarray:
+def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = None, session=None,
+                     needed: np.ndarray | None = None) -> np.ndarray:
     """P(body) (H, W, K) float32 on the working grid from the U-Net.
 
     ``columns``: the in-plane columns (AP axis) to run the net on; zero elsewhere. Thin slices are run about
     ``SLICE_PITCH_MM`` apart and interpolated (:func:`pipeline.segmentation.grid.interpolate_slices`).
+    ``needed`` (K bools): only these slices are wanted; the net skips every slice that none of them is
+    interpolated from (zero there), the needed ones come out as without it.
     """
     from pipeline.segmentation.grid import classified_slices, interpolate_slices
 
@@ -125,7 +128,14 @@ def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = 
     h, w, n_k = norm.shape
     cols = columns or slice(0, w)
     ks = classified_slices(n_k, slice_mm, SLICE_PITCH_MM)
-    x = context_stack(norm[:, cols], slice_mm, ks)
+    run = np.ones(ks.size, bool)
+    if needed is not None:
+        # slice ks[i] feeds the slices strictly between its neighbours ks[i - 1] and ks[i + 1]
+        reach = np.r_[ks[0] - 1, ks[:-1]], np.r_[ks[1:], ks[-1] + 1]
+        where = np.flatnonzero(needed)
+        run = (np.searchsorted(where, reach[1]) - np.searchsorted(where, reach[0], side="right")) > 0
     prob = np.zeros((h, w, ks.size), np.float32)
-    prob[:, cols] = np.moveaxis(run_net(session, x), 0, 2)
+    if run.any():
+        x = context_stack(norm[:, cols], slice_mm, ks[run])
+        prob[:, cols][:, :, run] = np.moveaxis(run_net(session, x), 0, 2)  # prob[:, cols] is a view
     return np.ascontiguousarray(interpolate_slices(prob, ks, n_k))
