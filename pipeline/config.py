@@ -72,7 +72,9 @@ class SegmentationConfig:
     major_body_fraction: float = _f(0.45, 0.1, 1.0, doc="components smaller than this fraction of a typical body are fragments, not levels")
     smooth_mm: float = _f(5.0, 0.0, 10.0, doc="per body and slice, notches narrower than this are closed and holes filled (0: off)")
     refine_edges: bool = _f(True, doc="re-decide the voxels within 4 mm of each body surface at the input resolution "
-                            "(edge classifier of the shipped model)")
+                            "(edge classifier of the shipped model; onepass: by its probability, edge_threshold)")
+    edge_threshold: float = _f(0.5, 0.0, 0.95, doc="onepass: body surfaces at the input resolution where the interpolated "
+                               "probability crosses this (within 1.5 mm of the working-grid surface; 0: off)")
 
 
 @dataclass

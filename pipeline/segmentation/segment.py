@@ -191,7 +191,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         lut[lid] = val
         bodies_meta.append((name, val, v))
     work_labels = lut[lab]
-    from pipeline.segmentation.refine import crop_box, refine_labels
+    from pipeline.segmentation.refine import crop_box, probability_edges, refine_labels
 
     resampled = work_labels.shape[:2] != image.shape[:2]
     labels = to_input_grid(work_labels, image.shape) if resampled else work_labels
@@ -201,6 +201,8 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     refiner = edge_refiner_for(model, cfg.body_model)
     if cfg.refine_edges and refiner is not None:
         labels = refine_labels(image, labels, prob, spacing, refiner, box)
+    elif cfg.refine_edges and resampled and cfg.edge_threshold > 0:
+        labels = probability_edges(labels, prob, spacing, box, cfg.edge_threshold)
     vox_in = spacing[0] * spacing[1] * spacing[2]
     bodies = []
     present = np.bincount(labels.ravel(), minlength=max(v for _, v, _ in bodies_meta) + 1) if bodies_meta else []
