@@ -145,7 +145,7 @@ def test_probability_edges_move_a_surface_to_the_probability_crossing_within_the
     prob[61, 20:60] = 0.4  # below the threshold: the last row stays out
     prob[80:85, 30:40] = 0.9  # body-like probability 10 mm away: beyond the band, never added
     out = probability_edges(labels, prob, sp, None, threshold=0.5)
-    rows = np.flatnonzero((out[:, 40, 1] == 7))
+    rows = np.flatnonzero(out[:, 40, 1] == 7)
     assert (rows[0], rows[-1]) == (21, 60)
     assert not out[80:85].any()
     assert set(np.unique(out)) == {0, 7}
