@@ -226,18 +226,23 @@ def load_series(summary: SeriesSummary, cfg: LoadingConfig | None = None) -> Vol
         raise StudyError("SLICE_SPACING_INCONSISTENT", f"slice gaps of series '{summary.series_description}' vary "
                          f"(median {step:.2f} mm, found {worst:.2f} mm): a slice is missing or duplicated",
                          details={"median_gap_mm": step, "worst_gap_mm": worst})
-    # Preallocate once; the rescale is applied per slice (it may differ between slices).
-    data = np.empty((shape0[0], shape0[1], n), dtype=np.float32)
+    # Preallocate once, slice-major so each slice is written contiguously (writing data[:, :, k] directly strides
+    # through the whole stack per slice); the one transposing copy is the contiguous copy at the end. The rescale
+    # is applied per slice (it may differ between slices).
+    stack = np.empty((n, shape0[0], shape0[1]), dtype=np.float32)
     for out_k, src in enumerate(order):
         _, _, _, slope, inter, px, _ = frames[src]
-        np.multiply(px, np.float32(slope), out=data[:, :, out_k], casting="unsafe")
+        np.multiply(px, np.float32(slope), out=stack[out_k], casting="unsafe")
         if inter:
-            data[:, :, out_k] += np.float32(inter)
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    if float(data.max()) == float(data.min()):
+            stack[out_k] += np.float32(inter)
+    lo, hi = float(stack.min()), float(stack.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates into min / max, so this is isfinite().all()
+        stack = np.nan_to_num(stack, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(stack.min()), float(stack.max())
+    if hi == lo:
         raise StudyError("IMAGE_EMPTY", f"series '{summary.series_description}' holds no signal (all voxels equal "
-                         f"{float(data.min())})")
+                         f"{lo})")
+    data = stack.transpose(1, 2, 0)
     dr, dc = float(ps0[0]), float(ps0[1])
     lps = np.eye(4)
     lps[:3, 0] = col_cos * dr
