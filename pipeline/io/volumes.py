@@ -102,7 +102,48 @@ def check_stack(positions: np.ndarray, normal: np.ndarray, spacing: np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# Uncompressed little-endian transfer syntaxes: their pixel data is the array's bytes as they stand.
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def native_pixels(ds) -> np.ndarray | None:
+    """The pixels of an uncompressed little-endian, single-frame greyscale image read straight from its bytes:
+    what ``ds.pixel_array`` returns (same dtype, unused high bits cleared or sign-extended the same way), without
+    pydicom's per-file decoder set-up, which costs more than the copy of the pixels itself. ``None`` for anything
+    else, or anything unusual (a missing or odd tag, a length that does not match): pydicom then decodes it, or
+    says why it cannot."""
+    meta = getattr(ds, "file_meta", None)
+    if str(getattr(meta, "TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    if "PixelData" not in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        return None
+    if "PerFrameFunctionalGroupsSequence" in ds or "NumberOfFrames" in ds:
+        return None
+    try:
+        rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
+        allocated, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+        photometric = str(ds.PhotometricInterpretation).strip()
+        raw = ds.PixelData
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    if (spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2") or allocated not in (8, 16, 32)
+            or signed not in (0, 1) or not 1 <= stored <= allocated or rows < 1 or cols < 1
+            or not isinstance(raw, bytes)):
+        return None
+    n_bytes = rows * cols * allocated // 8
+    if len(raw) != n_bytes + n_bytes % 2:  # an odd length is padded to even; anything else: pydicom decides
+        return None
+    arr = np.frombuffer(raw, dtype=f"<{'i' if signed else 'u'}{allocated // 8}", count=rows * cols).reshape(rows, cols)
+    if stored < allocated:  # as pydicom: shift the unused high bits out and back (clears, or sign-extends)
+        shift = allocated - stored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
+
+
 def _pixels(ds, path: str) -> np.ndarray:
+    arr = native_pixels(ds)
+    if arr is not None:
+        return arr
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types
