@@ -92,12 +92,26 @@ def group_quantiles(values: np.ndarray, groups: np.ndarray, n_groups: int, qs=QU
     return out
 
 
-def _first_last(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For keys in voxel (C) order: inverse index, position of first and last occurrence per unique key."""
-    uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    _, last_rev = np.unique(keys[::-1], return_index=True)
-    last = keys.size - 1 - last_rev
-    return inv, first, last
+def _first_last(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For keys in voxel (C) order: per voxel, ``values`` at the first and at the last voxel of its key.
+
+    One stable sort keeps each key's voxels in their C order, so a key's run starts at its first voxel and ends
+    at its last (two ``np.unique`` with ``return_index`` sort twice).
+    """
+    if keys.size == 0:
+        return values.copy(), values.copy()
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    new_run = np.empty(keys.size, dtype=bool)
+    new_run[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new_run[1:])
+    starts = np.flatnonzero(new_run)
+    ends = np.append(starts[1:], keys.size) - 1
+    run = np.cumsum(new_run) - 1  # run number of each sorted voxel
+    first, last = np.empty_like(values), np.empty_like(values)
+    first[order] = values[order[starts]][run]
+    last[order] = values[order[ends]][run]
+    return first, last
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -129,9 +143,7 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
 
     # Columns along axis 0: top / bottom rows, height.
     col_key = (body * nj + j) * nk + k
-    inv, first, last = _first_last(col_key)
-    top = i[first][inv]
-    bottom = i[last][inv]
+    top, bottom = _first_last(col_key, i)
     col_h = (bottom - top + 1).astype(np.float32)
     depth_sup = (i - top).astype(np.float32)
     depth_inf = (bottom - i).astype(np.float32)
@@ -144,10 +156,9 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
     zone[in_inf & (~in_sup | (depth_inf < depth_sup))] = ZONE_INFERIOR
 
     # Core: away from both endplates and from the anterior / posterior rim of the body in that slice.
-    ak_key = body * nk + k
-    ak_uniq, ak_inv = np.unique(ak_key, return_inverse=True)
-    jmin = np.full(ak_uniq.size, nj, dtype=np.int64)
-    jmax = np.full(ak_uniq.size, -1, dtype=np.int64)
+    ak_inv = body * nk + k  # (body, slice) pairs are few (bodies x slices): indexed directly
+    jmin = np.full(n * nk, nj, dtype=np.int64)
+    jmax = np.full(n * nk, -1, dtype=np.int64)
     np.minimum.at(jmin, ak_inv, j)
     np.maximum.at(jmax, ak_inv, j)
     width = (jmax - jmin + 1)[ak_inv].astype(np.float32)
@@ -159,13 +170,13 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
 
     zone_map = np.zeros(shape, dtype=np.int16)
     zflat = zone_map.reshape(-1)
-    zflat[idx[zone > 0]] = (values[body[zone > 0]] * 10 + zone[zone > 0]).astype(np.int16)
+    zsel = zone > 0
+    zflat[idx[zsel]] = (values[body[zsel]] * 10 + zone[zsel]).astype(np.int16)
 
     body_voxels = np.bincount(body, minlength=n)
     voxel_mm3 = sp[0] * sp[1] * sp[2]
 
     # Statistics per (body, zone) for each sequence in one sort each.
-    zsel = zone > 0
     groups = body[zsel] * 3 + (zone[zsel] - 1)
     n_groups = n * 3
     group_n = np.bincount(groups, minlength=n_groups)
@@ -177,7 +188,8 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
         vals = img.reshape(-1)[idx[zsel]].astype(np.float32)
         stats[seq] = group_quantiles(vals, groups, n_groups)
 
-    heights = _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg)
+    central = _central_slices(body, k, n, nk, sp)  # used by the heights and the discs
+    heights = _heights(body, i, j, k, top, bottom, n, sp, central, cfg)
     height_ratios = _height_ratios(heights, levels)
 
     reference, in_ref = _reference(images, stats, idx, body, zone, levels, height_ratios, n, warnings)
@@ -221,7 +233,7 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
             "in_reference": bool(in_ref[b]),
         })
 
-    discs = _discs(images.get("T2"), body, i, j, k, top, bottom, levels, n, shape, sp, reference.get("T2"))
+    discs = _discs(images.get("T2"), body, j, k, top, bottom, levels, n, shape, sp, central, reference.get("T2"))
 
     return StudyMeasurements(
         levels=levels, values=values, spacing=sp, shape=shape, vertebrae=vertebrae, discs=discs, reference=reference,
@@ -240,7 +252,7 @@ def _central_slices(body, k, n, nk, sp) -> tuple[np.ndarray, np.ndarray]:
     return kc, np.full(n, half)
 
 
-def _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg) -> list[dict[str, float]]:
+def _heights(body, i, j, k, top, bottom, n, sp, central_slices, cfg) -> list[dict[str, float]]:
     """Anterior / middle / posterior heights (mm) in the mid-sagittal slab of each body.
 
     Lordosis tilts the bodies, so heights are taken perpendicular to the body's own endplate direction:
@@ -248,7 +260,7 @@ def _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg) -> list[dict[str, 
     rotated into (AP, height) body coordinates, and the height is the extent along the height axis in
     bins along AP. The outermost 5 % at each end (rounded corners) are left out.
     """
-    kc, half = _central_slices(body, k, n, nk, sp)
+    kc, half = central_slices
     central = np.abs(k - kc[body]) <= half[body]
     nan = {"anterior": float("nan"), "middle": float("nan"), "posterior": float("nan")}
     if not central.any():
@@ -355,7 +367,7 @@ def _reference(images, stats, idx, body, zone, levels, height_ratios, n, warning
     return ref, candidates
 
 
-def _discs(t2, body, i, j, k, top, bottom, levels, n, shape, sp, ref_t2) -> list[dict]:
+def _discs(t2, body, j, k, top, bottom, levels, n, shape, sp, central_slices, ref_t2) -> list[dict]:
     """Disc between consecutive bodies: rows between the upper body's bottom and the lower body's top."""
     if n < 2:
         return []
@@ -365,7 +377,7 @@ def _discs(t2, body, i, j, k, top, bottom, levels, n, shape, sp, ref_t2) -> list
     bot_g = np.full((n, nj, nk), -1, dtype=np.int32)
     top_g[body, j, k] = top
     bot_g[body, j, k] = bottom
-    kc, half = _central_slices(body, k, n, nk, sp)
+    kc, half = central_slices
     out = []
     medians = []
     for a in range(n - 1):  # loop over disc levels (<= ~9), not voxels
