@@ -40,7 +40,7 @@ FORKSERVER_PRELOAD = ["pipeline.batch.study", "pipeline.batch.worker_preload"]
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def _single_thread_env() -> None:
+def single_thread_env() -> None:
     for var in _THREAD_VARS:
         os.environ.setdefault(var, "1")
 
@@ -100,7 +100,7 @@ def _parent_log_file() -> tuple[str | None, logging.Formatter | None]:
 
 def _worker_main(conn, test_hooks: str | None = None, parent_pid: int | None = None, log_file: str | None = None,
                  log_format: logging.Formatter | None = None, log_level: int = logging.INFO) -> None:
-    _single_thread_env()
+    single_thread_env()
     if parent_pid is not None:
         _end_with_parent(parent_pid)
     _log_to(log_file, log_format, log_level)
@@ -237,7 +237,7 @@ def iter_local(tasks: list[StudyTask], jobs: int) -> Iterator[StudyOutcome]:
 
 # ---------------------------------------------------------------------------------------------- dask
 def _dask_process(task: StudyTask) -> StudyOutcome:
-    _single_thread_env()
+    single_thread_env()
     return process_study(task)
 
 
