@@ -174,8 +174,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                 "n_voxels": int(band_n[g]),
             }
         present = bool(edema_frac[b] >= cfg.edema_min_fraction and meas.vox_ratio.get(fluid_role) is not None)
-        e_sel = edema & (body == b)
         if present:
+            e_sel = edema & (body == b)
             rows = meas.vox_depth_sup_mm[e_sel]
             ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / max(median_col_h[b], 1e-6) * 100)
             adjacent = bool(edema_in_band[b] / max(edema_n[b], 1) >= cfg.edema_adjacent_fraction)
