@@ -86,7 +86,8 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     ``model``: a trained model dict (default: the shipped one, :func:`load_model`).
     """
     cfg = cfg or SegmentationConfig()
-    model = model or load_model()
+    if model is None and cfg.body_model != "onepass":  # the one-pass net needs no classifier (1 s, 140 MiB to load)
+        model = load_model()
     spacing = tuple(float(s) for s in spacing)
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
@@ -198,7 +199,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     box = crop_box(labels, spacing)  # everything the refiner reads or changes
     if resampled:
         prob = resample_inplane(prob, image.shape, box)
-    refiner = edge_refiner_for(model, cfg.body_model)
+    refiner = edge_refiner_for(model or {}, cfg.body_model)
     if cfg.refine_edges and refiner is not None:
         labels = refine_labels(image, labels, prob, spacing, refiner, box)
     elif cfg.refine_edges and resampled and cfg.edge_threshold > 0:
