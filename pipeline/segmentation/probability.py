@@ -138,7 +138,9 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         from pipeline.segmentation.unet import unet_probability
 
         cols = _unet_columns(dist, region, norm.shape[1])
-        prob = unet_probability(norm, sp[2], cols) if cols.stop > cols.start else np.zeros(norm.shape, np.float32)
+        needed = None if region is None else region.any(axis=(0, 1))  # slices without region are zeroed below
+        prob = (unet_probability(norm, sp[2], cols, needed=needed) if cols.stop > cols.start
+                else np.zeros(norm.shape, np.float32))
         if region is not None:
             prob[~region] = 0
         return prob, zoom, column
