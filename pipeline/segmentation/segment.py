@@ -35,6 +35,11 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/s
    refiner per body model (:func:`edge_refiner_for`), the U-Net's learnt on the output of U-Nets that did not see
    the case (``python -m pipeline.training.train_segmenter --unet-refiner``).
 
+``segmentation.body_model: onepass`` replaces steps 2, 3 and 6 by one net (:func:`pipeline.segmentation.probability.
+onepass_probability`): a narrower U-Net, trained with domain randomisation, on whole slices; the column is fitted
+through its own output and the surfaces at the input resolution follow its probability
+(:func:`pipeline.segmentation.refine.probability_edges`). Steps 4 and 5 are the same.
+
 The classifiers and the U-Net are trained on the expert-annotated real scans of ``../shared/data/vertebral-bodies``
 and on synthetic phantoms (``python -m pipeline.training.train_segmenter``, cross-validation estimates with ``--cv``;
 ``python -m pipeline.training.train_unet``, held-out models with ``--fold``).
