@@ -1,4 +1,4 @@
-"""Array helpers shared by several stages (label statistics over label images)."""
+"""Array helpers shared by several stages (label statistics over label images, cache-friendly layout copies)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,19 @@ def label_counts_and_centroids(lab: np.ndarray, ids) -> tuple[np.ndarray, np.nda
         sums[0] = np.array([flat.size * (s - 1) / 2.0 for s in lab.shape]) - sums[1:].sum(axis=0)
     cents = sums[ids] / np.maximum(counts[ids], 1)[:, None]
     return counts[ids], cents
+
+
+def fortran_copy(a: np.ndarray, block: int = 64) -> np.ndarray:
+    """``np.asfortranarray(a)`` for a C-ordered array, copied a block of rows at a time.
+
+    Reversing the axes of a (512, 512, 15) image in one go writes with a stride of a whole plane for every element
+    read; block by block the reads and writes stay in cache (about 4x faster). NIfTI stores voxels in Fortran
+    order, so a label image is written from this copy without nibabel transposing it again.
+    """
+    if a.ndim < 2 or a.flags.f_contiguous:
+        return np.asfortranarray(a)
+    out = np.empty(a.shape[::-1], dtype=a.dtype)  # C order of the reversed axes = Fortran order of ``a``
+    reversed_axes = tuple(range(a.ndim))[::-1]
+    for start in range(0, a.shape[0], block):
+        out[..., start:start + block] = a[start:start + block].transpose(reversed_axes)
+    return out.T

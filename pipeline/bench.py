@@ -60,10 +60,10 @@ class _RssSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def _run_pipeline(inp: Path, out: Path, jobs: int) -> tuple[float, int, int]:
+def _run_pipeline(inp: Path, out: Path, jobs: int, config: str | None = None) -> tuple[float, int, int]:
     """Run ``modicscan run`` in a subprocess: (wall seconds, peak RSS bytes of any one process, exit code)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(inp), "-o", str(out), "--jobs", str(jobs),
-           "--force", "--no-progress", "--overlays", "none"]
+           "--force", "--no-progress", "--overlays", "none"] + (["--config", str(config)] if config else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -84,7 +84,8 @@ def _stats(values: list[float]) -> dict:
     return {"median": round(float(np.median(values)), 4), "p90": round(float(np.percentile(values, 90)), 4)}
 
 
-def bench_size(n_studies: int, slices: int, matrix: int, workdir: Path, jobs_list: list[int]) -> dict:
+def bench_size(n_studies: int, slices: int, matrix: int, workdir: Path, jobs_list: list[int],
+               config: str | None = None) -> dict:
     from pipeline import phantom
 
     inp = workdir / f"in_{slices}x{matrix}"
@@ -96,7 +97,7 @@ def bench_size(n_studies: int, slices: int, matrix: int, workdir: Path, jobs_lis
                     "pydicom_load_s": _stats(pyd), "runs": []}
     for jobs in jobs_list:
         out = workdir / f"out_{slices}x{matrix}_j{jobs}"
-        wall, peak, code = _run_pipeline(inp, out, jobs)
+        wall, peak, code = _run_pipeline(inp, out, jobs, config)
         reports = [json.loads(p.read_text()) for p in out.glob("*/report.json")]
         batch = json.loads((out / "batch.json").read_text())
         per_stage = {st: [r["timings_s"].get(st, 0.0) for r in reports] for st in STAGES if st != "discover"}
@@ -182,15 +183,17 @@ def format_table(res: dict) -> str:
 
 
 def run_bench(studies: int = 4, slices: int = 15, matrix: int = 128, scales=(1, 2, 4), jobs=(1, 2),
-              memory_studies: int = 0, json_out: str | None = None, workdir: str | None = None) -> dict:
+              memory_studies: int = 0, json_out: str | None = None, workdir: str | None = None,
+              config: str | None = None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="modicscan-bench-") if workdir is None else None
     wd = Path(workdir or tmp.name)
     wd.mkdir(parents=True, exist_ok=True)
     try:
-        res: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "sizes": []}
+        res: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "config": config,
+                     "sizes": []}
         for s in scales:
             js = list(jobs) if s == scales[0] else [1]
-            res["sizes"].append(bench_size(studies, slices * s, matrix * s, wd, js))
+            res["sizes"].append(bench_size(studies, slices * s, matrix * s, wd, js, config))
         if memory_studies:
             res["memory"] = memory_profile(memory_studies, wd)
         if json_out:
@@ -213,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-studies", type=int, default=0, help="also record RSS over a batch of this many studies")
     ap.add_argument("--json-out", default=None, help="write the results as JSON here")
     ap.add_argument("--workdir", default=None, help="keep generated studies and outputs here")
+    ap.add_argument("--config", default=None, help="YAML config for the runs (e.g. segmentation: body_model: onepass)")
     a = ap.parse_args(argv)
+    if a.config and not Path(a.config).is_file():
+        ap.error(f"--config {a.config}: no such file")
     res = run_bench(a.studies, a.slices, a.matrix, tuple(int(x) for x in a.scales.split(",")),
-                    tuple(int(x) for x in a.jobs.split(",")), a.memory_studies, a.json_out, a.workdir)
+                    tuple(int(x) for x in a.jobs.split(",")), a.memory_studies, a.json_out, a.workdir, a.config)
     print(format_table(res))
     return 0
 

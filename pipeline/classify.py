@@ -174,8 +174,8 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                 "n_voxels": int(band_n[g]),
             }
         present = bool(edema_frac[b] >= cfg.edema_min_fraction and meas.vox_ratio.get(fluid_role) is not None)
-        e_sel = edema & (body == b)
         if present:
+            e_sel = edema & (body == b)
             rows = meas.vox_depth_sup_mm[e_sel]
             ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / max(median_col_h[b], 1e-6) * 100)
             adjacent = bool(edema_in_band[b] / max(edema_n[b], 1) >= cfg.edema_adjacent_fraction)
@@ -212,6 +212,25 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                          warnings=warnings, zone_map=meas.zone_map, class_map=class_map, fluid_role=fluid_role)
 
 
+def disc_endplates(disc: dict, by_level: dict[str, dict]) -> list[tuple[str, dict, dict]]:
+    """(name, endplate, body) of the endplates facing a disc that were measured: the upper body's inferior and the
+    lower body's superior."""
+    sides = ((disc["upper"], "inferior"), (disc["lower"], "superior"))
+    return [(f"{lv} {side}", by_level[lv]["endplates"][side], by_level[lv]) for lv, side in sides if lv in by_level]
+
+
+def disc_type_fractions(eps: list[tuple[str, dict, dict]], diffuse_edema_volume_pct: float) -> np.ndarray:
+    """(0, I, II, III) band fractions of a disc: per type the larger of its two endplates'. The type I fraction of
+    a body with diffuse edema (>= ``diffuse_edema_volume_pct`` of its volume) does not count: that is the body's
+    edema (fracture, infection), not an endplate change."""
+    fr = np.zeros(4)
+    for _, ep, body in eps:
+        tf = ep["type_fractions"]
+        diffuse = body["edema"]["extent_volume_pct"] >= diffuse_edema_volume_pct
+        fr = np.maximum(fr, [0.0, 0.0 if diffuse else tf["I"], tf["II"], tf["III"]])
+    return fr
+
+
 def add_disc_modic(vertebrae: list[dict], discs: list[dict], diffuse_edema_volume_pct: float = 100.0) -> None:
     """Per disc level, the Modic finding of its two endplates (the upper body's inferior, the lower body's
     superior), as graded in the literature ("Modic II at L4-L5"): ``disc["modic"]``.
@@ -220,17 +239,12 @@ def add_disc_modic(vertebrae: list[dict], discs: list[dict], diffuse_edema_volum
     ``score`` (0-1, for ROC curves): the largest type fraction of either endplate band, the quantity whose
     ``min_zone_fraction`` threshold decides a type; extent: the larger of the two; confidence: of the typed
     endplate(s) when a type is reported, else the lower of the two (both must look normal). The type I fraction
-    of a body with diffuse edema (>= ``diffuse_edema_volume_pct``) does not count: it is not typed either.
+    of a body with diffuse edema (>= ``diffuse_edema_volume_pct``) does not count (:func:`disc_type_fractions`).
     """
     by_level = {v["level"]: v for v in vertebrae}
     for d in discs:
-        sides = ((d["upper"], "inferior"), (d["lower"], "superior"))
-        eps = [(f"{lv} {side}", by_level[lv]["endplates"][side], by_level[lv]) for lv, side in sides if lv in by_level]
-        fr = np.zeros(4)
-        for _, ep, body in eps:
-            tf = ep["type_fractions"]
-            diffuse = body["edema"]["extent_volume_pct"] >= diffuse_edema_volume_pct
-            fr = np.maximum(fr, [0.0, 0.0 if diffuse else tf["I"], tf["II"], tf["III"]])
+        eps = disc_endplates(d, by_level)
+        fr = disc_type_fractions(eps, diffuse_edema_volume_pct)
         names = {c for _, ep, _ in eps if ep["modic_type"] != "0" for c in ep["modic_type"].split("/")}
         codes = [c for c, name in _TYPE_NAMES.items() if name in names]
         typed = [ep for _, ep, _ in eps if ep["modic_type"] != "0"]
@@ -250,8 +264,8 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
     """Replace each disc's Modic presence by the shipped disc model's call (``disc_model.py``; README "Modic
     findings on real data"): ``score`` = the model's probability, type "0" below its threshold; above it the
     threshold type of the two endplates, or when they show none the dominant type fraction of the two bands
-    ("II" when all are zero: nearly all changes in the training gradings are type II). Per-endplate types are
-    left as the thresholds gave them."""
+    (:func:`disc_type_fractions`, as for the thresholds; "II" when all are zero: nearly all changes in the training
+    gradings are type II). Per-endplate types are left as the thresholds gave them."""
     from pipeline.disc_model import disc_features, load_disc_model
 
     model = load_disc_model()
@@ -259,13 +273,10 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
     by_level = {v["level"]: v for v in vertebrae}
     for d, p in zip(discs, prob, strict=True):
         m = d["modic"]
+        eps = disc_endplates(d, by_level)
         present = bool(p >= model.threshold)
         if present and m["modic_type"] == "0":
-            fr = np.zeros(4)
-            for lv, side in ((d["upper"], "inferior"), (d["lower"], "superior")):
-                if lv in by_level:
-                    tf = by_level[lv]["endplates"][side]["type_fractions"]
-                    fr = np.maximum(fr, [0.0, tf["I"], tf["II"], tf["III"]])
+            fr = disc_type_fractions(eps, cfg.diffuse_edema_volume_pct)
             m["modic_type"] = _TYPE_NAMES[int(np.argmax(fr[1:])) + 1] if fr[1:].max() > 0 else "II"
         elif not present:
             m["modic_type"] = "0"
@@ -273,8 +284,7 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
         span = (1.0 - model.threshold) if present else model.threshold
         conf = 0.5 + 0.5 * abs(float(p) - model.threshold) / max(span, 1e-6)
         # Damped like the threshold call when a band is small or missing (the features then see one side only).
-        n_band = min((by_level[lv]["endplates"][side]["n_voxels"] for lv, side in
-                      ((d["upper"], "inferior"), (d["lower"], "superior")) if lv in by_level), default=0)
+        n_band = min((ep["n_voxels"] for _, ep, _ in eps), default=0)
         if n_band < 50:
             conf *= max(0.3, n_band / 50.0)
         if single_slice:

@@ -55,9 +55,10 @@ class RolesConfig:
 
 @dataclass
 class SegmentationConfig:
-    body_model: str = _f("unet", choices=("classifier", "unet"), doc="what gives the body probability: the "
-                         "2.5-D U-Net (ONNX Runtime; better outlines and level names on the real scans) or the "
-                         "two-stage pixel classifier (the previous default)")
+    body_model: str = _f("unet", choices=("classifier", "unet", "onepass"), doc="what gives the body probability: "
+                         "the 2.5-D U-Net after the classifier's column search, with an edge refiner (ONNX Runtime; "
+                         "better outlines and level names on the real scans), the one-pass net alone on whole slices "
+                         "(trained with domain randomisation), or the two-stage pixel classifier")
     min_body_volume_ml: float = _f(4.0, 0.1, 200.0, doc="connected components smaller than this are not vertebral bodies")
     max_body_volume_ml: float = _f(150.0, 1.0, 1000.0, doc="components larger than this are split or discarded")
     probability_threshold: float = _f(0.5, 0.05, 0.95, doc="voxels with body probability above this form the body mask")
@@ -71,7 +72,9 @@ class SegmentationConfig:
     major_body_fraction: float = _f(0.45, 0.1, 1.0, doc="components smaller than this fraction of a typical body are fragments, not levels")
     smooth_mm: float = _f(5.0, 0.0, 10.0, doc="per body and slice, notches narrower than this are closed and holes filled (0: off)")
     refine_edges: bool = _f(True, doc="re-decide the voxels within 4 mm of each body surface at the input resolution "
-                            "(edge classifier of the shipped model)")
+                            "(edge classifier of the shipped model; onepass: by its probability, edge_threshold)")
+    edge_threshold: float = _f(0.5, 0.0, 0.95, doc="onepass: body surfaces at the input resolution where the interpolated "
+                               "probability crosses this (within 1.5 mm of the working-grid surface; 0: off)")
 
 
 @dataclass

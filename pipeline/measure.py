@@ -3,14 +3,14 @@
 Everything is computed over all bodies at once from the flat indices of body voxels:
 
 * A *column* is one (body, anterior-posterior position, slice) line along axis 0 (superior -> inferior).
-  Because ``np.flatnonzero`` returns indices in C order (axis 0 slowest), the first voxel of a column in
-  that order is its top (superior endplate) and the last its bottom (inferior endplate): ``np.unique``
-  with ``return_index`` on the column key gives both without a loop.
+  Its top (superior endplate) and bottom (inferior endplate) rows are the minimum and maximum row of its
+  voxels, gathered without a loop on the dense (body, row, slice) grid of columns (``np.minimum.at``).
 * Zones: superior band = within ``endplate_band_mm`` of the column top (capped at a fraction of the
   column height), inferior band likewise from the bottom, core = far from both endplates and from the
   anterior / posterior rim.  ``zone_map`` = body label value * 10 + zone code (1 core, 2 superior, 3 inferior).
-* Statistics per (body, zone, sequence) come from one lexsort of (value, group): percentiles are read
-  at group offsets with linear interpolation (the same definition as ``np.percentile``'s default).
+* Statistics per (body, zone, sequence) come from one grouped sort (voxels grouped by a stable radix sort of
+  the group number, then each group sorted): percentiles are read at group offsets with linear interpolation
+  (the same definition as ``np.percentile``'s default).
 
 Heights are column heights along axis 0 (the scanner's superior-inferior axis); for a body tilted by
 lordosis they overestimate the true height by 1/cos(tilt) (~3 % at 15 deg) — equally for anterior and
@@ -64,17 +64,23 @@ class StudyMeasurements:
 
 # ---------------------------------------------------------------------------------------------- kernels
 def group_quantiles(values: np.ndarray, groups: np.ndarray, n_groups: int, qs=QUANTILES) -> np.ndarray:
-    """Quantiles of ``values`` per group in one sort; rows of NaN for empty groups.
+    """Quantiles of ``values`` per group in one grouped sort; rows of NaN for empty groups.
 
     Linear interpolation between order statistics, identical to ``np.percentile(..., method='linear')``.
     """
     out = np.full((n_groups, len(qs)), np.nan, dtype=np.float64)
     if values.size == 0:
         return out
-    order = np.lexsort((values, groups))
-    v = values[order].astype(np.float64)
+    # Grouped by a stable sort of the group numbers (radix sort on a small integer type), then each group's
+    # values sorted in place: the same sorted values as one lexsort of (value, group), ten times faster.
+    order = np.argsort(groups.astype(np.min_scalar_type(max(n_groups - 1, 0)), copy=False), kind="stable")
+    v = values[order]
     counts = np.bincount(groups, minlength=n_groups)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    for g in np.flatnonzero(counts > 1):  # a loop over groups (bodies x zones), not voxels
+        v[starts[g]:ends[g]].sort()
+    v = v.astype(np.float64)
     has = counts > 0
     for qi, q in enumerate(qs):
         pos = q * (counts[has] - 1)
@@ -84,14 +90,6 @@ def group_quantiles(values: np.ndarray, groups: np.ndarray, n_groups: int, qs=QU
         base = starts[has]
         out[has, qi] = v[base + lo] * (1 - frac) + v[base + hi] * frac
     return out
-
-
-def _first_last(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For keys in voxel (C) order: inverse index, position of first and last occurrence per unique key."""
-    uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    _, last_rev = np.unique(keys[::-1], return_index=True)
-    last = keys.size - 1 - last_rev
-    return inv, first, last
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -122,10 +120,15 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
     j, k = np.divmod(rem, nk)
 
     # Columns along axis 0: top / bottom rows, height.
+    # (body, row, slice) columns are few next to the voxels: their top and bottom rows live on that dense grid
+    # (-1: the body has no voxel in the column), which the discs read too.
     col_key = (body * nj + j) * nk + k
-    inv, first, last = _first_last(col_key)
-    top = i[first][inv]
-    bottom = i[last][inv]
+    col_top = np.full(n * nj * nk, ni, dtype=np.int64)
+    col_bottom = np.full(n * nj * nk, -1, dtype=np.int64)
+    np.minimum.at(col_top, col_key, i)
+    np.maximum.at(col_bottom, col_key, i)
+    col_top[col_top == ni] = -1
+    top, bottom = col_top[col_key], col_bottom[col_key]
     col_h = (bottom - top + 1).astype(np.float32)
     depth_sup = (i - top).astype(np.float32)
     depth_inf = (bottom - i).astype(np.float32)
@@ -138,10 +141,9 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
     zone[in_inf & (~in_sup | (depth_inf < depth_sup))] = ZONE_INFERIOR
 
     # Core: away from both endplates and from the anterior / posterior rim of the body in that slice.
-    ak_key = body * nk + k
-    ak_uniq, ak_inv = np.unique(ak_key, return_inverse=True)
-    jmin = np.full(ak_uniq.size, nj, dtype=np.int64)
-    jmax = np.full(ak_uniq.size, -1, dtype=np.int64)
+    ak_inv = body * nk + k  # (body, slice) pairs are few (bodies x slices): indexed directly
+    jmin = np.full(n * nk, nj, dtype=np.int64)
+    jmax = np.full(n * nk, -1, dtype=np.int64)
     np.minimum.at(jmin, ak_inv, j)
     np.maximum.at(jmax, ak_inv, j)
     width = (jmax - jmin + 1)[ak_inv].astype(np.float32)
@@ -153,13 +155,13 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
 
     zone_map = np.zeros(shape, dtype=np.int16)
     zflat = zone_map.reshape(-1)
-    zflat[idx[zone > 0]] = (values[body[zone > 0]] * 10 + zone[zone > 0]).astype(np.int16)
+    zsel = zone > 0
+    zflat[idx[zsel]] = (values[body[zsel]] * 10 + zone[zsel]).astype(np.int16)
 
     body_voxels = np.bincount(body, minlength=n)
     voxel_mm3 = sp[0] * sp[1] * sp[2]
 
     # Statistics per (body, zone) for each sequence in one sort each.
-    zsel = zone > 0
     groups = body[zsel] * 3 + (zone[zsel] - 1)
     n_groups = n * 3
     group_n = np.bincount(groups, minlength=n_groups)
@@ -171,7 +173,8 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
         vals = img.reshape(-1)[idx[zsel]].astype(np.float32)
         stats[seq] = group_quantiles(vals, groups, n_groups)
 
-    heights = _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg)
+    central = _central_slices(body, k, n, nk, sp)  # used by the heights and the discs
+    heights = _heights(body, i, j, k, top, bottom, n, sp, central, cfg)
     height_ratios = _height_ratios(heights, levels)
 
     reference, in_ref = _reference(images, stats, idx, body, zone, levels, height_ratios, n, warnings)
@@ -215,7 +218,8 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
             "in_reference": bool(in_ref[b]),
         })
 
-    discs = _discs(images.get("T2"), body, i, j, k, top, bottom, levels, n, shape, sp, reference.get("T2"))
+    discs = _discs(images.get("T2"), col_top.reshape(n, nj, nk), col_bottom.reshape(n, nj, nk), levels, n, shape, sp,
+                   central, reference.get("T2"))
 
     return StudyMeasurements(
         levels=levels, values=values, spacing=sp, shape=shape, vertebrae=vertebrae, discs=discs, reference=reference,
@@ -234,7 +238,7 @@ def _central_slices(body, k, n, nk, sp) -> tuple[np.ndarray, np.ndarray]:
     return kc, np.full(n, half)
 
 
-def _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg) -> list[dict[str, float]]:
+def _heights(body, i, j, k, top, bottom, n, sp, central_slices, cfg) -> list[dict[str, float]]:
     """Anterior / middle / posterior heights (mm) in the mid-sagittal slab of each body.
 
     Lordosis tilts the bodies, so heights are taken perpendicular to the body's own endplate direction:
@@ -242,7 +246,7 @@ def _heights(body, i, j, k, top, bottom, n, nk, sp, seg, cfg) -> list[dict[str, 
     rotated into (AP, height) body coordinates, and the height is the extent along the height axis in
     bins along AP. The outermost 5 % at each end (rounded corners) are left out.
     """
-    kc, half = _central_slices(body, k, n, nk, sp)
+    kc, half = central_slices
     central = np.abs(k - kc[body]) <= half[body]
     nan = {"anterior": float("nan"), "middle": float("nan"), "posterior": float("nan")}
     if not central.any():
@@ -349,17 +353,13 @@ def _reference(images, stats, idx, body, zone, levels, height_ratios, n, warning
     return ref, candidates
 
 
-def _discs(t2, body, i, j, k, top, bottom, levels, n, shape, sp, ref_t2) -> list[dict]:
-    """Disc between consecutive bodies: rows between the upper body's bottom and the lower body's top."""
+def _discs(t2, top_g, bot_g, levels, n, shape, sp, central_slices, ref_t2) -> list[dict]:
+    """Disc between consecutive bodies: rows between the upper body's bottom and the lower body's top.
+    ``top_g`` / ``bot_g``: (body, row, slice) top and bottom rows of every column, -1 where the body has none."""
     if n < 2:
         return []
     ni, nj, nk = shape
-    # Dense per-(body, j, k) top and bottom rows; -1 where the body has no voxel in that column.
-    top_g = np.full((n, nj, nk), -1, dtype=np.int32)
-    bot_g = np.full((n, nj, nk), -1, dtype=np.int32)
-    top_g[body, j, k] = top
-    bot_g[body, j, k] = bottom
-    kc, half = _central_slices(body, k, n, nk, sp)
+    kc, half = central_slices
     out = []
     medians = []
     for a in range(n - 1):  # loop over disc levels (<= ~9), not voxels

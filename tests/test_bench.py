@@ -30,3 +30,14 @@ def test_bench_reports_stages_ratio_workers_and_memory(tmp_path):
     assert mem["n_studies"] == 3 and mem["rss_mib_max"] >= mem["rss_mib_first"] > 0
     table = format_table(res)
     assert "jobs=2" in table and "steady state" in table and "memory over 3 studies" in table
+
+
+def test_bench_runs_the_pipeline_with_the_config_it_is_given(tmp_path):
+    cfg = tmp_path / "onepass.yaml"
+    cfg.write_text("segmentation:\n  body_model: onepass\n")
+    out = tmp_path / "bench.json"
+    rc = main(["--studies", "1", "--slices", "8", "--matrix", "64", "--scales", "1", "--jobs", "1",
+               "--json-out", str(out), "--workdir", str(tmp_path / "wd"), "--config", str(cfg)])
+    assert rc == 0 and json.loads(out.read_text())["config"] == str(cfg)
+    (report,) = (tmp_path / "wd").glob("out_*/*/report.json")
+    assert json.loads(report.read_text())["config"]["values"]["segmentation"]["body_model"] == "onepass"

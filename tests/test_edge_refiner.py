@@ -132,3 +132,24 @@ def test_cleanup_keeps_each_bodys_largest_piece_and_fills_its_holes_only():
     out = keep_largest_and_fill(lab, [1, 2, 3])
     assert (out[30:33, 2:5] == 0).all() and (out[6:9, 6:9, 1] == 1).all()
     assert (out[23:25, 8:10] == 3).all() and (out == 2).sum() == (lab == 2).sum()
+
+
+def test_probability_edges_move_a_surface_to_the_probability_crossing_within_the_band_only():
+    from pipeline.segmentation.refine import probability_edges
+
+    sp = (0.5, 0.5, 4.0)
+    labels = np.zeros((100, 100, 3), np.int16)
+    labels[20:60, 20:60] = 7  # the interpolated working-grid body
+    prob = np.zeros(labels.shape, np.float32)
+    prob[21:62, 20:60] = 0.9  # the net's body: 0.5 mm lower at the top, 1 mm lower at the bottom
+    prob[61, 20:60] = 0.4  # below the threshold: the last row stays out
+    prob[80:85, 30:40] = 0.9  # body-like probability 10 mm away: beyond the band, never added
+    out = probability_edges(labels, prob, sp, None, threshold=0.5)
+    rows = np.flatnonzero(out[:, 40, 1] == 7)
+    assert (rows[0], rows[-1]) == (21, 60)
+    assert not out[80:85].any()
+    assert set(np.unique(out)) == {0, 7}
+    deep = labels.copy()
+    prob[30:50, 30:50] = 0.0  # a dark lesion deep inside the body (beyond the band): kept as body
+    out2 = probability_edges(deep, prob, sp, None, threshold=0.5)
+    assert (out2[30:50, 30:50] == 7).all()

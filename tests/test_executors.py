@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.batch.executors import get_executor
+from pipeline.batch.executors import FORKSERVER_PRELOAD, get_executor
 from pipeline.batch.run import make_tasks, run_batch, select_shard
 from pipeline.config import Config
 
@@ -75,3 +77,37 @@ def test_shards_are_disjoint_and_complete(three_studies, tmp_path):
     assert sorted(keys) == sorted(t.key for t in tasks) and len(set(keys)) == len(keys)
     with pytest.raises(ValueError):
         select_shard(tasks, 2, 2)
+
+
+def _what_a_worker_starts_with(conn, stage_modules) -> None:
+    preloaded = sys.modules.get("pipeline.batch.worker_preload")  # looked up, never imported here
+    from pipeline.segmentation.probability import load_model  # importing it does not load the model
+
+    conn.send({"missing": [m for m in stage_modules if m not in sys.modules],
+               "failed": getattr(preloaded, "PRELOAD_FAILED", "not preloaded"),
+               "model_cached": load_model.cache_info().currsize})
+
+
+def test_workers_start_with_the_stages_imported_and_the_models_loaded():
+    ctx = mp.get_context("forkserver")
+    from pipeline.batch.worker_preload import STAGE_MODULES
+
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # what iter_local sets (the server is started once per process)
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_what_a_worker_starts_with, args=(there, STAGE_MODULES))
+    proc.start()
+    got = here.recv()
+    proc.join(timeout=30)
+    assert got == {"missing": [], "failed": [], "model_cached": 1}
+
+
+def test_preload_never_raises_and_names_what_it_could_not_load(monkeypatch):
+    from pipeline.batch import worker_preload
+    from pipeline.report import schema
+
+    def broken():
+        raise OSError("model file unreadable")
+
+    monkeypatch.setattr(schema, "load_validators", broken)
+    monkeypatch.setattr(worker_preload, "STAGE_MODULES", ("pipeline.measure", "pipeline.no_such_stage"))
+    assert worker_preload.preload() == ["pipeline.no_such_stage", "report schema"]

@@ -9,13 +9,16 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipeline import phantom
+from pipeline.arrays import fortran_copy
 from pipeline.config import RolesConfig
 from pipeline.errors import StudyError
 from pipeline.io.discovery import discover
 from pipeline.io.nifti import load_nifti, resample_to, save_nifti
-from pipeline.io.volumes import load_series
+from pipeline.io.volumes import load_series, native_pixels
 from pipeline.roles import weighting
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
@@ -171,6 +174,65 @@ def test_nifti_roundtrip_reorients_to_the_working_frame(tmp_path):
     back = nib.load(tmp_path / "y.nii.gz")
     np.testing.assert_allclose(back.affine, vol.affine)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _raw_image(rows, cols, allocated, stored, signed, ts=ExplicitVRLittleEndian, seed=0, photometric="MONOCHROME2"):
+    """A dataset read back from disk whose pixel bytes are random, unused high bits included."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, stored, stored - 1, signed
+    n = rows * cols * allocated // 8
+    ds.PixelData = np.random.default_rng(seed).integers(0, 256, n + n % 2, dtype=np.uint8).tobytes()
+    buf = pydicom.filebase.DicomBytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=False, little_endian=ts != ExplicitVRBigEndian,
+                     implicit_vr=ts == ImplicitVRLittleEndian)
+    buf.seek(0)
+    return pydicom.dcmread(buf, force=True)
+
+
+@pytest.mark.parametrize("allocated,stored,signed", [(16, 12, 0), (16, 12, 1), (16, 16, 0), (16, 16, 1), (8, 8, 0),
+                                                     (8, 5, 1), (32, 20, 1), (32, 32, 0)])
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_native_pixels_are_what_pydicom_decodes(allocated, stored, signed, ts):
+    ds = _raw_image(7, 9, allocated, stored, signed, ts)  # odd pixel count: an 8-bit image has a padding byte
+    fast = native_pixels(ds)
+    want = ds.pixel_array
+    assert fast is not None and fast.dtype == want.dtype and fast.shape == want.shape == (7, 9)
+    np.testing.assert_array_equal(fast, want)
+    if stored < allocated:  # the random unused high bits were really cleared / sign-extended
+        assert fast.min() >= (-(1 << (stored - 1)) if signed else 0) and fast.max() < (1 << (stored - signed))
+
+
+def test_native_pixels_leave_anything_unusual_to_pydicom():
+    assert native_pixels(_raw_image(4, 4, 16, 12, 0, ExplicitVRBigEndian)) is None
+    assert native_pixels(_raw_image(4, 4, 16, 12, 0, photometric="PALETTE COLOR")) is None
+    short = _raw_image(4, 4, 16, 12, 0)
+    short.PixelData = short.PixelData[:-2]
+    assert native_pixels(short) is None
+    frames = _raw_image(4, 4, 16, 12, 0)
+    frames.NumberOfFrames = 1
+    assert native_pixels(frames) is None
+    odd = _raw_image(4, 4, 16, 17, 0)  # BitsStored > BitsAllocated: pydicom's error, not ours
+    assert native_pixels(odd) is None
+
+
+@pytest.mark.parametrize("shape", [(130, 70, 9), (5, 6), (3, 200, 1), (70, 2, 3, 4)])
+def test_fortran_copy_is_asfortranarray(shape):
+    a = np.random.default_rng(1).integers(-50, 50, shape).astype(np.int16)
+    for src in (a, a[::-1], np.asfortranarray(a)):
+        out = fortran_copy(src)
+        assert out.flags.f_contiguous and out.dtype == src.dtype
+        np.testing.assert_array_equal(out, src)
+
+
+def test_saved_nifti_holds_the_array_whatever_its_memory_order(tmp_path):
+    data = np.random.default_rng(2).integers(0, 9, (70, 40, 6)).astype(np.int16)
+    aff = np.diag([0.5, 0.5, 4.0, 1.0])
+    for name, arr in (("c", data), ("f", np.asfortranarray(data)), ("view", data[:, ::-1][:, ::-1])):
+        save_nifti(arr, aff, tmp_path / f"{name}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj), data)
 
 
 def test_resample_to_is_identity_on_same_grid_and_follows_affines():

@@ -515,6 +515,7 @@ def test_each_body_model_gets_its_own_edge_refiner_and_the_unet_falls_back_to_th
     assert edge_refiner_for(both, "classifier") is cls_ref
     assert edge_refiner_for({"refiner": cls_ref}, "unet") is cls_ref  # a model file from before the U-Net refiner
     assert edge_refiner_for({}, "unet") is None
+    assert edge_refiner_for(both, "onepass") is None  # no learnt refiner: refine.probability_edges instead
 
 
 def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, capsys):

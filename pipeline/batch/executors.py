@@ -31,11 +31,16 @@ log = logging.getLogger("modicscan")
 
 Executor = Callable[[list[StudyTask], int], Iterable[StudyOutcome]]
 
+# Workers fork from a server that has imported the pipeline and loaded the fork-safe models once: no worker pays
+# for them in its first study, and a fresh worker (after a crash) starts fast. (A name that fails to import is
+# silently skipped by multiprocessing: tests/test_executors.py checks what a worker starts with.)
+FORKSERVER_PRELOAD = ["pipeline.batch.study", "pipeline.batch.worker_preload"]
+
 # Each worker runs one study at a time on one core: BLAS / OpenMP threads would only compete.
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def _single_thread_env() -> None:
+def single_thread_env() -> None:
     for var in _THREAD_VARS:
         os.environ.setdefault(var, "1")
 
@@ -95,7 +100,7 @@ def _parent_log_file() -> tuple[str | None, logging.Formatter | None]:
 
 def _worker_main(conn, test_hooks: str | None = None, parent_pid: int | None = None, log_file: str | None = None,
                  log_format: logging.Formatter | None = None, log_level: int = logging.INFO) -> None:
-    _single_thread_env()
+    single_thread_env()
     if parent_pid is not None:
         _end_with_parent(parent_pid)
     _log_to(log_file, log_format, log_level)
@@ -182,8 +187,7 @@ def iter_local(tasks: list[StudyTask], jobs: int) -> Iterator[StudyOutcome]:
     if not tasks:
         return
     ctx = mp.get_context("forkserver")
-    # Workers fork from a server that has imported the pipeline once: a fresh worker (after a crash) starts fast.
-    ctx.set_forkserver_preload(["pipeline.batch.study"])
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     pending = list(reversed(tasks))
     workers = [_Worker(ctx) for _ in range(max(1, min(jobs, len(tasks))))]
     try:
@@ -233,7 +237,7 @@ def iter_local(tasks: list[StudyTask], jobs: int) -> Iterator[StudyOutcome]:
 
 # ---------------------------------------------------------------------------------------------- dask
 def _dask_process(task: StudyTask) -> StudyOutcome:
-    _single_thread_env()
+    single_thread_env()
     return process_study(task)
 
 

@@ -118,10 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reading", type=Path, help="case,l5_row_mm: a reader's L5 centroid row per case")
     ap.add_argument("--no-png", action="store_true")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--config", type=Path, help="YAML config (its segmentation section is used)")
+    ap.add_argument("--unet", type=Path, help="net (.onnx) instead of the shipped one (e.g. a held-out fold's)")
     args = ap.parse_args(argv)
     if not args.cases_csv.is_file():
         ap.error(f"{args.cases_csv} does not exist")
-    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, limit=args.limit))
+    cfg = None
+    if args.config:
+        from pipeline.config import load_config
+        from pipeline.errors import ConfigError
+
+        try:
+            cfg = load_config(args.config).segmentation
+        except ConfigError as exc:
+            ap.error(str(exc))
+    if args.unet:
+        from pipeline.segmentation.unet import use_network
+
+        use_network(args.unet)
+    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit))
     return 0
 
 

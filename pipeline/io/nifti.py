@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
+from pipeline.arrays import fortran_copy
 from pipeline.errors import StudyError
 from pipeline.types import WORK_AXCODES, Volume
 
@@ -53,7 +54,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Write a NIfTI atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    # NIfTI is Fortran ordered: from a C-ordered array nibabel's writer would transpose it element by element.
+    img = nib.Nifti1Image(fortran_copy(np.asarray(array)), np.asarray(affine, dtype=np.float64))
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix

@@ -102,7 +102,48 @@ def check_stack(positions: np.ndarray, normal: np.ndarray, spacing: np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# Uncompressed little-endian transfer syntaxes: their pixel data is the array's bytes as they stand.
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def native_pixels(ds) -> np.ndarray | None:
+    """The pixels of an uncompressed little-endian, single-frame greyscale image read straight from its bytes:
+    what ``ds.pixel_array`` returns (same dtype, unused high bits cleared or sign-extended the same way), without
+    pydicom's per-file decoder set-up, which costs more than the copy of the pixels itself. ``None`` for anything
+    else, or anything unusual (a missing or odd tag, a length that does not match): pydicom then decodes it, or
+    says why it cannot."""
+    meta = getattr(ds, "file_meta", None)
+    if str(getattr(meta, "TransferSyntaxUID", "")) not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    if "PixelData" not in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        return None
+    if "PerFrameFunctionalGroupsSequence" in ds or "NumberOfFrames" in ds:
+        return None
+    try:
+        rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
+        allocated, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+        photometric = str(ds.PhotometricInterpretation).strip()
+        raw = ds.PixelData
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    if (spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2") or allocated not in (8, 16, 32)
+            or signed not in (0, 1) or not 1 <= stored <= allocated or rows < 1 or cols < 1
+            or not isinstance(raw, bytes)):
+        return None
+    n_bytes = rows * cols * allocated // 8
+    if len(raw) != n_bytes + n_bytes % 2:  # an odd length is padded to even; anything else: pydicom decides
+        return None
+    arr = np.frombuffer(raw, dtype=f"<{'i' if signed else 'u'}{allocated // 8}", count=rows * cols).reshape(rows, cols)
+    if stored < allocated:  # as pydicom: shift the unused high bits out and back (clears, or sign-extends)
+        shift = allocated - stored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
+
+
 def _pixels(ds, path: str) -> np.ndarray:
+    arr = native_pixels(ds)
+    if arr is not None:
+        return arr
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types
@@ -226,18 +267,23 @@ def load_series(summary: SeriesSummary, cfg: LoadingConfig | None = None) -> Vol
         raise StudyError("SLICE_SPACING_INCONSISTENT", f"slice gaps of series '{summary.series_description}' vary "
                          f"(median {step:.2f} mm, found {worst:.2f} mm): a slice is missing or duplicated",
                          details={"median_gap_mm": step, "worst_gap_mm": worst})
-    # Preallocate once; the rescale is applied per slice (it may differ between slices).
-    data = np.empty((shape0[0], shape0[1], n), dtype=np.float32)
+    # Preallocate once, slice-major so each slice is written contiguously (writing data[:, :, k] directly strides
+    # through the whole stack per slice); the one transposing copy is the contiguous copy at the end. The rescale
+    # is applied per slice (it may differ between slices).
+    stack = np.empty((n, shape0[0], shape0[1]), dtype=np.float32)
     for out_k, src in enumerate(order):
         _, _, _, slope, inter, px, _ = frames[src]
-        np.multiply(px, np.float32(slope), out=data[:, :, out_k], casting="unsafe")
+        np.multiply(px, np.float32(slope), out=stack[out_k], casting="unsafe")
         if inter:
-            data[:, :, out_k] += np.float32(inter)
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    if float(data.max()) == float(data.min()):
+            stack[out_k] += np.float32(inter)
+    lo, hi = float(stack.min()), float(stack.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates into min / max, so this is isfinite().all()
+        stack = np.nan_to_num(stack, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(stack.min()), float(stack.max())
+    if hi == lo:
         raise StudyError("IMAGE_EMPTY", f"series '{summary.series_description}' holds no signal (all voxels equal "
-                         f"{float(data.min())})")
+                         f"{lo})")
+    data = stack.transpose(1, 2, 0)
     dr, dc = float(ps0[0]), float(ps0[1])
     lps = np.eye(4)
     lps[:3, 0] = col_cos * dr

@@ -33,6 +33,12 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+def load_validators() -> None:
+    """Compile the validators of both schemas now (cached; done once per process otherwise on first use)."""
+    for name in (REPORT_SCHEMA, ERROR_SCHEMA):
+        _validator(name)
+
+
 def schema_errors(obj: Any, name: str | None = None) -> list[str]:
     """Every way ``obj`` breaks its schema, as 'path: message' strings (empty list = valid).
 

@@ -44,21 +44,26 @@ def spine_curve(mask: np.ndarray, sp, band_mm: float = 15.0, inlier_mm: float = 
     if y.size < 3 or np.ptp(y) < 2 * band_mm:
         return np.polyfit(y, x, 1, w=np.sqrt(w))
     rng = np.random.default_rng(seed)
-    best, best_score = None, -1.0
     yr = np.linspace(y.min(), y.max(), 8)
-    for _ in range(300):  # RANSAC draws (each a 3-point quadratic): ~20 ms
-        pick = rng.choice(y.size, 3, replace=False, p=w / w.sum())
-        if np.unique(y[pick]).size < 3:  # three different bands, or the quadratic is undetermined
-            continue
-        coef = np.polyfit(y[pick], x[pick], 2)
-        if np.abs(np.polyval(np.polyder(coef), yr)).max() > 1.2:
-            continue
-        inl = np.abs(x - np.polyval(coef, y)) <= inlier_mm
-        per_band = np.zeros(n_bands)
-        np.maximum.at(per_band, band_of[inl], w[inl])
-        score = float(per_band.sum())
-        if score > best_score:
-            best, best_score = coef, score
+    prob = w / w.sum()
+    # RANSAC: 300 draws of three peaks (drawn one after the other, as the seed fixes them), each a quadratic through
+    # its three points; the fits and scores are computed for all draws at once.
+    picks = np.stack([rng.choice(y.size, 3, replace=False, p=prob) for _ in range(300)])
+    py, px = y[picks], x[picks]
+    ok = (py[:, 0] != py[:, 1]) & (py[:, 0] != py[:, 2]) & (py[:, 1] != py[:, 2])  # three bands, or undetermined
+    best = None
+    if ok.any():
+        py, px = py[ok], px[ok]
+        coefs = np.linalg.solve(np.stack([py * py, py, np.ones_like(py)], axis=2), px[:, :, None])[:, :, 0]
+        slopes = 2 * coefs[:, :1] * yr[None, :] + coefs[:, 1:2]
+        coefs = coefs[np.abs(slopes).max(axis=1) <= 1.2]  # steeper than ~50 degrees: not a column
+        if coefs.size:
+            fit = coefs[:, :1] * y[None, :] ** 2 + coefs[:, 1:2] * y[None, :] + coefs[:, 2:]
+            inl = np.abs(x[None, :] - fit) <= inlier_mm
+            per_band = np.zeros((coefs.shape[0], n_bands))
+            draw, point = np.nonzero(inl)
+            np.maximum.at(per_band, (draw, band_of[point]), w[point])
+            best = coefs[int(np.argmax(per_band.sum(axis=1)))]  # the first of equal scores, as a loop would keep
     if best is None:
         return np.polyfit(y, x, 1, w=np.sqrt(w))
     for _ in range(2):

@@ -84,10 +84,38 @@ def _unet_columns(dist: np.ndarray | None, region: np.ndarray | None, width: int
     return slice(int(cols[0]), int(cols[-1]) + 1) if cols.size else slice(0, 0)
 
 
+def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+    """P(body) from the one-pass net alone (``body_model: onepass``), and the column region.
+
+    Without ``region`` the net sees whole slices; the column is fitted through its own output and the
+    probability is kept within ``unet.COLUMN_HALF_MM`` of it (as far as the cascade's crop reaches: iliac bone
+    and bowel farther out are never a vertebral body). With ``region`` (other contrasts near the bodies T2
+    found) only the region's columns are run, plus the net's context margin.
+    """
+    from pipeline.segmentation.unet import COLUMN_HALF_MM, load_session, unet_probability
+
+    session = load_session(body_model="onepass")
+    if region is not None:
+        cols = _unet_columns(None, region, norm.shape[1])
+        prob = (unet_probability(norm, sp[2], cols, session=session, needed=region.any(axis=(0, 1)))
+                if cols.stop > cols.start else np.zeros(norm.shape, np.float32))
+        prob[~region] = 0
+        return prob, None
+    prob = unet_probability(norm, sp[2], session=session)
+    coef = spine_curve(prob > 0.5, sp)
+    if coef is None:
+        return prob, None
+    dist = np.abs(column_coordinates(coef, prob.shape[:2], sp)[0])
+    prob[dist > COLUMN_HALF_MM] = 0
+    return prob, np.broadcast_to((dist <= COLUMN_HALF_WIDTH_MM)[:, :, None], prob.shape)
+
+
 def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
                      body_model: str = "classifier") -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
     """P(vertebral body) on the working grid; returns (probability, zoom, column region).
 
+    ``body_model="onepass"``: the one-pass net alone (:func:`onepass_probability`); ``model`` is not used.
     The classifier's stage 1 (cheap, 3 mm grid) finds the column. ``body_model="unet"``: the U-Net
     (:mod:`pipeline.segmentation.unet`) gives the probability, on the columns near the spine only. ``"classifier"``: stage 2
     runs only where it can matter: near stage-1 body voxels (within ~4.5 mm, :func:`stage2_candidates`), within
@@ -98,8 +126,11 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     """
     work, zoom = to_work_grid(image, spacing)
     norm = normalise(work)
-    model = model or load_model()
     sp = (WORK_MM, WORK_MM, float(spacing[2]))
+    if body_model == "onepass":
+        prob, column = onepass_probability(norm, sp, region)
+        return prob, zoom, column
+    model = model or load_model()
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     dist = column_distance(p1, sp)
     column = None if dist is None else np.broadcast_to((np.abs(dist) <= COLUMN_HALF_WIDTH_MM)[:, :, None], p1.shape)
@@ -107,7 +138,9 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         from pipeline.segmentation.unet import unet_probability
 
         cols = _unet_columns(dist, region, norm.shape[1])
-        prob = unet_probability(norm, sp[2], cols) if cols.stop > cols.start else np.zeros(norm.shape, np.float32)
+        needed = None if region is None else region.any(axis=(0, 1))  # slices without region are zeroed below
+        prob = (unet_probability(norm, sp[2], cols, needed=needed) if cols.stop > cols.start
+                else np.zeros(norm.shape, np.float32))
         if region is not None:
             prob[~region] = 0
         return prob, zoom, column

@@ -210,9 +210,37 @@ def refine_labels(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spaci
     return out
 
 
+def probability_edges(labels: np.ndarray, prob: np.ndarray, spacing, box: tuple[slice, ...] | None,
+                      threshold: float, band_mm: float = 1.5) -> np.ndarray:
+    """Bodies' surfaces placed where the (input-grid, interpolated) body probability crosses ``threshold``: the
+    voxels within ``band_mm`` (in-plane) of each surface are re-decided, a voxel outside joining the body next to
+    it. A learnt refiner's job done by the net's own probability, for a body model without one (``onepass``): the
+    working grid's 1.5 mm pixels otherwise leave the outline a staircase of interpolated masks.
+    """
+    box = box or crop_box(labels, spacing)
+    if box is None:
+        return labels
+    out = labels.copy()
+    view, p = out[box], prob[box]
+    inside = view > 0
+    reach = [max(1, int(round(band_mm / float(s)))) for s in spacing[:2]]
+    plane = np.zeros((2 * reach[0] + 1, 2 * reach[1] + 1, 1), bool)
+    rr, cc = np.ogrid[-reach[0]:reach[0] + 1, -reach[1]:reach[1] + 1]
+    plane[:, :, 0] = (rr / reach[0]) ** 2 + (cc / reach[1]) ** 2 <= 1.0  # an ellipse of band_mm in mm
+    near = ndimage.grey_dilation(view, footprint=plane)  # the body next to a voxel outside (discs keep them apart)
+    band = ndimage.binary_dilation(inside, plane) & ~ndimage.binary_erosion(inside, plane, border_value=1)
+    view[band & inside & (p <= threshold)] = 0
+    add = band & ~inside & (p > threshold)
+    view[add] = near[add]
+    out[box] = keep_largest_and_fill(view, np.unique(labels[box][labels[box] > 0]))
+    return out
+
+
 def edge_refiner_for(model: dict, body_model: str):
     """The edge refiner for a body model: each learns from its own model's held-out output (the U-Net's probability
     is sharper than stage 2's, its errors differ); a model file without a U-Net refiner falls back to the
     classifier's. None: no refiner."""
+    if body_model == "onepass":
+        return None  # the one-pass net's edges stand as they are (no refiner learnt on its output)
     refiner = model.get("refiner_unet") if body_model == "unet" else None
     return refiner if refiner is not None else model.get("refiner")

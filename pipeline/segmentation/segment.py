@@ -35,6 +35,11 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/s
    refiner per body model (:func:`edge_refiner_for`), the U-Net's learnt on the output of U-Nets that did not see
    the case (``python -m pipeline.training.train_segmenter --unet-refiner``).
 
+``segmentation.body_model: onepass`` replaces steps 2, 3 and 6 by one net (:func:`pipeline.segmentation.probability.
+onepass_probability`): a narrower U-Net, trained with domain randomisation, on whole slices; the column is fitted
+through its own output and the surfaces at the input resolution follow its probability
+(:func:`pipeline.segmentation.refine.probability_edges`). Steps 4 and 5 are the same.
+
 The classifiers and the U-Net are trained on the expert-annotated real scans of ``../shared/data/vertebral-bodies``
 and on synthetic phantoms (``python -m pipeline.training.train_segmenter``, cross-validation estimates with ``--cv``;
 ``python -m pipeline.training.train_unet``, held-out models with ``--fold``).
@@ -86,7 +91,8 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     ``model``: a trained model dict (default: the shipped one, :func:`load_model`).
     """
     cfg = cfg or SegmentationConfig()
-    model = model or load_model()
+    if model is None and cfg.body_model != "onepass":  # the one-pass net needs no classifier (1 s, 140 MiB to load)
+        model = load_model()
     spacing = tuple(float(s) for s in spacing)
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
@@ -191,16 +197,18 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         lut[lid] = val
         bodies_meta.append((name, val, v))
     work_labels = lut[lab]
-    from pipeline.segmentation.refine import crop_box, refine_labels
+    from pipeline.segmentation.refine import crop_box, probability_edges, refine_labels
 
     resampled = work_labels.shape[:2] != image.shape[:2]
     labels = to_input_grid(work_labels, image.shape) if resampled else work_labels
     box = crop_box(labels, spacing)  # everything the refiner reads or changes
     if resampled:
         prob = resample_inplane(prob, image.shape, box)
-    refiner = edge_refiner_for(model, cfg.body_model)
+    refiner = edge_refiner_for(model or {}, cfg.body_model)
     if cfg.refine_edges and refiner is not None:
         labels = refine_labels(image, labels, prob, spacing, refiner, box)
+    elif cfg.refine_edges and resampled and cfg.edge_threshold > 0:
+        labels = probability_edges(labels, prob, spacing, box, cfg.edge_threshold)
     vox_in = spacing[0] * spacing[1] * spacing[2]
     bodies = []
     present = np.bincount(labels.ravel(), minlength=max(v for _, v, _ in bodies_meta) + 1) if bodies_meta else []

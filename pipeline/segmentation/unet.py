@@ -24,6 +24,10 @@ import numpy as np
 from pipeline.errors import StudyError
 
 UNET_PATH = Path(__file__).resolve().parent / "models" / "body_unet.onnx"
+# The one-pass net (``segmentation.body_model: onepass``): run on whole slices, no classifier before or after it;
+# trained with domain randomisation (``python -m pipeline.training.train_unet --onepass``).
+ONEPASS_PATH = Path(__file__).resolve().parent / "models" / "body_net_onepass.onnx"
+_OVERRIDE: Path | None = None  # use_network: one net for this process, whichever body model asks
 CONTEXT_MM = 4.0  # the two side channels are the slices this far to either side (nearest slice, at least one)
 COLUMN_HALF_MM = 45.0  # in-plane crop around the column: the bodies are within ~25 mm of its axis
 SLICE_PITCH_MM = 3.0  # 3 mm instead of every slice: same held-out Dice (fold 0: 0.875 vs 0.873), a third of the work
@@ -51,12 +55,18 @@ def _threads() -> int:
         return 1
 
 
+def net_path(body_model: str = "unet") -> Path:
+    """The net file a body model runs: the one :func:`use_network` chose for this process, else the shipped one."""
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    return ONEPASS_PATH if body_model == "onepass" else UNET_PATH
+
+
 @functools.cache
-def load_session(path: str | None = None):
-    """ONNX Runtime session of the U-Net (default: the shipped one); cached per path."""
+def _session(path: str):
     import onnxruntime as ort
 
-    p = Path(path) if path else UNET_PATH
+    p = Path(path)
     if not p.is_file():
         raise StudyError("SEGMENTATION_FAILED", f"segmentation network missing: {p} (reinstall the package)")
     opts = ort.SessionOptions()
@@ -69,15 +79,22 @@ def load_session(path: str | None = None):
         raise StudyError("SEGMENTATION_FAILED", f"segmentation network {p} cannot be loaded: {exc}") from exc
 
 
+def load_session(path: str | None = None, body_model: str = "unet"):
+    """ONNX Runtime session of ``path`` (default: :func:`net_path` of the body model); cached per path."""
+    return _session(str(path) if path else str(net_path(body_model)))
+
+
 def use_network(path) -> None:
-    """Make ``path`` the net of this process (held-out fold nets in evaluation and refiner training). A missing or
-    unreadable file fails here, and the current net stays."""
-    global UNET_PATH
-    if Path(path) == UNET_PATH:
+    """Make ``path`` the net of this process, for either body model (held-out fold nets in evaluation and refiner
+    training); None: the shipped nets again. A missing or unreadable file fails here, and the current net stays."""
+    global _OVERRIDE
+    if path is None:
+        _OVERRIDE = None
+        return
+    if _OVERRIDE is not None and Path(path) == _OVERRIDE:
         return  # already this process's net: evaluation and refiner training call this once per case
-    load_session(str(path))
-    load_session.cache_clear()
-    UNET_PATH = Path(path)
+    _session(str(path))
+    _OVERRIDE = Path(path)
 
 
 def run_net(session, x: np.ndarray) -> np.ndarray:
@@ -96,11 +113,14 @@ def run_net(session, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = None, session=None) -> np.ndarray:
+def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = None, session=None,
+                     needed: np.ndarray | None = None) -> np.ndarray:
     """P(body) (H, W, K) float32 on the working grid from the U-Net.
 
     ``columns``: the in-plane columns (AP axis) to run the net on; zero elsewhere. Thin slices are run about
     ``SLICE_PITCH_MM`` apart and interpolated (:func:`pipeline.segmentation.grid.interpolate_slices`).
+    ``needed`` (K bools): only these slices are wanted; the net skips every slice that none of them is
+    interpolated from (zero there), the needed ones come out as without it.
     """
     from pipeline.segmentation.grid import classified_slices, interpolate_slices
 
@@ -108,7 +128,14 @@ def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = 
     h, w, n_k = norm.shape
     cols = columns or slice(0, w)
     ks = classified_slices(n_k, slice_mm, SLICE_PITCH_MM)
-    x = context_stack(norm[:, cols], slice_mm, ks)
+    run = np.ones(ks.size, bool)
+    if needed is not None:
+        # slice ks[i] feeds the slices strictly between its neighbours ks[i - 1] and ks[i + 1]
+        reach = np.r_[ks[0] - 1, ks[:-1]], np.r_[ks[1:], ks[-1] + 1]
+        where = np.flatnonzero(needed)
+        run = (np.searchsorted(where, reach[1]) - np.searchsorted(where, reach[0], side="right")) > 0
     prob = np.zeros((h, w, ks.size), np.float32)
-    prob[:, cols] = np.moveaxis(run_net(session, x), 0, 2)
+    if run.any():
+        x = context_stack(norm[:, cols], slice_mm, ks[run])
+        prob[:, cols][:, :, run] = np.moveaxis(run_net(session, x), 0, 2)  # prob[:, cols] is a view
     return np.ascontiguousarray(interpolate_slices(prob, ks, n_k))

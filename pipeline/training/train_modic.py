@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.classify import disc_endplates, disc_type_fractions
 from pipeline.config import Config
 from pipeline.disc_model import MODEL_PATH, disc_features, discs_anchor, feature_names
 from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
@@ -50,12 +51,8 @@ def case_rows(row: dict, cfg: Config) -> dict:
     by_level = {v["level"]: v for v in an.findings.vertebrae}
     dominant = []
     for a in keep:
-        d = an.findings.discs[a]
-        fr = np.zeros(3)
-        for lv, side in ((d["upper"], "inferior"), (d["lower"], "superior")):
-            if lv in by_level:
-                tf = by_level[lv]["endplates"][side]["type_fractions"]
-                fr = np.maximum(fr, [tf["I"], tf["II"], tf["III"]])
+        eps = disc_endplates(an.findings.discs[a], by_level)
+        fr = disc_type_fractions(eps, cfg.classification.diffuse_edema_volume_pct)[1:]
         dominant.append(int(np.argmax(fr)) + 1 if fr.max() > 0 else 2)
     return {"case": row["case"], "x": x[keep], "ivd": np.array([anchor - a for a in keep], dtype=int),
             "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),

@@ -39,7 +39,8 @@ from pipeline.config import SegmentationConfig
 from pipeline.evaluation.cases import DEFAULT_CASES, held_out, load_case, read_cases, refuse_unknown_source
 from pipeline.segmentation.grid import normalise
 from pipeline.segmentation.segment import segment_vertebrae
-from pipeline.segmentation.unet import DOWNSAMPLINGS, UNET_PATH, context_stack
+from pipeline.segmentation.unet import DOWNSAMPLINGS, ONEPASS_PATH, UNET_PATH, context_stack
+from pipeline.training.randomise import randomise_crop
 from pipeline.training.samples import _rows_below, _rows_known, phantom_rows
 
 MARGIN_MM = 8.0  # slices this far beside the outermost body slices are trained on too (background only)
@@ -50,6 +51,9 @@ LEARNING_RATE = 2e-3
 GAMMA_LOG_SD = 0.25
 ROTATE_DEG = 15.0  # crops are rotated by up to this (sample_batch)
 SCALE_LOG = 0.15  # and zoomed by up to exp(+-this): +-16 %
+# The one-pass net (--onepass): a quarter of the cascade net's width (it runs on whole slices, 4x the pixels), half
+# of the crops domain-randomised (randomise.py), more crops anywhere in the slice (it sees the whole field of view).
+ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65}
 PSEUDO_S1_MIN_ML = 10.0  # a pseudo-labelled S1 smaller than this is a fragment, not the sacrum's top
 
 
@@ -104,6 +108,24 @@ def case_slices(row: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return [(x[i], body[:, :, k], np.ascontiguousarray(known[:, :, k])) for i, k in enumerate(ks)]
 
 
+def cached_case_slices(row: dict, cache: Path | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`case_slices`, kept in ``cache`` (one .npz per case and pseudo-S1 choice) when a folder is given: the
+    fold / source nets of an evaluation read the same slices (the pseudo-S1 segmentation alone takes minutes)."""
+    if cache is None:
+        return case_slices(row)
+    path = Path(cache) / f"{row['case']}_s1{int(bool(row.get('pseudo_s1')))}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return list(zip(z["x"], z["body"], z["known"], strict=True))
+    slices = case_slices(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if slices:
+        x, body, known = (np.stack(a) for a in zip(*slices, strict=True))
+        np.savez(path.with_suffix(".tmp.npz"), x=x, body=body, known=known)
+        path.with_suffix(".tmp.npz").replace(path)
+    return slices
+
+
 def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
     """(2, P, P) slice coordinates of a ``patch`` x ``patch`` crop around ``centre``, rotated by ``angle`` (radians)
     and zoomed by ``scale`` (> 1: the crop covers more of the slice, anatomy looks smaller)."""
@@ -115,12 +137,15 @@ def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
 
 def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int = BATCH, patch: int = PATCH,
                  phantom_share: float = PHANTOM_SHARE, rotate_deg: float = ROTATE_DEG,
-                 scale_log: float = SCALE_LOG) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 scale_log: float = SCALE_LOG, randomise: float = 0.0,
+                 body_share: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x (B, 3, P, P), y (B, 1, P, P), mask (B, 1, P, P)) float32 crops; zero (and unknown) outside the slice.
 
-    Each crop is rotated by up to ``rotate_deg`` and zoomed by up to exp(+-``scale_log``) (spines lean and scanners
-    and patients differ in size; the 41 real scans alone do not show enough of either), its two side slices swap
-    places half of the time (left and right context are alike), and its intensities get a random gamma."""
+    A fraction ``body_share`` of the crops holds a body voxel, the rest lie anywhere. Each crop is rotated by up to
+    ``rotate_deg`` and zoomed by up to exp(+-``scale_log``) (spines lean and scanners and patients differ in size;
+    the 41 real scans alone do not show enough of either), its two side slices swap places half of the time (left
+    and right context are alike), and its intensities get a random gamma; a fraction ``randomise`` of the crops is
+    domain-randomised on top (:func:`pipeline.training.randomise.randomise_crop`)."""
     from scipy import ndimage
 
     xs = np.zeros((batch, 3, patch, patch), np.float32)
@@ -130,7 +155,7 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
         pool = phantom if phantom and rng.random() < phantom_share else real
         x, y, m = pool[rng.integers(len(pool))]
         h, w = y.shape
-        if y.any() and rng.random() < 0.8:  # a body voxel anywhere in the crop
+        if y.any() and rng.random() < body_share:  # a body voxel anywhere in the crop
             rr, cc = np.nonzero(y)
             j = rng.integers(rr.size)
             centre = np.array([rr[j], cc[j]], float) + rng.uniform(-patch / 2, patch / 2, 2)
@@ -147,6 +172,8 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
         for c, src in enumerate(channels):  # "nearest" up to the slice's outer pixel edge, zero beyond it
             sub = ndimage.map_coordinates(x[src], coords, order=1, mode="nearest") * inside
             xs[b, c] = np.sign(sub) * np.abs(sub) ** g
+        if randomise and rng.random() < randomise:
+            xs[b] = randomise_crop(xs[b], inside, rng)
         ys[b, 0] = (ndimage.map_coordinates(y.astype(np.float32), coords, order=1, mode="nearest") >= 0.5) & inside
         ms[b, 0] = (ndimage.map_coordinates(m.astype(np.float32), coords, order=0, mode="nearest") > 0) & inside
     return xs, ys, ms
@@ -196,21 +223,23 @@ def masked_loss(logit, y, mask):
 
 
 def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100,
-        rotate_deg: float = ROTATE_DEG, scale_log: float = SCALE_LOG):
-    """Train a U-Net on the slices (see :func:`case_slices`; augmentation: :func:`sample_batch`); returns the net in
-    eval mode."""
+        rotate_deg: float = ROTATE_DEG, scale_log: float = SCALE_LOG, base: int = BASE_CHANNELS,
+        randomise: float = 0.0, body_share: float = 0.8):
+    """Train a U-Net of ``base`` channels on the slices (see :func:`case_slices`; augmentation:
+    :func:`sample_batch`); returns the net in eval mode."""
     import torch
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    net = build_net()
+    net = build_net(base)
     opt = torch.optim.AdamW(net.parameters(), LEARNING_RATE, weight_decay=1e-4)
     t0 = time.time()
     for it in range(iters):
         for group in opt.param_groups:
             group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * it / max(1, iters)))
-        batch = sample_batch(real, phantom, rng, rotate_deg=rotate_deg, scale_log=scale_log)
+        batch = sample_batch(real, phantom, rng, rotate_deg=rotate_deg, scale_log=scale_log, randomise=randomise,
+                             body_share=body_share)
         x, y, m = (torch.from_numpy(a) for a in batch)
         loss = masked_loss(net(x), y, m)
         opt.zero_grad()
@@ -234,7 +263,15 @@ def export_onnx(net, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.training.train_unet")
     ap.add_argument("cases_csv", nargs="?", default=str(DEFAULT_CASES))
-    ap.add_argument("--out", default=str(UNET_PATH))
+    ap.add_argument("--out", default=None, help="ONNX file written (default: the shipped net of the kind trained)")
+    ap.add_argument("--onepass", action="store_true",
+                    help=f"train the one-pass net (segmentation.body_model: onepass): base {ONEPASS['base']} channels, "
+                         f"{ONEPASS['randomise'] * 100:.0f} %% of the crops domain-randomised")
+    ap.add_argument("--base", type=int, help=f"channels of the first level (default {BASE_CHANNELS}, --onepass "
+                                              f"{ONEPASS['base']})")
+    ap.add_argument("--randomise", type=float, help=f"share of domain-randomised crops (default 0, --onepass "
+                                                     f"{ONEPASS['randomise']})")
+    ap.add_argument("--cache", type=Path, help="keep the prepared training slices here (reused by later runs)")
     ap.add_argument("--fold", type=int, help="leave out the cases of this fold (0-2, as --cv cases) for evaluation")
     ap.add_argument("--source", help="leave out the cases of this source (leave-one-source-out evaluation)")
     ap.add_argument("--iters", type=int, default=4500, help="training steps (default %(default)s, ~40 min on 2 cores)")
@@ -253,8 +290,12 @@ def main(argv=None) -> int:
         r["pseudo_s1"] = r.get("source") in (a.pseudo_s1 or ["vb2"])
     if a.fold is not None or a.source is not None:
         rows = [r for r, out in zip(rows, held_out(rows, a.fold, a.source), strict=True) if not out]
+    out = Path(a.out) if a.out else ONEPASS_PATH if a.onepass else UNET_PATH
+    base = a.base or (ONEPASS["base"] if a.onepass else BASE_CHANNELS)
+    randomise = a.randomise if a.randomise is not None else ONEPASS["randomise"] if a.onepass else 0.0
+    body_share = ONEPASS["body_share"] if a.onepass else 0.8
     t = time.time()
-    real = [s for r in rows for s in case_slices(r)]
+    real = [s for r in rows for s in cached_case_slices(r, a.cache)]
     with tempfile.TemporaryDirectory(prefix="modicscan-unet-") as tmp:
         ph_rows = phantom_rows(Path(tmp), a.phantoms) if a.phantoms else []
         for r in ph_rows:
@@ -263,9 +304,10 @@ def main(argv=None) -> int:
             r["known_below_mm"] = 0.0
         phantom = [s for r in ph_rows for s in case_slices(r)]
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
-    net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log)
-    export_onnx(net, Path(a.out))
-    print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {a.out}")
+    net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log, base=base,
+              randomise=randomise, body_share=body_share)
+    export_onnx(net, out)
+    print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {out}")
     return 0
 
 
