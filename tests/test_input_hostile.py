@@ -242,6 +242,26 @@ def test_two_patients_under_one_study_uid_are_not_merged(tmp_path):
     assert exc.value.code == "PATIENT_CONFLICT"
 
 
+def test_both_patients_identifiers_are_stripped_when_two_share_a_study_uid(tmp_path):
+    """Item 4 x item 3: the PATIENT_CONFLICT study names files of both patients; default mode strips both patients'
+    name, ID and birth date from its free text, not only the first patient's."""
+    from pipeline.report.identity import Identity
+
+    _shared_uid_studies(tmp_path, same_patient=False)
+    st, _ = _only_study(tmp_path)
+    heads = {}
+    for folder in ("patA", "patB"):
+        ds = pydicom.dcmread(next((tmp_path / folder).rglob("*.dcm")), stop_before_pixels=True)
+        heads[folder] = (str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate))
+    assert heads["patA"][:2] != heads["patB"][:2]
+    message = " / ".join(" ".join(h) for h in heads.values())
+    red = Identity().redactor(st).text(message)
+    for name, pid, birth in heads.values():
+        assert pid not in red and birth not in red, red
+        assert not any(part in red for part in name.split("^") if len(part) >= 3), red
+    assert red.count("[patient id]") == 2
+
+
 def test_one_patient_id_but_two_frames_of_reference_are_not_aligned(tmp_path):
     """Item 3: same PatientID (e.g. anonymised), different FrameOfReferenceUID: FRAME_OF_REFERENCE_CONFLICT."""
     _shared_uid_studies(tmp_path, same_patient=True)

@@ -274,6 +274,11 @@ def discover(root: str | Path, cfg: LoadingConfig | None = None, *, exclude=()) 
             extra={"enhanced": f0["enhanced"], "transfer_syntax": str(getattr(ds0.file_meta, "TransferSyntaxUID", "")),
                    "manufacturer": text_value(ds0, "Manufacturer"), "body_part": text_value(ds0, "BodyPartExamined"),
                    "series_uid_original": series_uid, "patient_id": key[2],
+                   # every patient's identifiers, not only the study's first one: a redactor must strip them all
+                   # (two patients under one StudyInstanceUID: PATIENT_CONFLICT names both patients' files)
+                   "patient_name": text_value(ds0, "PatientName"),
+                   "patient_birth_date": text_value(ds0, "PatientBirthDate"),
+                   "accession_number": text_value(ds0, "AccessionNumber"),
                    "sop_class_uid": str(ds0.get("SOPClassUID", "")),
                    "frame_of_reference_uid": text_value(ds0, "FrameOfReferenceUID"),
                    "samples_per_pixel": int(number(ds0.get("SamplesPerPixel")) or 1),

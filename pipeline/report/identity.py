@@ -203,11 +203,17 @@ def _byte_forms(text: str) -> list[str]:
 
 
 def _patient_needles(study: StudyFiles) -> dict[str, str]:
-    """The patient's own name, ID, birth date and the accession number, with their placeholders."""
+    """The patient's own name, ID, birth date and the accession number, with their placeholders; and those of every
+    other patient whose series share the StudyInstanceUID (their files are named in the study's messages)."""
+    people = [(study.patient_name, study.patient_id, study.patient_birth_date, study.accession_number)]
+    people += [(str(s.extra.get("patient_name") or ""), str(s.extra.get("patient_id") or ""),
+                str(s.extra.get("patient_birth_date") or ""), str(s.extra.get("accession_number") or ""))
+               for s in study.series.values()]
     rep: dict[str, str] = {}
-    for form in _name_forms(study.patient_name):
-        rep.update(dict.fromkeys([form, *_byte_forms(form)], "[patient name]"))
-    rep.update(dict.fromkeys([study.patient_id, *_byte_forms(study.patient_id)], "[patient id]"))
-    rep.update(dict.fromkeys(_date_forms(study.patient_birth_date), "[birth date]"))
-    rep.update(dict.fromkeys([study.accession_number, *_byte_forms(study.accession_number)], "[accession number]"))
+    for name, pid, birth, accession in dict.fromkeys(people):
+        for form in _name_forms(name):
+            rep.update(dict.fromkeys([form, *_byte_forms(form)], "[patient name]"))
+        rep.update(dict.fromkeys([pid, *_byte_forms(pid)], "[patient id]"))
+        rep.update(dict.fromkeys(_date_forms(birth), "[birth date]"))
+        rep.update(dict.fromkeys([accession, *_byte_forms(accession)], "[accession number]"))
     return rep
