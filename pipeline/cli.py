@@ -179,7 +179,9 @@ def run(input_dir: Path, out_dir: Path, config_path: str | None, jobs: int | Non
         err=True,
     )
     if result.exit_code == EXIT_NO_STUDIES:
-        click.echo(f"modicscan: no DICOM studies found under {input_dir}", err=True)
+        # The input folder's name can carry a patient's name: with --pseudonymise no path is printed.
+        where = "the input folder" if pseudonymise_key else input_dir
+        click.echo(f"modicscan: no DICOM studies found under {where}", err=True)
     if result.disk_full:
         click.echo(f"modicscan: the disk of {out_dir} is full: the run stopped; every study folder written is "
                    "complete, the others are absent. Free some space and rerun the same command to resume.", err=True)

@@ -256,3 +256,18 @@ def test_pseudonymised_failed_folder_key_is_keyed(tmp_path):
     assert keys[0] == keys[1] != keys[2] and plain not in keys and all(k.startswith("folder-") for k in keys)
     default = run_batch(tmp_path / "in", tmp_path / "out_default", config_from_dict({}), progress=False)
     assert [o.key for o in default.outcomes] == [plain]
+
+
+def test_no_studies_message_names_no_folder_when_pseudonymising(tmp_path):
+    """Issue 30 leftover: "no DICOM studies found under INPUT" printed INPUT (e.g. /data/Mueller_Hans) also with
+    --pseudonymise; the message now says "the input folder" then, and still names it in default mode."""
+    empty = tmp_path / "Mueller_Hans"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    res = CliRunner().invoke(main, ["run", str(empty), "-o", str(tmp_path / "out"), "--no-progress",
+                                    "--pseudonymise", "k3y"], catch_exceptions=False)
+    assert res.exit_code == 4 and "no DICOM studies found under the input folder" in res.output
+    assert "Mueller" not in res.output
+    plain = CliRunner().invoke(main, ["run", str(empty), "-o", str(tmp_path / "out2"), "--no-progress"],
+                               catch_exceptions=False)
+    assert plain.exit_code == 4 and "Mueller_Hans" in plain.output
