@@ -67,6 +67,11 @@ def column_distance(p1: np.ndarray, sp) -> np.ndarray | None:
     return column_coordinates(coef, p1.shape[:2], sp)[0]
 
 
+def column_region(dist: np.ndarray | None, shape) -> np.ndarray | None:
+    """(H, W, K) view: within ``COLUMN_HALF_WIDTH_MM`` of the column (``dist``: :func:`column_distance`)."""
+    return None if dist is None else np.broadcast_to((np.abs(dist) <= COLUMN_HALF_WIDTH_MM)[:, :, None], shape)
+
+
 def _unet_columns(dist: np.ndarray | None, region: np.ndarray | None, width: int) -> slice:
     """The AP columns the U-Net runs on: within ``unet.COLUMN_HALF_MM`` of the column (all when no column was found),
     and, when a ``region`` is given, within its columns plus a margin (the net needs context around them)."""
@@ -103,12 +108,10 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
         prob[~region] = 0
         return prob, None
     prob = unet_probability(norm, sp[2], session=session)
-    coef = spine_curve(prob > 0.5, sp)
-    if coef is None:
-        return prob, None
-    dist = np.abs(column_coordinates(coef, prob.shape[:2], sp)[0])
-    prob[dist > COLUMN_HALF_MM] = 0
-    return prob, np.broadcast_to((dist <= COLUMN_HALF_WIDTH_MM)[:, :, None], prob.shape)
+    dist = column_distance(prob, sp)
+    if dist is not None:
+        prob[np.abs(dist) > COLUMN_HALF_MM] = 0
+    return prob, column_region(dist, prob.shape)
 
 
 def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
@@ -133,7 +136,7 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     model = model or load_model()
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     dist = column_distance(p1, sp)
-    column = None if dist is None else np.broadcast_to((np.abs(dist) <= COLUMN_HALF_WIDTH_MM)[:, :, None], p1.shape)
+    column = column_region(dist, p1.shape)
     if body_model == "unet":
         from pipeline.segmentation.unet import unet_probability
 
