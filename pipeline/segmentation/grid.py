@@ -18,10 +18,8 @@ def to_work_grid(image: np.ndarray, spacing) -> tuple[np.ndarray, tuple[float, f
     # scipy.ndimage.zoom(order=1)'s result (corner pixels aligned), computed as two gathers along the rows and
     # the columns: a third of zoom's time on a 512 x 512 x 15 series, equal to float32 rounding.
     a = image.astype(np.float32, copy=False)
-    r0, r1, wr = _zoom_weights(int(round(a.shape[0] * zoom[0])), a.shape[0])
-    c0, c1, wc = _zoom_weights(int(round(a.shape[1] * zoom[1])), a.shape[1])
-    along_r = a[r0] * (1 - wr[:, None, None]) + a[r1] * wr[:, None, None]
-    return along_r[:, c0] * (1 - wc[None, :, None]) + along_r[:, c1] * wc[None, :, None], zoom
+    rows = _zoom_weights(int(round(a.shape[0] * zoom[0])), a.shape[0])
+    return _bilinear(a, rows, _zoom_weights(int(round(a.shape[1] * zoom[1])), a.shape[1])), zoom
 
 
 def _zoom_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,6 +70,15 @@ def keep_largest_piece(view: np.ndarray, lid: int) -> None:
         view[(piece > 0) & (piece != np.argmax(size))] = 0
 
 
+def _bilinear(a: np.ndarray, rows, cols) -> np.ndarray:
+    """Separable linear interpolation of ``a`` (rows, cols, ...) in-plane: ``rows`` / ``cols`` are (lower index,
+    upper index, weight of the upper one) per output sample (:func:`_zoom_weights`, :func:`_inplane_weights`)."""
+    r0, r1, wr = rows
+    c0, c1, wc = cols
+    along_r = a[r0] * (1 - wr[:, None, None]) + a[r1] * wr[:, None, None]
+    return along_r[:, c0] * (1 - wc[None, :, None]) + along_r[:, c1] * wc[None, :, None]
+
+
 def _inplane_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Linear interpolation from n_in to n_out samples over the same extent (pixel centres aligned):
     lower index, upper index and weight of the upper one, per output sample."""
@@ -84,12 +91,10 @@ def resample_inplane(a: np.ndarray, shape, box: tuple[slice, ...] | None = None)
     """Bilinear resampling of a float (rows, cols, slices) array to ``shape[:2]`` in-plane (slices unchanged);
     with ``box`` (an index of the output), only inside it (0 elsewhere)."""
     box = box or (slice(None),) * 3
-    r0, r1, wr = (w[box[0]] for w in _inplane_weights(shape[0], a.shape[0]))
-    c0, c1, wc = (w[box[1]] for w in _inplane_weights(shape[1], a.shape[1]))
+    rows = tuple(w[box[0]] for w in _inplane_weights(shape[0], a.shape[0]))
+    cols = tuple(w[box[1]] for w in _inplane_weights(shape[1], a.shape[1]))
     out = np.zeros((shape[0], shape[1], a.shape[2]), a.dtype)
-    a = a[:, :, box[2]]
-    along_r = a[r0] * (1 - wr[:, None, None]) + a[r1] * wr[:, None, None]
-    out[box] = along_r[:, c0] * (1 - wc[None, :, None]) + along_r[:, c1] * wc[None, :, None]
+    out[box] = _bilinear(a[:, :, box[2]], rows, cols)
     return out
 
 
@@ -101,8 +106,9 @@ def to_input_grid(work_labels: np.ndarray, shape) -> np.ndarray:
     where a nearest-neighbour copy would add a staircase of up to half a working pixel (0.75 mm) around every
     body.
     """
-    r0, r1, wr = _inplane_weights(shape[0], work_labels.shape[0])
-    c0, c1, wc = _inplane_weights(shape[1], work_labels.shape[1])
+    rw = _inplane_weights(shape[0], work_labels.shape[0])
+    cw = _inplane_weights(shape[1], work_labels.shape[1])
+    (r0, r1, _), (c0, c1, _) = rw, cw
     out = np.zeros(shape[:2] + work_labels.shape[2:], np.int16)
     best = np.full(out.shape, 0.5, np.float32)
     for value, found in enumerate(ndimage.find_objects(work_labels.astype(np.int64)), start=1):  # ~10 bodies
@@ -112,8 +118,7 @@ def to_input_grid(work_labels: np.ndarray, shape) -> np.ndarray:
         rows = np.flatnonzero((r1 >= rs.start) & (r0 < rs.stop))  # output rows touching the body
         cols = np.flatnonzero((c1 >= cs.start) & (c0 < cs.stop))
         m = (work_labels == value).astype(np.float32)
-        along_r = m[r0[rows]] * (1 - wr[rows, None, None]) + m[r1[rows]] * wr[rows, None, None]
-        val = along_r[:, c0[cols]] * (1 - wc[None, cols, None]) + along_r[:, c1[cols]] * wc[None, cols, None]
+        val = _bilinear(m, tuple(w[rows] for w in rw), tuple(w[cols] for w in cw))
         sub = np.ix_(rows, cols)
         b = best[sub]
         take = val > b
