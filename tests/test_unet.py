@@ -401,3 +401,25 @@ def test_train_unet_refuses_a_source_no_case_has_before_loading_anything(tmp_pat
         main([str(cases), "--source", "", "--out", str(tmp_path / "net.onnx")])
     assert exc.value.code == 2 and "''" in capsys.readouterr().err
     assert not (tmp_path / "net.onnx").exists()
+
+
+def test_case_slices_are_cached_once_per_case_and_read_back_equal(tmp_path, monkeypatch):
+    from pipeline.training import train_unet
+
+    made = []
+
+    def fake_slices(row):
+        made.append(row["case"])
+        rng = np.random.default_rng(len(made))
+        return [(rng.random((3, 6, 7)).astype(np.float32), rng.random((6, 7)) > 0.5, np.ones((6, 7), bool))
+                for _ in range(2)]
+
+    monkeypatch.setattr(train_unet, "case_slices", fake_slices)
+    first = train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": True}, tmp_path)
+    again = train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": True}, tmp_path)
+    assert made == ["vb9-01"]  # prepared once, then read from the cache
+    assert [p.name for p in tmp_path.iterdir()] == ["vb9-01_s11.npz"]  # no temp file left behind
+    for (x0, b0, k0), (x1, b1, k1) in zip(first, again, strict=True):
+        assert np.array_equal(x0, x1) and np.array_equal(b0, b1) and np.array_equal(k0, k1)
+    train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": False}, tmp_path)
+    assert made == ["vb9-01", "vb9-01"]  # the pseudo-S1 choice is part of the key

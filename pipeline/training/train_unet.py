@@ -118,11 +118,15 @@ def cached_case_slices(row: dict, cache: Path | None) -> list[tuple[np.ndarray, 
         with np.load(path) as z:
             return list(zip(z["x"], z["body"], z["known"], strict=True))
     slices = case_slices(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if slices:
+        import io
+
+        from pipeline.io.atomic import write_bytes_atomic
+
         x, body, known = (np.stack(a) for a in zip(*slices, strict=True))
-        np.savez(path.with_suffix(".tmp.npz"), x=x, body=body, known=known)
-        path.with_suffix(".tmp.npz").replace(path)
+        buf = io.BytesIO()
+        np.savez(buf, x=x, body=body, known=known)
+        write_bytes_atomic(path, buf.getvalue())  # two trainings filling one cache never see half a file
     return slices
 
 
