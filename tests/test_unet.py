@@ -66,6 +66,32 @@ def test_unet_probability_stays_in_its_columns_and_interpolates_skipped_thin_sli
     np.testing.assert_allclose(prob[5, 15, 4], run[1] + (run[2] - run[1]) / 3, rtol=1e-5)
 
 
+class TwoOutputSession(FakeSession):
+    """A net with a second output (the one-pass net's L5): the left slice's value, so it can be told apart."""
+
+    def run(self, _outputs, feeds):
+        x = feeds["x"]
+        self.shapes.append(x.shape)
+        return [np.concatenate([10.0 * (x[:, 1:2] - 0.5), 10.0 * (x[:, 0:1] - 0.5)], axis=1)]
+
+
+def test_level_map_is_the_second_output_interpolated_like_the_body_and_none_for_a_one_output_net():
+    norm = np.zeros((32, 40, 13), np.float32)
+    norm[:, :, :] = np.linspace(0.0, 1.0, 13)[None, None, :]
+    body = unet.unet_probability(norm, 1.0, slice(10, 30), session=FakeSession())
+    prob, l5 = unet.unet_probability(norm, 1.0, slice(10, 30), session=TwoOutputSession(), level_map=True)
+    np.testing.assert_array_equal(prob, body)  # the body channel is unchanged by the second output
+    assert l5.shape == norm.shape and not l5[:, :10].any() and not l5[:, 30:].any()
+    left = np.linspace(0.0, 1.0, 13)[np.clip(np.array([0, 3, 6, 9, 12]) - 4, 0, 12)]  # the slice 4 mm to the left
+    run = 1.0 / (1.0 + np.exp(-10.0 * (left - 0.5)))
+    np.testing.assert_allclose(l5[5, 15, [0, 3, 6, 9, 12]], run, rtol=1e-5)
+    np.testing.assert_allclose(l5[5, 15, 4], run[1] + (run[2] - run[1]) / 3, rtol=1e-5)
+    _, none = unet.unet_probability(norm, 1.0, slice(10, 30), session=FakeSession(), level_map=True)
+    assert none is None
+    two = unet.run_net(TwoOutputSession(), norm[None, :, :, :3].transpose(0, 3, 1, 2).copy(), all_channels=True)
+    assert two.shape == (1, 2, 32, 40)
+
+
 def test_needed_slices_come_out_as_without_the_option_and_the_others_are_skipped():
     rng = np.random.default_rng(0)
     for n_k, slice_mm in ((13, 1.0), (15, 4.0), (40, 0.9)):  # thin slices are interpolated, thick ones each run
@@ -113,7 +139,8 @@ def test_onepass_runs_whole_slices_and_keeps_only_the_column_it_finds(monkeypatc
     for top in range(10, 190, 30):  # a column of bright "bodies" down AP column 150, 18 px apart
         norm[top:top + 22, 140:160] = 1.0
     norm[80:110, 10:30] = 1.0  # a bright blob 120 px (180 mm) in front of the column
-    prob, column = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0))
+    prob, column, l5 = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0))
+    assert l5 is None  # a net with one output has no L5 map
     assert fake.shapes[0][0] == k and fake.shapes[0][3] >= w  # every slice, every column
     assert prob[15, 150, 2] > 0.99 and prob[95, 20, 2] == 0  # the column kept, the far blob dropped
     assert column is not None and column[15, 150, 0] and not column[15, 20, 0]
@@ -122,7 +149,7 @@ def test_onepass_runs_whole_slices_and_keeps_only_the_column_it_finds(monkeypatc
     region = np.zeros_like(norm, bool)
     region[10:60, 130:170, 1:4] = True  # another contrast: only near the bodies T2 found
     fake.shapes.clear()
-    p2, col2 = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0), region)
+    p2, col2, _ = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0), region)
     assert col2 is None and not p2[~region].any() and p2[15, 150, 2] > 0.99
     assert fake.shapes[0][3] < w  # the region's columns (and the net's margin) only
 
@@ -222,14 +249,60 @@ def test_training_slices_know_the_phantom_sacrum_but_not_the_rows_below_a_real_s
     real = case_slices(row)
     phantom = case_slices({**row, "known_below_mm": 30.0})
     assert len(real) == 4 + 2 * round(MARGIN_MM / 4.0)  # the body slices and 8 mm either side
-    x, y, known = real[len(real) // 2]
+    x, y, known, l5, l5_known = real[len(real) // 2]
     assert x.shape == (3, *y.shape) and y.sum() > 0
+    assert not l5_known and not l5.any()  # a real scan's levels are unknown unless its row says so
     # the working grid is in the scanner's head-to-foot order; whichever way it runs, the annotated rows are known,
     # and the phantom knows 30 mm (20 rows) more below its lowest body than the real scan (3 rows margin)
     rows_real, rows_ph = known.any(axis=1).sum(), phantom[len(real) // 2][2].any(axis=1).sum()
     rows_body = np.flatnonzero(y.any(axis=1))
     assert rows_real == rows_body[-1] - rows_body[0] + 1 + 2 * 3
     assert rows_ph == rows_real + 20 - 3
+
+
+def test_l5_target_is_the_lowest_annotated_body_of_a_row_that_says_so_and_a_phantoms_level_value(tmp_path):
+    import nibabel as nib
+
+    from pipeline.training.train_unet import case_slices, l5_mask
+    from pipeline.types import level_value
+
+    lab = np.zeros((100, 60, 20), np.int16)
+    lab[20:35, 20:40, 8:12] = 7  # the annotators' own numbers: the lower body is the smaller number
+    lab[45:60, 20:40, 8:12] = 3
+    assert l5_mask({"source": "vb3"}, lab) is None  # not said: unknown
+    assert np.array_equal(l5_mask({"source": "vb3", "lowest_is_l5": True}, lab), lab == 3)
+    ph = np.zeros_like(lab)
+    ph[20:35] = level_value("L4")
+    ph[45:60] = level_value("L5")
+    ph[70:85] = level_value("S1")
+    assert np.array_equal(l5_mask({"source": "phantom"}, ph), ph == level_value("L5"))
+    img = np.where(lab > 0, 300.0, 100.0).astype(np.float32)
+    aff = np.array([[0, 0, 4.0, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(img, aff), tmp_path / "i.nii.gz")
+    nib.save(nib.Nifti1Image(lab, aff), tmp_path / "l.nii.gz")
+    row = {"image_path": str(tmp_path / "i.nii.gz"), "labels_path": str(tmp_path / "l.nii.gz"), "lowest_is_l5": True}
+    slices = case_slices(row)
+    mid = slices[len(slices) // 2]
+    assert mid[4] and mid[3].any() and (mid[3] <= mid[1]).all()  # L5 is part of the body target
+    assert mid[3].sum() * 2 == pytest.approx(mid[1].sum(), rel=0.1)  # one of the two bodies
+
+
+def test_sample_batch_level_channel_is_known_only_where_the_slice_knows_its_l5():
+    from pipeline.training.train_unet import sample_batch
+
+    x, y, m = _slice(0.2, (slice(16, 40), slice(20, 44)), shape=(64, 64))
+    l5 = np.zeros_like(y)
+    l5[30:40] = y[30:40]
+    known_l5 = (x, y, m, l5, True)
+    unknown_l5 = (x, y, m, l5, False)
+    _, yb, mb = sample_batch([known_l5], [], np.random.default_rng(0), batch=6, patch=32, level_channel=True)
+    assert yb.shape == mb.shape == (6, 2, 32, 32)
+    assert yb[:, 1].sum() > 0 and (yb[:, 1] <= yb[:, 0] + 1e-6).mean() > 0.99  # L5 lies inside the body
+    assert mb[:, 1].sum() > 0
+    _, yb, mb = sample_batch([unknown_l5], [], np.random.default_rng(0), batch=6, patch=32, level_channel=True)
+    assert not mb[:, 1].any() and not yb[:, 1].any()
+    _, yb, mb = sample_batch([(x, y, m)], [], np.random.default_rng(0), batch=2, patch=32)
+    assert yb.shape == (2, 1, 32, 32)  # the cascade net: body only
 
 
 def test_pseudo_sacrum_takes_the_body_sized_piece_behind_and_one_level_below_the_lowest_annotated_body():
@@ -282,6 +355,13 @@ def test_a_few_training_steps_lower_the_loss_and_export_a_net_onnx_runtime_runs(
     with torch.no_grad():
         ref = torch.sigmoid(net(torch.from_numpy(np.stack([s[0] for s in real])))).numpy()[:, 0]
     np.testing.assert_allclose(prob, ref, atol=1e-4)
+    # the one-pass net's second output (L5) trains and exports too
+    real2 = [(x, y, m, y & (np.arange(64)[:, None] >= 28), True) for x, y, m in real]
+    net2 = fit(real2, [], iters=5, threads=1, log_every=0, outputs=2)
+    export_onnx(net2, tmp_path / "net2.onnx")
+    both = unet.run_net(unet.load_session(str(tmp_path / "net2.onnx")), np.stack([s[0] for s in real]),
+                        all_channels=True)
+    assert both.shape == (4, 2, 64, 64)
 
 
 # ------------------------------------------------------------------------------------------- real scans
@@ -411,15 +491,16 @@ def test_case_slices_are_cached_once_per_case_and_read_back_equal(tmp_path, monk
     def fake_slices(row):
         made.append(row["case"])
         rng = np.random.default_rng(len(made))
-        return [(rng.random((3, 6, 7)).astype(np.float32), rng.random((6, 7)) > 0.5, np.ones((6, 7), bool))
-                for _ in range(2)]
+        return [(rng.random((3, 6, 7)).astype(np.float32), rng.random((6, 7)) > 0.5, np.ones((6, 7), bool),
+                 rng.random((6, 7)) > 0.8, bool(i)) for i in range(2)]
 
     monkeypatch.setattr(train_unet, "case_slices", fake_slices)
     first = train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": True}, tmp_path)
     again = train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": True}, tmp_path)
     assert made == ["vb9-01"]  # prepared once, then read from the cache
-    assert [p.name for p in tmp_path.iterdir()] == ["vb9-01_s11.npz"]  # no temp file left behind
-    for (x0, b0, k0), (x1, b1, k1) in zip(first, again, strict=True):
-        assert np.array_equal(x0, x1) and np.array_equal(b0, b1) and np.array_equal(k0, k1)
+    assert [p.name for p in tmp_path.iterdir()] == ["vb9-01_s11_l50.npz"]  # no temp file left behind
+    for a, b in zip(first, again, strict=True):
+        assert len(a) == len(b) == 5 and all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    assert [s[4] for s in again] == [False, True]
     train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": False}, tmp_path)
     assert made == ["vb9-01", "vb9-01"]  # the pseudo-S1 choice is part of the key
