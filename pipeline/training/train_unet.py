@@ -56,7 +56,9 @@ SCALE_LOG = 0.15  # and zoomed by up to exp(+-this): +-16 %
 # of the crops domain-randomised (randomise.py), more crops anywhere in the slice (it sees the whole field of view).
 # Its second output is L5 (the labelling's anchor: which body is L5 is read from anatomy the net sees, the sacrum
 # under it, the iliac crests beside it, not only from the shape of the column's end).
-ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65, "outputs": 2}
+# A fraction ``single_slice`` of its crops has no side slices (all three channels the middle one): a 2-D study
+# (one mid-sagittal slice, SPIDER) gives the net exactly that input, never seen in training otherwise.
+ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65, "outputs": 2, "single_slice": 0.15}
 LOWEST_IS_L5 = ("vb2", "vb3")  # sources whose lowest annotated body is L5 (the data's README: T11-L5, L1-L5)
 PSEUDO_S1_MIN_ML = 10.0  # a pseudo-labelled S1 smaller than this is a fragment, not the sacrum's top
 
@@ -171,7 +173,7 @@ def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
 def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int = BATCH, patch: int = PATCH,
                  phantom_share: float = PHANTOM_SHARE, rotate_deg: float = ROTATE_DEG,
                  scale_log: float = SCALE_LOG, randomise: float = 0.0, body_share: float = 0.8,
-                 level_channel: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 level_channel: bool = False, single_slice: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x (B, 3, P, P), y (B, C, P, P), mask (B, C, P, P)) float32 crops; zero (and unknown) outside the slice.
     Channel 0 is body; with ``level_channel`` channel 1 is L5, known on the slices whose L5 is known
     (:func:`case_slices`; a slice tuple without it: unknown).
@@ -180,7 +182,9 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
     ``rotate_deg`` and zoomed by up to exp(+-``scale_log``) (spines lean and scanners and patients differ in size;
     the 41 real scans alone do not show enough of either), its two side slices swap places half of the time (left
     and right context are alike), and its intensities get a random gamma; a fraction ``randomise`` of the crops is
-    domain-randomised on top (:func:`pipeline.training.randomise.randomise_crop`)."""
+    domain-randomised on top (:func:`pipeline.training.randomise.randomise_crop`); a fraction ``single_slice``
+    loses its side slices (all channels the middle one, as :func:`pipeline.segmentation.unet.context_stack` gives
+    for a one-slice study)."""
     from scipy import ndimage
 
     xs = np.zeros((batch, 3, patch, patch), np.float32)
@@ -204,6 +208,8 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
         coords = _crop_coords(centre, patch, angle, float(np.exp(rng.uniform(-scale_log, scale_log))))
         inside = ((coords[0] > -0.5) & (coords[0] < h - 0.5) & (coords[1] > -0.5) & (coords[1] < w - 0.5))
         channels = (2, 1, 0) if rng.random() < 0.5 else (0, 1, 2)
+        if single_slice and rng.random() < single_slice:
+            channels = (1, 1, 1)
         g = float(np.exp(rng.normal(0.0, GAMMA_LOG_SD)))  # contrast between scanners: a monotone remap
         for c, src in enumerate(channels):  # "nearest" up to the slice's outer pixel edge, zero beyond it
             sub = ndimage.map_coordinates(x[src], coords, order=1, mode="nearest") * inside
@@ -266,7 +272,7 @@ def masked_loss(logit, y, mask):
 
 def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100,
         rotate_deg: float = ROTATE_DEG, scale_log: float = SCALE_LOG, base: int = BASE_CHANNELS,
-        randomise: float = 0.0, body_share: float = 0.8, outputs: int = 1):
+        randomise: float = 0.0, body_share: float = 0.8, outputs: int = 1, single_slice: float = 0.0):
     """Train a U-Net of ``base`` channels and ``outputs`` output channels (2: body and L5) on the slices (see
     :func:`case_slices`; augmentation: :func:`sample_batch`); returns the net in eval mode."""
     import torch
@@ -281,7 +287,7 @@ def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, 
         for group in opt.param_groups:
             group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * it / max(1, iters)))
         batch = sample_batch(real, phantom, rng, rotate_deg=rotate_deg, scale_log=scale_log, randomise=randomise,
-                             body_share=body_share, level_channel=outputs > 1)
+                             body_share=body_share, level_channel=outputs > 1, single_slice=single_slice)
         x, y, m = (torch.from_numpy(a) for a in batch)
         loss = masked_loss(net(x), y, m)
         opt.zero_grad()
@@ -348,7 +354,8 @@ def main(argv=None) -> int:
         phantom = [s for r in ph_rows for s in case_slices(r)]
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
     net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log, base=base,
-              randomise=randomise, body_share=body_share, outputs=ONEPASS["outputs"] if a.onepass else 1)
+              randomise=randomise, body_share=body_share, outputs=ONEPASS["outputs"] if a.onepass else 1,
+              single_slice=ONEPASS["single_slice"] if a.onepass else 0.0)
     export_onnx(net, out)
     print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {out}")
     return 0
