@@ -249,6 +249,8 @@ class _BatchRecord:
         rec = {
             "schema_version": "1.0.0",
             "report_type": "modicscan.batch",
+            # within walk.is_modicscan_output's 4 KiB head: a later run over a folder holding this one enters it
+            "output_is_input": self.out_root.resolve() == self.input_root.resolve(),
             "modicscan_version": __version__,
             "software": software_info(),
             "started_at": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),
