@@ -409,10 +409,10 @@ def onepass_on_three_real_scans(vertebral_bodies_dir, tmp_path_factory):
                          cfg=SegmentationConfig(body_model="onepass"), first_levels={"vb2": "T11", "vb3": "L1"})
 
 
-# The shipped one-pass net on the same three scans (in-sample: it saw them; 0.876 on
-# 2026-12-07, vb1-15 0.823, vb2-05 0.906, vb3-09 0.906). Its held-out
-# figures (fold 0, leave vb3 out) are in the README; this is a regression floor.
-ONEPASS_DICE_FLOOR = 0.85
+# The shipped one-pass net on the same three scans (in-sample: it saw them; 0.850 with the net that also gives
+# P(L5), 2026-12-07, worst vb1-15 0.782; the net before it, body only: 0.876). Its held-out figures (fold 0,
+# leave each source out) are in the README; this is a regression floor.
+ONEPASS_DICE_FLOOR = 0.82
 
 
 def test_onepass_net_outlines_and_names_three_real_scans(onepass_on_three_real_scans):
@@ -424,18 +424,26 @@ def test_onepass_net_outlines_and_names_three_real_scans(onepass_on_three_real_s
 
 def test_the_shipped_onepass_net_outlines_every_body_of_a_phantom_study(tmp_path):
     """Seed 7 (not a training phantom), T2 alone: whole slices, no classifier; every body from T12 to S1 is found as
-    one instance (best-overlap Dice > 0.8). Names are not asserted here: on this T2 alone the one-pass net's S1 is
-    too faint for the labelling and the run is named one level too low (flag S1_NOT_FOUND; README "The one-pass net"),
-    on the T1 and the STIR of the same phantom correctly."""
+    one instance (best-overlap Dice > 0.8), the net's P(L5) is high on the phantom's L5 only, and the run is named
+    T12..S1 (the net before the L5 output named this T2 one level too low: its S1 was too faint for the shapes)."""
+    from scipy import ndimage
+
     from pipeline.config import SegmentationConfig
     from pipeline.evaluation.cases import load_case
+    from pipeline.segmentation.grid import normalise
+    from pipeline.segmentation.probability import onepass_probability
     from pipeline.segmentation.segment import segment_vertebrae
     from pipeline.training.samples import phantom_rows
+    from pipeline.types import level_value
 
     (row,) = [r for r in phantom_rows(tmp_path, 1, first_seed=7) if "T2" in r["case"].upper()]
     work, lab, sp = load_case(row)
+    _, _, l5 = onepass_probability(normalise(work), sp)
+    ids = np.unique(lab[lab > 0])
+    evidence = dict(zip(ids.tolist(), ndimage.mean(l5, lab, ids), strict=True))
+    assert evidence.pop(level_value("L5")) > 0.5 and max(evidence.values()) < 0.2
     seg = segment_vertebrae(work, sp, SegmentationConfig(body_model="onepass"))
-    assert len(seg.bodies) == 7
+    assert [b.level for b in seg.bodies] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     for t in np.unique(lab[lab > 0]):
         truth = lab == t
         best = np.bincount(seg.labels[truth].astype(np.int64)).argmax()

@@ -25,7 +25,7 @@ from pipeline.errors import StudyError
 
 UNET_PATH = Path(__file__).resolve().parent / "models" / "body_unet.onnx"
 # The one-pass net (``segmentation.body_model: onepass``): run on whole slices, no classifier before or after it;
-# trained with domain randomisation (``python -m pipeline.training.train_unet --onepass``).
+# trained with domain randomisation (``python -m pipeline.training.train_unet --onepass``); two outputs: body, L5.
 ONEPASS_PATH = Path(__file__).resolve().parent / "models" / "body_net_onepass.onnx"
 _OVERRIDE: Path | None = None  # use_network: one net for this process, whichever body model asks
 CONTEXT_MM = 4.0  # the two side channels are the slices this far to either side (nearest slice, at least one)

@@ -13,6 +13,10 @@ it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` a
 whose labels are known (:func:`pipeline.training.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
 there are neither body nor background).
 
+The one-pass net (``--onepass``) has a second output, L5 (:func:`l5_mask`: the lowest annotated body of the
+sources in ``LOWEST_IS_L5``, the phantoms' L5; unknown on vb1, whose run of levels is not given): the labelling's
+anchor (:mod:`pipeline.segmentation.labelling`, ``L5_NET_WEIGHT``).
+
 Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % holding a body voxel, a fraction ``PHANTOM_SHARE``
 from phantom slices, each rotated (up to ``ROTATE_DEG``) and zoomed (up to exp(+-``SCALE_LOG``)), its side slices
 swapped half of the time, and a random gamma on the intensities (log-sd 0.25: contrast between scanners;
