@@ -496,6 +496,25 @@ def test_out_is_the_input_folder_itself(tmp_path):
     assert {".modicscan.lock", "batch.json", "cohort.csv", batch["studies"][0]["key"]} <= listed
 
 
+def test_a_folder_a_run_wrote_into_as_its_own_input_is_still_input_to_a_run_over_its_parent(tmp_path):
+    """Leftover of issue 30: after `modicscan run STUDY -o STUDY`, a run over STUDY's parent skipped STUDY whole as
+    an earlier run's output folder (its batch.json), with the study's images in it. The record now says the run
+    wrote into its input; a later walk enters the folder and leaves out only our own files and study folders."""
+    s = _study(tmp_path / "all", "study", 63, series=("T2",))
+    code, first = _batch(s, s)
+    assert first["output_is_input"] is True and code == 3
+    st, d = _only_study(tmp_path / "all")
+    assert st.series and all(x.modality == "MR" for x in st.series.values())
+    ours = {os.path.relpath(x.path, s): x.reason for x in d.skipped if x.path.startswith(str(s))}
+    assert ours["batch.json"] == ours[first["studies"][0]["key"]] == walk.MODICSCAN_OUTPUT
+    # an ordinary output folder (OUT beside the input) is still skipped whole
+    code, other = _batch(s, tmp_path / "all" / "results")
+    assert other["output_is_input"] is False
+    _, d = _only_study(tmp_path / "all")
+    assert {"results": walk.MODICSCAN_OUTPUT}.items() <= {os.path.relpath(x.path, tmp_path / "all"): x.reason
+                                                         for x in d.skipped}.items()
+
+
 def test_out_inside_the_study_folder_with_truth_and_notes(tmp_path):
     """Items 10 and 11 as a new user meets them: `modicscan run STUDY -o STUDY/out --dicom-out` on a phantom study
     (its truth/ folder kept) with a notes/ folder. Old: exit 3 with a failed `truth` folder, the second run read

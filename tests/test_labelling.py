@@ -297,3 +297,30 @@ def test_two_bodies_are_no_column_even_when_the_lower_one_looks_like_l5():
     cents3, geo3, vols3 = _column(n_above_l5=2, sacrum=False)  # three bodies: counted
     names3, _, _, _ = label_levels(cents3, geo3, vols3, CFG, fov_end_mm=cents3[-1] + 20)
     assert names3 == ["L3", "L4", "L5"]
+
+
+def test_the_nets_l5_evidence_names_the_column_when_the_sacrum_was_missed():
+    """The one-pass net's P(L5) per body: with the sacrum missed, the shapes alone read the real L5 as the top of
+    the sacrum (the failure seen on SPIDER slices); the net's L5 names it right, and a net that disagrees with a
+    clear anatomy reading is flagged."""
+    cents, geo, vols = _column()
+    # the sacrum was not segmented, and the real L5 (index 5) looks like a sacral top: short, reversed wedge
+    cents, geo, vols = cents[:-1], geo[:-1].copy(), vols[:-1]
+    geo[5] = _body(cents[5], -32.0, 18.0, height=16.0)
+    geo[4] = _body(cents[4], -10.0, -26.0)
+    without, _, _, _ = label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 100)
+    assert without[5] == "S1"  # the shapes alone: one level off
+    evidence = np.r_[0.0, 0.0, 0.0, 0.02, 0.1, 0.9]
+    names, _, flags, notes = label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 100, l5_evidence=evidence)
+    assert names == ["T12", *LUMBAR]
+    # the net moved the junction the shapes chose: the names follow it, flagged (a net can be confidently wrong)
+    assert "LEVELS_UNCERTAIN" in flags and any("endplate shapes" in n for n in notes)
+    with pytest.raises(ValueError, match="one value per component"):
+        label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 100, l5_evidence=evidence[:-1])
+    # a clear anatomy reading and a net that is sure of another body: the names are flagged, not silently trusted
+    cents, geo, vols = _column()
+    names, conf, flags, notes = label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 100,
+                                             l5_evidence=np.r_[0, 0, 0, 0, 0.6, 0.55, 0.0])
+    assert "LEVELS_UNCERTAIN" in flags and any("network" in n for n in notes) and conf < 0.7
+    sure = label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 100, l5_evidence=np.r_[0, 0, 0, 0, 0, 0.9, 0])
+    assert sure[0] == ["T12", *LUMBAR, "S1"] and "LEVELS_UNCERTAIN" not in sure[2]

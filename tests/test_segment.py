@@ -538,3 +538,27 @@ def test_train_segmenter_refuses_unclear_fold_options_before_any_work(tmp_path, 
     with pytest.raises(SystemExit) as exc:
         main(["--unet-refiner", "f0.onnx", "f1.onnx", "f2.onnx", "--out", str(tmp_path / "none.joblib")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_thin_single_slice_is_segmented_and_named_with_physical_volumes():
+    """SPIDER's 0.9 mm T2 slices (1.5 T Siemens): read as 0.9 mm slabs, every body was a fragment to the size rules
+    and segmentation failed; the rules now read a single slice as at least SINGLE_SLICE_SLAB_MM thick."""
+    import csv
+
+    from conftest import SHARED_DATA
+
+    from pipeline.evaluation.levels import segment_case
+    from pipeline.segmentation.segment import SINGLE_SLICE_SLAB_MM, rule_slab_mm
+
+    assert rule_slab_mm(1, 0.9) == SINGLE_SLICE_SLAB_MM and rule_slab_mm(1, 4.0) == 4.0 and rule_slab_mm(15, 0.9) == 0.9
+    root = SHARED_DATA / "modic-spider"
+    if not (root / "cases.csv").is_file():
+        pytest.skip(f"real data not available: {root} is absent (see README, 'Real data')")
+    with open(root / "cases.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["case"] == "spider-146")
+    res, t2, seg = segment_case(row, root, SegmentationConfig())
+    assert t2.spacing[2] == pytest.approx(0.9, abs=0.01) and not res["error"], res
+    lumbar = [b for b in seg.bodies if b.level in ("L1", "L2", "L3", "L4", "L5")]
+    assert len(lumbar) >= 4
+    area_mm2 = [(seg.labels == b.value).sum() * t2.spacing[0] * t2.spacing[1] for b in lumbar]
+    np.testing.assert_allclose([b.volume_mm3 for b in lumbar], np.array(area_mm2) * t2.spacing[2], rtol=1e-6)

@@ -1,5 +1,5 @@
-"""The U-Net body probability: input stacking, padding and chunking, column crop, the shipped net on a phantom,
-and (with PyTorch installed) the training steps."""
+"""The U-Net body probability: input stacking, padding and chunking, column crop, the second (L5) output, the
+shipped nets on phantoms and real scans, choosing the process's net. Training: tests/test_train_unet.py."""
 
 from __future__ import annotations
 
@@ -66,6 +66,32 @@ def test_unet_probability_stays_in_its_columns_and_interpolates_skipped_thin_sli
     np.testing.assert_allclose(prob[5, 15, 4], run[1] + (run[2] - run[1]) / 3, rtol=1e-5)
 
 
+class TwoOutputSession(FakeSession):
+    """A net with a second output (the one-pass net's L5): the left slice's value, so it can be told apart."""
+
+    def run(self, _outputs, feeds):
+        x = feeds["x"]
+        self.shapes.append(x.shape)
+        return [np.concatenate([10.0 * (x[:, 1:2] - 0.5), 10.0 * (x[:, 0:1] - 0.5)], axis=1)]
+
+
+def test_level_map_is_the_second_output_interpolated_like_the_body_and_none_for_a_one_output_net():
+    norm = np.zeros((32, 40, 13), np.float32)
+    norm[:, :, :] = np.linspace(0.0, 1.0, 13)[None, None, :]
+    body = unet.unet_probability(norm, 1.0, slice(10, 30), session=FakeSession())
+    prob, l5 = unet.unet_probability(norm, 1.0, slice(10, 30), session=TwoOutputSession(), level_map=True)
+    np.testing.assert_array_equal(prob, body)  # the body channel is unchanged by the second output
+    assert l5.shape == norm.shape and not l5[:, :10].any() and not l5[:, 30:].any()
+    left = np.linspace(0.0, 1.0, 13)[np.clip(np.array([0, 3, 6, 9, 12]) - 4, 0, 12)]  # the slice 4 mm to the left
+    run = 1.0 / (1.0 + np.exp(-10.0 * (left - 0.5)))
+    np.testing.assert_allclose(l5[5, 15, [0, 3, 6, 9, 12]], run, rtol=1e-5)
+    np.testing.assert_allclose(l5[5, 15, 4], run[1] + (run[2] - run[1]) / 3, rtol=1e-5)
+    _, none = unet.unet_probability(norm, 1.0, slice(10, 30), session=FakeSession(), level_map=True)
+    assert none is None
+    two = unet.run_net(TwoOutputSession(), norm[None, :, :, :3].transpose(0, 3, 1, 2).copy(), all_channels=True)
+    assert two.shape == (1, 2, 32, 40)
+
+
 def test_needed_slices_come_out_as_without_the_option_and_the_others_are_skipped():
     rng = np.random.default_rng(0)
     for n_k, slice_mm in ((13, 1.0), (15, 4.0), (40, 0.9)):  # thin slices are interpolated, thick ones each run
@@ -113,7 +139,8 @@ def test_onepass_runs_whole_slices_and_keeps_only_the_column_it_finds(monkeypatc
     for top in range(10, 190, 30):  # a column of bright "bodies" down AP column 150, 18 px apart
         norm[top:top + 22, 140:160] = 1.0
     norm[80:110, 10:30] = 1.0  # a bright blob 120 px (180 mm) in front of the column
-    prob, column = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0))
+    prob, column, l5 = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0))
+    assert l5 is None  # a net with one output has no L5 map
     assert fake.shapes[0][0] == k and fake.shapes[0][3] >= w  # every slice, every column
     assert prob[15, 150, 2] > 0.99 and prob[95, 20, 2] == 0  # the column kept, the far blob dropped
     assert column is not None and column[15, 150, 0] and not column[15, 20, 0]
@@ -122,7 +149,7 @@ def test_onepass_runs_whole_slices_and_keeps_only_the_column_it_finds(monkeypatc
     region = np.zeros_like(norm, bool)
     region[10:60, 130:170, 1:4] = True  # another contrast: only near the bodies T2 found
     fake.shapes.clear()
-    p2, col2 = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0), region)
+    p2, col2, _ = probability.onepass_probability(norm, (WORK_MM, WORK_MM, 4.0), region)
     assert col2 is None and not p2[~region].any() and p2[15, 150, 2] > 0.99
     assert fake.shapes[0][3] < w  # the region's columns (and the net's margin) only
 
@@ -155,133 +182,6 @@ def test_the_shipped_net_finds_the_bodies_of_a_phantom_t2(tmp_path):
     between = np.zeros_like(body)
     between[rows[0]:rows[-1] + 1] = True
     assert (found & ~(lab > 0) & between).sum() < 0.2 * body.sum()  # little else: discs, canal, muscle
-
-
-# ------------------------------------------------------------------------------------------- training
-def _slice(value: float, body_box=None, shape=(60, 70)):
-    x = np.full((3, *shape), value, np.float32)
-    y = np.zeros(shape, bool)
-    if body_box is not None:
-        y[body_box] = True
-    return x, y, np.ones(shape, bool)
-
-
-def test_training_batches_mix_sources_as_asked_and_pad_small_slices():
-    from pipeline.training.train_unet import sample_batch
-
-    real = [_slice(0.25, (slice(20, 40), slice(20, 40)))]
-    phantom = [_slice(0.75, (slice(10, 30), slice(10, 30)))]
-    rng = np.random.default_rng(0)
-    x, y, m = sample_batch(real, phantom, rng, batch=400, patch=32, phantom_share=0.25)
-    assert x.shape == (400, 3, 32, 32) and y.shape == m.shape == (400, 1, 32, 32)
-    from_phantom = x[:, 0, 16, 16] > 0.5  # the gamma keeps 0.25 below and 0.75 above 0.5 for any g in reason
-    assert 0.15 < from_phantom.mean() < 0.35
-    assert (y.reshape(400, -1).any(axis=1)).mean() > 0.75  # most crops hold body
-    # a slice smaller than the patch: its crop is padded with zeros, and padding is never counted in the loss
-    small = [_slice(0.5, (slice(2, 8), slice(2, 8)), shape=(10, 12))]
-    x, y, m = sample_batch(small, [], rng, batch=4, patch=32, rotate_deg=0, scale_log=0)
-    assert (m[:, 0, 11:21, 10:22] == 1).all() and m.sum() == 4 * 10 * 12  # the slice, centred; nothing else known
-    assert not x[np.broadcast_to(m == 0, x.shape)].any()
-    x, y, m = sample_batch(small, [], rng, batch=50, patch=32)  # rotated and zoomed: still only the slice is known
-    assert not x[np.broadcast_to(m == 0, x.shape)].any()
-    known = m.reshape(50, -1).sum(axis=1)
-    assert (known > 120 * np.exp(-0.3) - 12).all() and (known < 120 * np.exp(0.3) + 12).all()
-
-
-def test_training_crops_move_image_and_target_together_and_swap_the_side_slices():
-    from pipeline.training.train_unet import sample_batch
-
-    x, y, m = _slice(0.2, (slice(15, 45), slice(20, 40)))
-    x[1][y] = 1.0  # the centre channel shows the body
-    x[0], x[2] = 0.1, 0.9  # the side channels tell left from right
-    xb, yb, mb = sample_batch([(x, y, m)], [], np.random.default_rng(3), batch=200, patch=32)
-    known = mb[:, 0] > 0
-    bright = xb[:, 1] > 0.6  # any gamma in reason keeps 1.0 above and 0.2 below
-    agree = (bright == (yb[:, 0] > 0))[known].mean()
-    assert agree > 0.97  # rotated and zoomed alike (the rest: interpolated edge pixels)
-    body_px = yb[:, 0].sum(axis=(1, 2))
-    assert body_px.std() > 0  # zoom varies the apparent size
-    swapped = xb[:, 0, 16, 16] > xb[:, 2, 16, 16]
-    assert 0.35 < swapped.mean() < 0.65
-
-
-def test_training_slices_know_the_phantom_sacrum_but_not_the_rows_below_a_real_scan(tmp_path):
-    import nibabel as nib
-
-    from pipeline.training.train_unet import MARGIN_MM, case_slices
-
-    lab = np.zeros((100, 60, 20), np.int16)
-    lab[20:35, 20:40, 8:12] = 1
-    lab[45:60, 20:40, 8:12] = 2
-    img = np.where(lab > 0, 300.0, 100.0).astype(np.float32) + np.arange(20, dtype=np.float32)
-    # sagittal slices 4 mm apart, 1.5 mm in-plane (already the working grid): rows head -> foot, columns front -> back
-    aff = np.array([[0, 0, 4.0, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1]])
-    nib.save(nib.Nifti1Image(img, aff), tmp_path / "i.nii.gz")
-    nib.save(nib.Nifti1Image(lab, aff), tmp_path / "l.nii.gz")
-    row = {"image_path": str(tmp_path / "i.nii.gz"), "labels_path": str(tmp_path / "l.nii.gz")}
-    real = case_slices(row)
-    phantom = case_slices({**row, "known_below_mm": 30.0})
-    assert len(real) == 4 + 2 * round(MARGIN_MM / 4.0)  # the body slices and 8 mm either side
-    x, y, known = real[len(real) // 2]
-    assert x.shape == (3, *y.shape) and y.sum() > 0
-    # the working grid is in the scanner's head-to-foot order; whichever way it runs, the annotated rows are known,
-    # and the phantom knows 30 mm (20 rows) more below its lowest body than the real scan (3 rows margin)
-    rows_real, rows_ph = known.any(axis=1).sum(), phantom[len(real) // 2][2].any(axis=1).sum()
-    rows_body = np.flatnonzero(y.any(axis=1))
-    assert rows_real == rows_body[-1] - rows_body[0] + 1 + 2 * 3
-    assert rows_ph == rows_real + 20 - 3
-
-
-def test_pseudo_sacrum_takes_the_body_sized_piece_behind_and_one_level_below_the_lowest_annotated_body():
-    from pipeline.training.train_unet import pseudo_sacrum
-
-    sp = (1.5, 1.5, 4.0)  # working frame (I, P, R): rows head -> foot, columns front -> back
-    lab = np.zeros((160, 80, 8), np.int16)
-    for i, top in enumerate((10, 30, 50)):  # three annotated bodies, 30 mm apart (20 rows)
-        lab[top:top + 14, 30:50, 2:6] = i + 1
-    seg = np.zeros_like(lab)
-    seg[10:24, 30:50, 2:6] = 1  # the annotated bodies, found again: not candidates
-    seg[71:85, 36:56, 2:6] = 2  # S1: one spacing below, a little behind, 14 x 20 x 4 voxels = 10.1 ml
-    seg[71:85, 8:28, 2:6] = 3  # as large, as low, but in front (pelvis)
-    seg[88:92, 40:44, 3:4] = 4  # a fragment
-    seg[120:134, 36:56, 2:6] = 5  # far below (S2 / S3)
-    s1 = pseudo_sacrum(lab, seg, sp)
-    assert s1 is not None and np.array_equal(s1, seg == 2)
-    seg[seg == 2] = 0
-    assert pseudo_sacrum(lab, seg, sp) is None  # the pelvic blob, fragment and far piece never stand in
-    seg[68:85, 36:56, 2:6] = 6  # S1 again, but touching the lowest annotated body: part of it, not the sacrum
-    seg[50:64, 30:50, 2:6] = 6
-    assert pseudo_sacrum(lab, seg, sp) is None
-    assert pseudo_sacrum(lab[:, :, :] * (lab == 1), seg, sp) is None  # one annotated body: no spacing to go by
-
-
-def test_a_few_training_steps_lower_the_loss_and_export_a_net_onnx_runtime_runs(tmp_path):
-    pytest.importorskip("torch", reason="PyTorch is only needed to train (pip install -e '.[train]')")
-    pytest.importorskip("onnx", reason="exporting needs the onnx package (pip install -e '.[train]')")
-    import torch
-
-    from pipeline.training.train_unet import build_net, export_onnx, fit, masked_loss, sample_batch
-
-    rng = np.random.default_rng(1)
-    real = []
-    for _ in range(4):
-        x, y, m = _slice(0.2, (slice(16, 40), slice(20, 44)), shape=(64, 64))
-        x[:, y] = 0.9
-        real.append((x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), y, m))
-    xb, yb, mb = (torch.from_numpy(a) for a in sample_batch(real, [], np.random.default_rng(2), batch=8, patch=32))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        before = float(masked_loss(build_net().eval()(xb), yb, mb))
-    net = fit(real, [], iters=40, threads=1, log_every=0)
-    with torch.no_grad():
-        after = float(masked_loss(net(xb), yb, mb))
-    assert after < before
-    path = tmp_path / "net.onnx"
-    export_onnx(net, path)
-    prob = unet.run_net(unet.load_session(str(path)), np.stack([s[0] for s in real]))
-    with torch.no_grad():
-        ref = torch.sigmoid(net(torch.from_numpy(np.stack([s[0] for s in real])))).numpy()[:, 0]
-    np.testing.assert_allclose(prob, ref, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- real scans
@@ -329,10 +229,10 @@ def onepass_on_three_real_scans(vertebral_bodies_dir, tmp_path_factory):
                          cfg=SegmentationConfig(body_model="onepass"), first_levels={"vb2": "T11", "vb3": "L1"})
 
 
-# The shipped one-pass net on the same three scans (in-sample: it saw them; 0.876 on
-# 2026-12-07, vb1-15 0.823, vb2-05 0.906, vb3-09 0.906). Its held-out
-# figures (fold 0, leave vb3 out) are in the README; this is a regression floor.
-ONEPASS_DICE_FLOOR = 0.85
+# The shipped one-pass net on the same three scans (in-sample: it saw them; 0.850 with the net that also gives
+# P(L5), 2026-12-07, worst vb1-15 0.782; the net before it, body only: 0.876). Its held-out figures (fold 0,
+# leave each source out) are in the README; this is a regression floor.
+ONEPASS_DICE_FLOOR = 0.82
 
 
 def test_onepass_net_outlines_and_names_three_real_scans(onepass_on_three_real_scans):
@@ -344,18 +244,26 @@ def test_onepass_net_outlines_and_names_three_real_scans(onepass_on_three_real_s
 
 def test_the_shipped_onepass_net_outlines_every_body_of_a_phantom_study(tmp_path):
     """Seed 7 (not a training phantom), T2 alone: whole slices, no classifier; every body from T12 to S1 is found as
-    one instance (best-overlap Dice > 0.8). Names are not asserted here: on this T2 alone the one-pass net's S1 is
-    too faint for the labelling and the run is named one level too low (flag S1_NOT_FOUND; README "The one-pass net"),
-    on the T1 and the STIR of the same phantom correctly."""
+    one instance (best-overlap Dice > 0.8), the net's P(L5) is high on the phantom's L5 only, and the run is named
+    T12..S1 (the net before the L5 output named this T2 one level too low: its S1 was too faint for the shapes)."""
+    from scipy import ndimage
+
     from pipeline.config import SegmentationConfig
     from pipeline.evaluation.cases import load_case
+    from pipeline.segmentation.grid import normalise
+    from pipeline.segmentation.probability import onepass_probability
     from pipeline.segmentation.segment import segment_vertebrae
     from pipeline.training.samples import phantom_rows
+    from pipeline.types import level_value
 
     (row,) = [r for r in phantom_rows(tmp_path, 1, first_seed=7) if "T2" in r["case"].upper()]
     work, lab, sp = load_case(row)
+    _, _, l5 = onepass_probability(normalise(work), sp)
+    ids = np.unique(lab[lab > 0])
+    evidence = dict(zip(ids.tolist(), ndimage.mean(l5, lab, ids), strict=True))
+    assert evidence.pop(level_value("L5")) > 0.5 and max(evidence.values()) < 0.2
     seg = segment_vertebrae(work, sp, SegmentationConfig(body_model="onepass"))
-    assert len(seg.bodies) == 7
+    assert [b.level for b in seg.bodies] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     for t in np.unique(lab[lab > 0]):
         truth = lab == t
         best = np.bincount(seg.labels[truth].astype(np.int64)).argmax()
@@ -386,40 +294,3 @@ def test_use_network_switches_the_process_net_and_refuses_a_bad_file(tmp_path):
         unet.use_network(None)
     assert unet.net_path() == shipped and unet.load_session() is before
     assert unet.net_path("onepass") == unet.ONEPASS_PATH
-
-
-def test_train_unet_refuses_a_source_no_case_has_before_loading_anything(tmp_path, capsys):
-    from pipeline.training.train_unet import main
-
-    cases = tmp_path / "cases.csv"
-    cases.write_text("case,image,labels\nvb1-01,missing.nii.gz,missing_labels.nii.gz\n")
-    with pytest.raises(SystemExit) as exc:
-        main([str(cases), "--source", "vb9", "--out", str(tmp_path / "net.onnx")])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "vb9" in err and "vb1" in err
-    with pytest.raises(SystemExit) as exc:  # an empty source is no source: it would train on every case
-        main([str(cases), "--source", "", "--out", str(tmp_path / "net.onnx")])
-    assert exc.value.code == 2 and "''" in capsys.readouterr().err
-    assert not (tmp_path / "net.onnx").exists()
-
-
-def test_case_slices_are_cached_once_per_case_and_read_back_equal(tmp_path, monkeypatch):
-    from pipeline.training import train_unet
-
-    made = []
-
-    def fake_slices(row):
-        made.append(row["case"])
-        rng = np.random.default_rng(len(made))
-        return [(rng.random((3, 6, 7)).astype(np.float32), rng.random((6, 7)) > 0.5, np.ones((6, 7), bool))
-                for _ in range(2)]
-
-    monkeypatch.setattr(train_unet, "case_slices", fake_slices)
-    first = train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": True}, tmp_path)
-    again = train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": True}, tmp_path)
-    assert made == ["vb9-01"]  # prepared once, then read from the cache
-    assert [p.name for p in tmp_path.iterdir()] == ["vb9-01_s11.npz"]  # no temp file left behind
-    for (x0, b0, k0), (x1, b1, k1) in zip(first, again, strict=True):
-        assert np.array_equal(x0, x1) and np.array_equal(b0, b1) and np.array_equal(k0, k1)
-    train_unet.cached_case_slices({"case": "vb9-01", "pseudo_s1": False}, tmp_path)
-    assert made == ["vb9-01", "vb9-01"]  # the pseudo-S1 choice is part of the key

@@ -202,6 +202,14 @@ def run_batch(
     return BatchResult(outcomes, code, batch_path, disk_full)
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """One folder under two paths (as the walk decides it: device and inode, so also through a bind mount)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class _BatchRecord:
     """out/batch.json: what ran, what failed and why, versions, config hash. Rewritten atomically."""
 
@@ -249,6 +257,8 @@ class _BatchRecord:
         rec = {
             "schema_version": "1.0.0",
             "report_type": "modicscan.batch",
+            # within walk.is_modicscan_output's 4 KiB head: a later run over a folder holding this one enters it
+            "output_is_input": _same_folder(self.out_root, self.input_root),
             "modicscan_version": __version__,
             "software": software_info(),
             "started_at": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),

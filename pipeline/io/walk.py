@@ -9,7 +9,9 @@ Nothing under the input may be lost silently, and nothing of ours may be read ba
 * our own output folders are not entered (``MODICSCAN_OUTPUT``): the run's OUT folder when it lies inside
   the input, and any sub-folder holding a modicscan ``batch.json`` (an earlier run's output); when OUT is
   INPUT itself, the run's files at its top (lock, reserve, ``batch.json``, ``batch.log``, cohort tables, temp
-  files) and its study folders (holding our ``report.json`` / ``error.json``) are listed the same way;
+  files) and its study folders (holding our ``report.json`` / ``error.json``) are listed the same way, also
+  when a later run meets that folder below its own input (its ``batch.json`` says ``output_is_input``: the
+  studies in it are input, not output);
 * file and folder names are kept as the OS gives them (``str`` with surrogate escapes for bytes that are
   not UTF-8, so the files can still be opened); :func:`shown` turns such a path into text for messages
   and JSON.
@@ -37,6 +39,8 @@ MODICSCAN_OUTPUT = "MODICSCAN_OUTPUT"
 _BATCH_RECORD = re.compile(r"^batch(\.shard-\d+-of-\d+)?\.json$")
 _STUDY_RECORD = re.compile(r"^(report|error)\.json$")
 _OUR_RECORD_TYPE = re.compile(r'"report_type":\s*"modicscan\.(batch|study_report|study_error)"')
+_OUTPUT_IS_INPUT = re.compile(r'"output_is_input":\s*true')
+OUTPUT, OUTPUT_IN_INPUT = "output", "output in input"  # is_modicscan_output: skip the folder / enter it
 # What a run leaves at the top of its OUT folder besides the study folders (OUT == INPUT: never read as input)
 _OWN_TOP_FILES = re.compile(r"^(\.modicscan\.(lock|reserve)(\.shard-\d+-of-\d+)?|batch(\.shard-\d+-of-\d+)?\.json"
                             r"|batch\.log|cohort\.(csv|parquet)|summary\.json|\..+\.\d+\..*tmp.*)$")
@@ -54,10 +58,12 @@ def os_reason(exc: OSError) -> str:
     return PATH_TOO_LONG if exc.errno == errno.ENAMETOOLONG else UNREADABLE_FOLDER
 
 
-def is_modicscan_output(folder: Path, names: Iterable[str], study_records: bool = False) -> bool:
-    """True when ``folder`` (whose entries are ``names``) holds a modicscan batch record (``batch.json`` /
+def is_modicscan_output(folder: Path, names: Iterable[str], study_records: bool = False) -> str | None:
+    """``OUTPUT`` when ``folder`` (whose entries are ``names``) holds a modicscan batch record (``batch.json`` /
     ``batch.shard-i-of-N.json``: an earlier run's output folder) or, with ``study_records`` (a folder at the top
-    of this run's OUT when OUT is INPUT itself), a study record (``report.json`` / ``error.json``)."""
+    of an OUT that is its run's INPUT too), a study record (``report.json`` / ``error.json``);
+    ``OUTPUT_IN_INPUT`` when its batch record says the run wrote into its own input (``-o INPUT``: the folder
+    holds input studies besides our files); None otherwise."""
     for name in (n for n in names if _BATCH_RECORD.match(n) or (study_records and _STUDY_RECORD.match(n))):
         try:
             with open(folder / name, encoding="utf-8") as fh:
@@ -65,8 +71,8 @@ def is_modicscan_output(folder: Path, names: Iterable[str], study_records: bool 
         except (OSError, UnicodeDecodeError):
             continue
         if _OUR_RECORD_TYPE.search(head):
-            return True
-    return False
+            return OUTPUT_IN_INPUT if _BATCH_RECORD.match(name) and _OUTPUT_IS_INPUT.search(head) else OUTPUT
+    return None
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -82,7 +88,8 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
     """Files under ``root`` in a stable order (a folder's files by name, then its sub-folders by name), and
     every folder / link that was not read with its reason. Folders in ``exclude`` are not entered."""
     excluded = {ident for ident in (_identity(Path(p)) for p in exclude) if ident is not None}
-    root_is_out = _identity(root) in excluded  # `-o INPUT`: our own files lie among the input's
+    # Folders where a run's own files lie among the input's (`-o INPUT`, this run's or an earlier one's)
+    mixed: set[Path] = {root} if _identity(root) in excluded else set()
     seen: set[tuple[int, int]] = set()
     files: list[Path] = []
     skipped: list[SkippedFile] = []
@@ -108,14 +115,16 @@ def walk_inputs(root: Path, max_files: int, exclude: Iterable[str | os.PathLike]
         except OSError as exc:
             skipped.append(SkippedFile(str(folder), os_reason(exc)))
             continue
-        if folder != root and is_modicscan_output(folder, [e.name for e in entries],
-                                                  study_records=root_is_out and folder.parent == root):
+        kind = is_modicscan_output(folder, [e.name for e in entries], study_records=folder.parent in mixed)
+        if kind == OUTPUT_IN_INPUT:
+            mixed.add(folder)
+        elif kind == OUTPUT and folder != root:
             skipped.append(SkippedFile(str(folder), MODICSCAN_OUTPUT))
             continue
         sub: list[Path] = []
         for entry in entries:
             path = Path(entry.path)
-            if folder == root and root_is_out and _OWN_TOP_FILES.match(entry.name):
+            if folder in mixed and _OWN_TOP_FILES.match(entry.name):
                 skipped.append(SkippedFile(str(path), MODICSCAN_OUTPUT))  # OUT is INPUT: our lock, log, tables
                 continue
             try:

@@ -90,8 +90,9 @@ def _unet_columns(dist: np.ndarray | None, region: np.ndarray | None, width: int
 
 
 def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
-                        ) -> tuple[np.ndarray, np.ndarray | None]:
-    """P(body) from the one-pass net alone (``body_model: onepass``), and the column region.
+                        ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """P(body) from the one-pass net alone (``body_model: onepass``), the column region, and P(L5) from the net's
+    second output (None with ``region``, or for a net without one).
 
     Without ``region`` the net sees whole slices; the column is fitted through its own output and the
     probability is kept within ``unet.COLUMN_HALF_MM`` of it (as far as the cascade's crop reaches: iliac bone
@@ -106,19 +107,21 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
         prob = (unet_probability(norm, sp[2], cols, session=session, needed=region.any(axis=(0, 1)))
                 if cols.stop > cols.start else np.zeros(norm.shape, np.float32))
         prob[~region] = 0
-        return prob, None
-    prob = unet_probability(norm, sp[2], session=session)
+        return prob, None, None
+    prob, l5 = unet_probability(norm, sp[2], session=session, level_map=True)
     dist = column_distance(prob, sp)
     if dist is not None:
         prob[np.abs(dist) > COLUMN_HALF_MM] = 0
-    return prob, column_region(dist, prob.shape)
+    return prob, column_region(dist, prob.shape), l5
 
 
 def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
-                     body_model: str = "classifier") -> tuple[np.ndarray, tuple[float, float], np.ndarray | None]:
-    """P(vertebral body) on the working grid; returns (probability, zoom, column region).
+                     body_model: str = "classifier"
+                     ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None, np.ndarray | None]:
+    """P(vertebral body) on the working grid; returns (probability, zoom, column region, P(L5) or None).
 
-    ``body_model="onepass"``: the one-pass net alone (:func:`onepass_probability`); ``model`` is not used.
+    ``body_model="onepass"``: the one-pass net alone (:func:`onepass_probability`, the only model with a P(L5));
+    ``model`` is not used.
     The classifier's stage 1 (cheap, 3 mm grid) finds the column. ``body_model="unet"``: the U-Net
     (:mod:`pipeline.segmentation.unet`) gives the probability, on the columns near the spine only. ``"classifier"``: stage 2
     runs only where it can matter: near stage-1 body voxels (within ~4.5 mm, :func:`stage2_candidates`), within
@@ -131,8 +134,8 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     norm = normalise(work)
     sp = (WORK_MM, WORK_MM, float(spacing[2]))
     if body_model == "onepass":
-        prob, column = onepass_probability(norm, sp, region)
-        return prob, zoom, column
+        prob, column, l5 = onepass_probability(norm, sp, region)
+        return prob, zoom, column, l5
     model = model or load_model()
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     dist = column_distance(p1, sp)
@@ -146,7 +149,7 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
                 else np.zeros(norm.shape, np.float32))
         if region is not None:
             prob[~region] = 0
-        return prob, zoom, column
+        return prob, zoom, column, None
     cand = stage2_candidates(p1, norm)
     if column is not None:
         cand &= column
@@ -160,7 +163,7 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     cand[:, :, skipped] = False
     prob = np.zeros(work.shape, np.float32)
     if not cand.any():
-        return prob, zoom, column
+        return prob, zoom, column, None
     # features on the bounding box of the candidates + the features' reach (30 mm in-plane, 10 mm across slices)
     m_in = int(np.ceil(32.0 / WORK_MM))
     m_k = int(np.ceil(11.0 / sp[2]))
@@ -176,4 +179,4 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         prob = interpolate_slices(prob[:, :, ks], ks, prob.shape[2])
         if region is not None:
             prob[~region] = 0
-    return prob, zoom, column
+    return prob, zoom, column, None

@@ -27,7 +27,8 @@ Method (no learned weights are downloaded; the small model ships in ``pipeline/s
    reading of the column's end (which body is L5, which piece is the top of the sacrum, or S1 out of view) is
    scored by L5's steep lower endplate (the wedge of the L5-S1 disc) and the look of the sacrum's top as the
    networks find it (a short piece whose lower outline curves back, under a sloped upper endplate); levels are
-   counted up from L5 (L4, ..., T12, ...). Bodies stay unnamed (B<n>, values 100 + n) only when no reading looks
+   counted up from L5 (L4, ..., T12, ...); with the one-pass net, its second output (P(L5)) weighs in too.
+   Bodies stay unnamed (B<n>, values 100 + n) only when no reading looks
    lumbosacral (flag ``NO_LUMBOSACRAL_JUNCTION``); body-sized instances the chain leaves out are B<n> too.
 6. **Edges at the input resolution** (:mod:`pipeline.segmentation.refine`): the named bodies are mapped back to the
    input grid and the voxels within 4 mm of their surfaces are re-decided by a third classifier (contrast-free
@@ -74,6 +75,19 @@ log = logging.getLogger("modicscan")
 
 
 
+# A single sagittal slice (2-D research sets, key images) is read as a slab at least this thick by the size rules
+# (volumes in ml: fragments, bodies, the column's typical body). Its bodies' "volumes" are areas x the slice's
+# thickness, and the rules were set on slabs of 3-4 mm: a 0.9 mm slice (SPIDER's T2 of 1.5 T Siemens scans) made
+# every body a fragment (5 of 92 SPIDER slices failed with "no vertebral body was found"). Reported volumes stay
+# physical.
+SINGLE_SLICE_SLAB_MM = 3.0
+
+
+def rule_slab_mm(n_slices: int, slice_mm: float) -> float:
+    """Slice thickness (mm) the size rules use: the real one, or ``SINGLE_SLICE_SLAB_MM`` for a thinner single slice."""
+    return float(slice_mm) if n_slices > 1 else max(float(slice_mm), SINGLE_SLICE_SLAB_MM)
+
+
 def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None = None,
                       extra_images: list[np.ndarray] | None = None, keep_below_s1: bool = False,
                       model: dict | None = None) -> Segmentation:
@@ -96,14 +110,14 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     spacing = tuple(float(s) for s in spacing)
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
-    prob, zoom, region = body_probability(image, spacing, model=model, body_model=cfg.body_model)
+    prob, zoom, region, l5_map = body_probability(image, spacing, model=model, body_model=cfg.body_model)
     if extra_images:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
         # T2 found (abnormal marrow sits in or beside a body): everything else is skipped.
         # When T2 finds less than a few bodies' worth (unusual scaling, artefacts), the others are classified
         # everywhere: they must be able to find the bodies on their own.
         body = prob > cfg.probability_threshold
-        found_ml = float(body.sum()) * WORK_MM * WORK_MM * float(spacing[2]) / 1000.0
+        found_ml = float(body.sum()) * WORK_MM * WORK_MM * rule_slab_mm(image.shape[2], spacing[2]) / 1000.0
         if found_ml >= 3 * cfg.min_body_volume_ml:
             near = ndimage.binary_dilation(body, structure=np.ones((3, 3, 1), bool), iterations=int(round(15.0 / WORK_MM)))
             near &= ~body
@@ -112,9 +126,9 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         else:
             near = region
         for extra in extra_images:
-            p2, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model)
+            p2, _, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model)
             np.maximum(prob, p2, out=prob)
-    sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], spacing[2])
+    sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], rule_slab_mm(image.shape[2], spacing[2]))
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
     lab, column = split_column(prob, sp_work, cfg.probability_threshold, grow_threshold=cfg.grow_threshold,
                                grow_mm=cfg.grow_max_mm)
@@ -167,8 +181,11 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     ks = pair_slices(lab, ids)
     slices = to_work_grid(image[:, :, np.maximum(ks, 0)], spacing)[0] if ks.size else np.zeros((0, 0, 0))
     discs = disc_contrasts(slices, lab, ids, ks)
+    # The one-pass net's own reading of which body is L5: mean P(L5) over each component
+    l5_evidence = None if l5_map is None else np.asarray(ndimage.mean(l5_map, lab, ids), float)
     names, conf, flags, notes = label_levels(cents[:, 0] * sp_work[0], geometry, vol_ml, cfg, others_mm, cut,
-                                             fov_end_mm=lab.shape[0] * sp_work[0], discs=discs)
+                                             fov_end_mm=lab.shape[0] * sp_work[0], discs=discs,
+                                             l5_evidence=l5_evidence)
     chain = [lid for lid, name in zip(ids, names, strict=True) if name]
     # Instances on the column that the level chain left out (a body cut by the field of view, an under-segmented
     # body) are reported unnamed (B<position>) from half the minimum body volume: dropping

@@ -25,7 +25,7 @@ from pipeline.errors import StudyError
 
 UNET_PATH = Path(__file__).resolve().parent / "models" / "body_unet.onnx"
 # The one-pass net (``segmentation.body_model: onepass``): run on whole slices, no classifier before or after it;
-# trained with domain randomisation (``python -m pipeline.training.train_unet --onepass``).
+# trained with domain randomisation (``python -m pipeline.training.train_unet --onepass``); two outputs: body, L5.
 ONEPASS_PATH = Path(__file__).resolve().parent / "models" / "body_net_onepass.onnx"
 _OVERRIDE: Path | None = None  # use_network: one net for this process, whichever body model asks
 CONTEXT_MM = 4.0  # the two side channels are the slices this far to either side (nearest slice, at least one)
@@ -97,30 +97,36 @@ def use_network(path) -> None:
     _OVERRIDE = Path(path)
 
 
-def run_net(session, x: np.ndarray) -> np.ndarray:
-    """Sigmoid output (n, H, W) of the net for input ``x`` (n, 3, H, W): padded to multiples of 16, in chunks."""
+def run_net(session, x: np.ndarray, all_channels: bool = False) -> np.ndarray:
+    """Sigmoid output (n, H, W) of the net for input ``x`` (n, 3, H, W): padded to multiples of 16, in chunks.
+    ``all_channels``: every output channel, (n, C, H, W) (the one-pass net's channel 1 is L5)."""
     n, _, h, w = x.shape
     m = 2 ** DOWNSAMPLINGS
     hp, wp = -(-h // m) * m, -(-w // m) * m
     name = session.get_inputs()[0].name
-    out = np.empty((n, h, w), np.float32)
+    out = None
     for s in range(0, n, SLICES_PER_RUN):
         chunk = x[s:s + SLICES_PER_RUN]
         if (hp, wp) != (h, w):
             chunk = np.pad(chunk, ((0, 0), (0, 0), (0, hp - h), (0, wp - w)))
-        logit = session.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:, 0, :h, :w]
+        logit = session.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:, :, :h, :w]
+        if not all_channels:
+            logit = logit[:, 0]
+        if out is None:
+            out = np.empty((n,) + logit.shape[1:], np.float32)
         out[s:s + chunk.shape[0]] = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
-    return out
+    return np.empty((0, h, w), np.float32) if out is None else out
 
 
 def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = None, session=None,
-                     needed: np.ndarray | None = None) -> np.ndarray:
+                     needed: np.ndarray | None = None, level_map: bool = False):
     """P(body) (H, W, K) float32 on the working grid from the U-Net.
 
     ``columns``: the in-plane columns (AP axis) to run the net on; zero elsewhere. Thin slices are run about
     ``SLICE_PITCH_MM`` apart and interpolated (:func:`pipeline.segmentation.grid.interpolate_slices`).
     ``needed`` (K bools): only these slices are wanted; the net skips every slice that none of them is
     interpolated from (zero there), the needed ones come out as without it.
+    ``level_map``: return (P(body), P(L5)) instead, P(L5) from the net's second output (None for a net with one).
     """
     from pipeline.segmentation.grid import classified_slices, interpolate_slices
 
@@ -134,8 +140,15 @@ def unet_probability(norm: np.ndarray, slice_mm: float, columns: slice | None = 
         reach = np.r_[ks[0] - 1, ks[:-1]], np.r_[ks[1:], ks[-1] + 1]
         where = np.flatnonzero(needed)
         run = (np.searchsorted(where, reach[1]) - np.searchsorted(where, reach[0], side="right")) > 0
-    prob = np.zeros((h, w, ks.size), np.float32)
+    out = None
     if run.any():
-        x = context_stack(norm[:, cols], slice_mm, ks[run])
-        prob[:, cols][:, :, run] = np.moveaxis(run_net(session, x), 0, 2)  # prob[:, cols] is a view
-    return np.ascontiguousarray(interpolate_slices(prob, ks, n_k))
+        out = run_net(session, context_stack(norm[:, cols], slice_mm, ks[run]), all_channels=level_map)
+    n_out = 1 if out is None or out.ndim == 3 else out.shape[1]
+    prob = np.zeros((n_out, h, w, ks.size), np.float32)
+    if out is not None:
+        out = out.reshape(out.shape[0], n_out, out.shape[-2], out.shape[-1])  # (n, C, H, W)
+        prob[:, :, cols][:, :, :, run] = np.moveaxis(out, 0, 3)  # prob[:, :, cols] is a view
+    maps = [np.ascontiguousarray(interpolate_slices(c, ks, n_k)) for c in prob]
+    if not level_map:
+        return maps[0]
+    return maps[0], (maps[1] if len(maps) > 1 else None)

@@ -13,6 +13,10 @@ it. Input: the normalised working-grid slice and its neighbours ``CONTEXT_MM`` a
 whose labels are known (:func:`pipeline.training.train_segmenter._rows_known`: vb3 annotates L1-L5 only, so T12 and S1
 there are neither body nor background).
 
+The one-pass net (``--onepass``) has a second output, L5 (:func:`l5_mask`: the lowest annotated body of the
+sources in ``LOWEST_IS_L5``, the phantoms' L5; unknown on vb1, whose run of levels is not given): the labelling's
+anchor (:mod:`pipeline.segmentation.labelling`, ``L5_NET_WEIGHT``).
+
 Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % holding a body voxel, a fraction ``PHANTOM_SHARE``
 from phantom slices, each rotated (up to ``ROTATE_DEG``) and zoomed (up to exp(+-``SCALE_LOG``)), its side slices
 swapped half of the time, and a random gamma on the intensities (log-sd 0.25: contrast between scanners;
@@ -42,6 +46,7 @@ from pipeline.segmentation.segment import segment_vertebrae
 from pipeline.segmentation.unet import DOWNSAMPLINGS, ONEPASS_PATH, UNET_PATH, context_stack
 from pipeline.training.randomise import randomise_crop
 from pipeline.training.samples import _rows_below, _rows_known, phantom_rows
+from pipeline.types import level_value
 
 MARGIN_MM = 8.0  # slices this far beside the outermost body slices are trained on too (background only)
 PATCH, BATCH = 128, 16
@@ -53,7 +58,12 @@ ROTATE_DEG = 15.0  # crops are rotated by up to this (sample_batch)
 SCALE_LOG = 0.15  # and zoomed by up to exp(+-this): +-16 %
 # The one-pass net (--onepass): a quarter of the cascade net's width (it runs on whole slices, 4x the pixels), half
 # of the crops domain-randomised (randomise.py), more crops anywhere in the slice (it sees the whole field of view).
-ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65}
+# Its second output is L5 (the labelling's anchor: which body is L5 is read from anatomy the net sees, the sacrum
+# under it, the iliac crests beside it, not only from the shape of the column's end).
+# A fraction ``single_slice`` of its crops has no side slices (all three channels the middle one): a 2-D study
+# (one mid-sagittal slice, SPIDER) gives the net exactly that input, never seen in training otherwise.
+ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65, "outputs": 2, "single_slice": 0.15}
+LOWEST_IS_L5 = ("vb2", "vb3")  # sources whose lowest annotated body is L5 (the data's README: T11-L5, L1-L5)
 PSEUDO_S1_MIN_ML = 10.0  # a pseudo-labelled S1 smaller than this is a fragment, not the sacrum's top
 
 
@@ -85,13 +95,34 @@ def pseudo_sacrum(lab: np.ndarray, seg: np.ndarray, sp) -> np.ndarray | None:
     return seg == pieces[np.flatnonzero(ok)[np.argmax(counts[ok])]]
 
 
-def case_slices(row: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(input (3, H, W) float32, body (H, W) bool, known (H, W) bool) for each training slice of one image/labels row.
+def l5_mask(row: dict, lab: np.ndarray) -> np.ndarray | None:
+    """Voxels of L5 in a row's labels; None when the row does not say which body is L5.
+
+    A phantom's labels are level values (:func:`pipeline.types.level_value`). A real scan's are the annotators'
+    own numbers; with ``row["lowest_is_l5"]`` (vb2 annotates T11-L5, vb3 L1-L5) its lowest annotated body
+    (by centroid) is L5."""
+    if row.get("source") == "phantom":
+        return lab == level_value("L5")
+    if not row.get("lowest_is_l5"):
+        return None
+    ids = np.unique(lab[lab > 0])
+    if ids.size == 0:
+        return None
+    _, cents = label_counts_and_centroids(lab, ids)
+    return lab == ids[np.argmax(cents[:, 0])]
+
+
+def case_slices(row: dict) -> list[tuple]:
+    """Training slices of one image/labels row: (input (3, H, W) float32, body (H, W) bool, known (H, W) bool,
+    L5 (H, W) bool, L5 known: bool) each.
 
     ``row["pseudo_s1"]``: the annotation ends at L5 with S1 in view; the shipped pixel classifier's S1
     (:func:`pseudo_sacrum`) is added as body, so the net learns that the sacrum's top is a body (vb2 never annotates
-    it; without it the net missed S1 there and the levels were counted one too low)."""
+    it; without it the net missed S1 there and the levels were counted one too low). The L5 target
+    (:func:`l5_mask`) is known on the whole slice, or nowhere: everything that is not L5 is not L5, annotated or not.
+    """
     work, lab, sp = load_case(row)
+    l5 = l5_mask(row, lab)
     body = lab > 0
     if row.get("pseudo_s1") and body.any():
         seg = segment_vertebrae(work, sp, SegmentationConfig(body_model="classifier"), keep_below_s1=True).labels
@@ -105,27 +136,31 @@ def case_slices(row: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     m = int(round(MARGIN_MM / sp[2]))
     ks = np.arange(max(0, ks[0] - m), min(body.shape[2], ks[-1] + m + 1))
     x = context_stack(normalise(work), sp[2], ks)
-    return [(x[i], body[:, :, k], np.ascontiguousarray(known[:, :, k])) for i, k in enumerate(ks)]
+    l5_known = l5 is not None
+    l5 = np.zeros_like(body) if l5 is None else l5
+    return [(x[i], body[:, :, k], np.ascontiguousarray(known[:, :, k]), l5[:, :, k], l5_known)
+            for i, k in enumerate(ks)]
 
 
-def cached_case_slices(row: dict, cache: Path | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """:func:`case_slices`, kept in ``cache`` (one .npz per case and pseudo-S1 choice) when a folder is given: the
-    fold / source nets of an evaluation read the same slices (the pseudo-S1 segmentation alone takes minutes)."""
+def cached_case_slices(row: dict, cache: Path | None) -> list[tuple]:
+    """:func:`case_slices`, kept in ``cache`` (one .npz per case, pseudo-S1 and L5 choice) when a folder is given:
+    the fold / source nets of an evaluation read the same slices (the pseudo-S1 segmentation takes seconds a case)."""
     if cache is None:
         return case_slices(row)
-    path = Path(cache) / f"{row['case']}_s1{int(bool(row.get('pseudo_s1')))}.npz"
+    path = Path(cache) / (f"{row['case']}_s1{int(bool(row.get('pseudo_s1')))}"
+                          f"_l5{int(bool(row.get('lowest_is_l5')))}.npz")
     if path.is_file():
         with np.load(path) as z:
-            return list(zip(z["x"], z["body"], z["known"], strict=True))
+            return list(zip(z["x"], z["body"], z["known"], z["l5"], z["l5_known"].tolist(), strict=True))
     slices = case_slices(row)
     if slices:
         import io
 
         from pipeline.io.atomic import write_bytes_atomic
 
-        x, body, known = (np.stack(a) for a in zip(*slices, strict=True))
+        x, body, known, l5, l5_known = (np.stack(a) for a in zip(*slices, strict=True))
         buf = io.BytesIO()
-        np.savez(buf, x=x, body=body, known=known)
+        np.savez(buf, x=x, body=body, known=known, l5=l5, l5_known=l5_known)
         write_bytes_atomic(path, buf.getvalue())  # two trainings filling one cache never see half a file
     return slices
 
@@ -141,23 +176,28 @@ def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
 
 def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int = BATCH, patch: int = PATCH,
                  phantom_share: float = PHANTOM_SHARE, rotate_deg: float = ROTATE_DEG,
-                 scale_log: float = SCALE_LOG, randomise: float = 0.0,
-                 body_share: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x (B, 3, P, P), y (B, 1, P, P), mask (B, 1, P, P)) float32 crops; zero (and unknown) outside the slice.
+                 scale_log: float = SCALE_LOG, randomise: float = 0.0, body_share: float = 0.8,
+                 level_channel: bool = False, single_slice: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (B, 3, P, P), y (B, C, P, P), mask (B, C, P, P)) float32 crops; zero (and unknown) outside the slice.
+    Channel 0 is body; with ``level_channel`` channel 1 is L5, known on the slices whose L5 is known
+    (:func:`case_slices`; a slice tuple without it: unknown).
 
     A fraction ``body_share`` of the crops holds a body voxel, the rest lie anywhere. Each crop is rotated by up to
     ``rotate_deg`` and zoomed by up to exp(+-``scale_log``) (spines lean and scanners and patients differ in size;
     the 41 real scans alone do not show enough of either), its two side slices swap places half of the time (left
     and right context are alike), and its intensities get a random gamma; a fraction ``randomise`` of the crops is
-    domain-randomised on top (:func:`pipeline.training.randomise.randomise_crop`)."""
+    domain-randomised on top (:func:`pipeline.training.randomise.randomise_crop`); a fraction ``single_slice``
+    loses its side slices (all channels the middle one, as :func:`pipeline.segmentation.unet.context_stack` gives
+    for a one-slice study)."""
     from scipy import ndimage
 
     xs = np.zeros((batch, 3, patch, patch), np.float32)
-    ys = np.zeros((batch, 1, patch, patch), np.float32)
-    ms = np.zeros((batch, 1, patch, patch), np.float32)
+    n_out = 1 + int(level_channel)
+    ys = np.zeros((batch, n_out, patch, patch), np.float32)
+    ms = np.zeros((batch, n_out, patch, patch), np.float32)
     for b in range(batch):
         pool = phantom if phantom and rng.random() < phantom_share else real
-        x, y, m = pool[rng.integers(len(pool))]
+        x, y, m, *level = pool[rng.integers(len(pool))]
         h, w = y.shape
         if y.any() and rng.random() < body_share:  # a body voxel anywhere in the crop
             rr, cc = np.nonzero(y)
@@ -172,6 +212,8 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
         coords = _crop_coords(centre, patch, angle, float(np.exp(rng.uniform(-scale_log, scale_log))))
         inside = ((coords[0] > -0.5) & (coords[0] < h - 0.5) & (coords[1] > -0.5) & (coords[1] < w - 0.5))
         channels = (2, 1, 0) if rng.random() < 0.5 else (0, 1, 2)
+        if single_slice and rng.random() < single_slice:
+            channels = (1, 1, 1)
         g = float(np.exp(rng.normal(0.0, GAMMA_LOG_SD)))  # contrast between scanners: a monotone remap
         for c, src in enumerate(channels):  # "nearest" up to the slice's outer pixel edge, zero beyond it
             sub = ndimage.map_coordinates(x[src], coords, order=1, mode="nearest") * inside
@@ -180,12 +222,15 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
             xs[b] = randomise_crop(xs[b], inside, rng)
         ys[b, 0] = (ndimage.map_coordinates(y.astype(np.float32), coords, order=1, mode="nearest") >= 0.5) & inside
         ms[b, 0] = (ndimage.map_coordinates(m.astype(np.float32), coords, order=0, mode="nearest") > 0) & inside
+        if level_channel and level and level[1]:
+            l5 = ndimage.map_coordinates(level[0].astype(np.float32), coords, order=1, mode="nearest") >= 0.5
+            ys[b, 1], ms[b, 1] = l5 & inside, inside
     return xs, ys, ms
 
 
-def build_net(base: int = BASE_CHANNELS, depth: int = DOWNSAMPLINGS):
+def build_net(base: int = BASE_CHANNELS, depth: int = DOWNSAMPLINGS, outputs: int = 1):
     """2-D U-Net (Ronneberger et al. 2015): double 3x3 conv + BatchNorm + ReLU per level, max-pool down,
-    transposed conv up, skip connections, one output logit."""
+    transposed conv up, skip connections, ``outputs`` logits per pixel (body; L5)."""
     import torch
     from torch import nn
 
@@ -200,7 +245,7 @@ def build_net(base: int = BASE_CHANNELS, depth: int = DOWNSAMPLINGS):
             self.down = nn.ModuleList([block(3, ch[0])] + [block(ch[i], ch[i + 1]) for i in range(depth)])
             self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(depth))])
             self.dec = nn.ModuleList([block(2 * ch[i], ch[i]) for i in reversed(range(depth))])
-            self.head = nn.Conv2d(ch[0], 1, 1)
+            self.head = nn.Conv2d(ch[0], outputs, 1)
 
         def forward(self, x):
             skips = []
@@ -216,34 +261,37 @@ def build_net(base: int = BASE_CHANNELS, depth: int = DOWNSAMPLINGS):
 
 
 def masked_loss(logit, y, mask):
-    """BCE + soft Dice over the known pixels only."""
+    """BCE + soft Dice over the known pixels only, summed over the output channels."""
     import torch
     from torch import nn
 
-    bce = (nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
-    p = torch.sigmoid(logit) * mask
-    dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + (y * mask).sum() + 1)
-    return bce + dice
+    total = 0.0
+    for c in range(logit.shape[1]):
+        lc, yc, mc = logit[:, c], y[:, c], mask[:, c]
+        bce = (nn.functional.binary_cross_entropy_with_logits(lc, yc, reduction="none") * mc).sum() / mc.sum().clamp(min=1)
+        p = torch.sigmoid(lc) * mc
+        total = total + bce + 1 - (2 * (p * yc).sum() + 1) / (p.sum() + (yc * mc).sum() + 1)
+    return total
 
 
 def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100,
         rotate_deg: float = ROTATE_DEG, scale_log: float = SCALE_LOG, base: int = BASE_CHANNELS,
-        randomise: float = 0.0, body_share: float = 0.8):
-    """Train a U-Net of ``base`` channels on the slices (see :func:`case_slices`; augmentation:
-    :func:`sample_batch`); returns the net in eval mode."""
+        randomise: float = 0.0, body_share: float = 0.8, outputs: int = 1, single_slice: float = 0.0):
+    """Train a U-Net of ``base`` channels and ``outputs`` output channels (2: body and L5) on the slices (see
+    :func:`case_slices`; augmentation: :func:`sample_batch`); returns the net in eval mode."""
     import torch
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    net = build_net(base)
+    net = build_net(base, outputs=outputs)
     opt = torch.optim.AdamW(net.parameters(), LEARNING_RATE, weight_decay=1e-4)
     t0 = time.time()
     for it in range(iters):
         for group in opt.param_groups:
             group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * it / max(1, iters)))
         batch = sample_batch(real, phantom, rng, rotate_deg=rotate_deg, scale_log=scale_log, randomise=randomise,
-                             body_share=body_share)
+                             body_share=body_share, level_channel=outputs > 1, single_slice=single_slice)
         x, y, m = (torch.from_numpy(a) for a in batch)
         loss = masked_loss(net(x), y, m)
         opt.zero_grad()
@@ -292,6 +340,7 @@ def main(argv=None) -> int:
     refuse_unknown_source(ap, rows, a.source)
     for r in rows:
         r["pseudo_s1"] = r.get("source") in (a.pseudo_s1 or ["vb2"])
+        r["lowest_is_l5"] = a.onepass and r.get("source") in LOWEST_IS_L5
     if a.fold is not None or a.source is not None:
         rows = [r for r, out in zip(rows, held_out(rows, a.fold, a.source), strict=True) if not out]
     out = Path(a.out) if a.out else ONEPASS_PATH if a.onepass else UNET_PATH
@@ -309,7 +358,8 @@ def main(argv=None) -> int:
         phantom = [s for r in ph_rows for s in case_slices(r)]
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
     net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log, base=base,
-              randomise=randomise, body_share=body_share)
+              randomise=randomise, body_share=body_share, outputs=ONEPASS["outputs"] if a.onepass else 1,
+              single_slice=ONEPASS["single_slice"] if a.onepass else 0.0)
     export_onnx(net, out)
     print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {out}")
     return 0
