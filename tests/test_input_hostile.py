@@ -507,6 +507,11 @@ def test_a_folder_a_run_wrote_into_as_its_own_input_is_still_input_to_a_run_over
     assert st.series and all(x.modality == "MR" for x in st.series.values())
     ours = {os.path.relpath(x.path, s): x.reason for x in d.skipped if x.path.startswith(str(s))}
     assert ours["batch.json"] == ours[first["studies"][0]["key"]] == walk.MODICSCAN_OUTPUT
+    # the same folder as the input root of a later run that writes elsewhere: our files there are ours, not input
+    st, d = _only_study(s)
+    assert st.series
+    ours = {os.path.relpath(x.path, s): x.reason for x in d.skipped}
+    assert ours["batch.json"] == ours[first["studies"][0]["key"]] == walk.MODICSCAN_OUTPUT
     # an ordinary output folder (OUT beside the input) is still skipped whole
     code, other = _batch(s, tmp_path / "all" / "results")
     assert other["output_is_input"] is False

@@ -99,7 +99,8 @@ def use_network(path) -> None:
 
 def run_net(session, x: np.ndarray, all_channels: bool = False) -> np.ndarray:
     """Sigmoid output (n, H, W) of the net for input ``x`` (n, 3, H, W): padded to multiples of 16, in chunks.
-    ``all_channels``: every output channel, (n, C, H, W) (the one-pass net's channel 1 is L5)."""
+    ``all_channels``: every output channel, (n, C, H, W) (the one-pass net's channel 1 is L5); an empty ``x``
+    gives (0, H, W) either way (C is only known from a run: callers skip the net when no slice needs it)."""
     n, _, h, w = x.shape
     m = 2 ** DOWNSAMPLINGS
     hp, wp = -(-h // m) * m, -(-w // m) * m
