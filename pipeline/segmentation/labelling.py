@@ -186,8 +186,7 @@ def sacral_likeness(geometry: np.ndarray, volumes_ml: np.ndarray, cut: np.ndarra
 
 def junction_scores(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.ndarray, geometry: np.ndarray,
                     cut: np.ndarray, others_mm: np.ndarray, fov_end_mm: float | None, typical: float,
-                    spacing: float, discs: np.ndarray | None = None,
-                    l5_evidence: np.ndarray | None = None) -> dict[tuple[int, int | None], float]:
+                    spacing: float, discs: np.ndarray | None = None) -> dict[tuple[int, int | None], float]:
     """Score of each reading (L5 index, S1 index or None) of the column's end.
 
     Readings: two consecutive chain bodies among its last five; one of its last four and a smaller piece 0.3-1.3 spacings
@@ -197,9 +196,8 @@ def junction_scores(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.n
     (:func:`sacral_likeness`, or a whole body with both endplates steep and parallel: S1 found whole) or,
     without, whether the image ends within a spacing under L5 (S1 out of view; else a body that looks like S1
     found whole is not taken for L5) or body-like tissue lies where S1 would be. ``discs`` (:func:`disc_contrasts`): a piece read as S1 with a disc
-    under it (as unlike marrow as the column's own discs) is a mobile vertebra, not the sacrum. ``l5_evidence``
-    (per component, 0..1: the one-pass net's mean P(L5)): ``L5_NET_WEIGHT`` times it for the reading's L5,
-    minus the same for its S1."""
+    under it (as unlike marrow as the column's own discs) is a mobile vertebra, not the sacrum. The one-pass net's
+    P(L5) is added by :func:`net_l5_score`."""
     height_ref = float(np.nanmedian(geometry[chain, 2])) if np.any(~np.isnan(geometry[chain, 2])) else 1.0
     sacral = sacral_likeness(geometry, volumes_ml, cut, typical, height_ref)
     sup, inf = np.nan_to_num(geometry[:, 0]), np.nan_to_num(geometry[:, 1])
@@ -236,10 +234,15 @@ def junction_scores(chain: list[int], centroids_mm: np.ndarray, volumes_ml: np.n
                 score -= 0.5  # S1 would be in view under it, and it looks like S1 found whole
             where_s1 = (others_mm > centroids_mm[l5] + 0.4 * spacing) & (others_mm < centroids_mm[l5] + 1.3 * spacing)
             score += 0.3 * bool(np.any(where_s1))
-        if l5_evidence is not None:
-            score += L5_NET_WEIGHT * (l5_evidence[l5] - (l5_evidence[s1] if s1 is not None else 0.0))
         scores[(l5, s1)] = score
     return scores
+
+
+def net_l5_score(reading: tuple[int, int | None], l5_evidence: np.ndarray) -> float:
+    """What the one-pass net's P(L5) (mean per component) adds to a reading (L5 index, S1 index or None) of
+    :func:`junction_scores`: ``L5_NET_WEIGHT`` times it for the reading's L5, minus the same for its S1."""
+    l5, s1 = reading
+    return L5_NET_WEIGHT * (l5_evidence[l5] - (l5_evidence[s1] if s1 is not None else 0.0))
 
 
 def _level_name(above_s1: int) -> str:
@@ -270,8 +273,9 @@ def label_levels(centroids_mm: np.ndarray, geometry: np.ndarray, volumes_ml: np.
     body running out of view: the water-fat scans (vb3) end just under L5, S1 cut). ``others_mm``: centroids of
     body-like pieces off the column (the top of the sacrum curving out of the column's tube). ``discs``:
     :func:`disc_contrasts` of the components (optional: without it a disc under S1 is not looked for).
-    ``l5_evidence``: the one-pass net's mean P(L5) per component (optional, :func:`junction_scores`); when a body
-    it is sure of is not the chosen L5, the names are flagged ``LEVELS_UNCERTAIN``.
+    ``l5_evidence``: the one-pass net's mean P(L5) per component (optional, :func:`net_l5_score`); when it moved
+    the junction from the shapes' reading, or is sure of a body that is not the chosen L5, the names are flagged
+    ``LEVELS_UNCERTAIN``.
     """
     n = len(centroids_mm)
     flags: list[str] = []
@@ -298,8 +302,9 @@ def label_levels(centroids_mm: np.ndarray, geometry: np.ndarray, volumes_ml: np.
         l5_evidence = np.nan_to_num(np.asarray(l5_evidence, float))
         if l5_evidence.shape != (n,):
             raise ValueError(f"l5_evidence must hold one value per component ({n}), got shape {l5_evidence.shape}")
-    scores = junction_scores(chain, centroids_mm, volumes_ml, geometry, cut, others_mm, fov_end_mm, typical, spacing,
-                             discs, l5_evidence)
+    shapes = junction_scores(chain, centroids_mm, volumes_ml, geometry, cut, others_mm, fov_end_mm, typical, spacing,
+                             discs)
+    scores = shapes if l5_evidence is None else {r: v + net_l5_score(r, l5_evidence) for r, v in shapes.items()}
     ranked = sorted(scores.values(), reverse=True)
     best = max(scores, key=scores.get)
     margin = ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0)
@@ -331,8 +336,6 @@ def label_levels(centroids_mm: np.ndarray, geometry: np.ndarray, volumes_ml: np.
     if l5_evidence is not None:
         # The net and the shapes alone disagree (the net moved the junction, or it is sure of another body): the
         # names follow the net but say so, whatever else was flagged.
-        shapes = junction_scores(chain, centroids_mm, volumes_ml, geometry, cut, others_mm, fov_end_mm, typical,
-                                 spacing, discs)
         moved = max(shapes, key=shapes.get)[0] != l5
         sure = [i for i in np.flatnonzero(l5_evidence > L5_NET_SURE) if i != l5]
         if moved or sure:
