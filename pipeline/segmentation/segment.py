@@ -111,13 +111,14 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     if image.ndim != 3 or min(image.shape) < 1:
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
     prob, zoom, region, l5_map = body_probability(image, spacing, model=model, body_model=cfg.body_model)
+    slab_mm = rule_slab_mm(image.shape[2], spacing[2])  # the slice thickness the size rules (ml) use
     if extra_images:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
         # T2 found (abnormal marrow sits in or beside a body): everything else is skipped.
         # When T2 finds less than a few bodies' worth (unusual scaling, artefacts), the others are classified
         # everywhere: they must be able to find the bodies on their own.
         body = prob > cfg.probability_threshold
-        found_ml = float(body.sum()) * WORK_MM * WORK_MM * rule_slab_mm(image.shape[2], spacing[2]) / 1000.0
+        found_ml = float(body.sum()) * WORK_MM * WORK_MM * slab_mm / 1000.0
         if found_ml >= 3 * cfg.min_body_volume_ml:
             near = ndimage.binary_dilation(body, structure=np.ones((3, 3, 1), bool), iterations=int(round(15.0 / WORK_MM)))
             near &= ~body
@@ -128,7 +129,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         for extra in extra_images:
             p2, _, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model)
             np.maximum(prob, p2, out=prob)
-    sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], rule_slab_mm(image.shape[2], spacing[2]))
+    sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], slab_mm)
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0
     lab, column = split_column(prob, sp_work, cfg.probability_threshold, grow_threshold=cfg.grow_threshold,
                                grow_mm=cfg.grow_max_mm)
