@@ -62,6 +62,15 @@ def read_reading(path: Path | None) -> dict[str, float]:
         return {r["case"]: float(r["l5_row_mm"]) for r in csv.DictReader(fh) if r.get("l5_row_mm")}
 
 
+def patient_folds(rows: list[dict], k: int = 2) -> list[int]:
+    """Fold of each cases.csv row for k-fold cross-validation over patients: CRC-32 of the ``patient`` column (else
+    the case) mod k. A patient's fold does not depend on which other rows are listed, so a training over the read
+    cases and an evaluation over all cases split them alike (SPIDER's patient numbers are all even: not mod k)."""
+    import zlib
+
+    return [zlib.crc32((r.get("patient") or r["case"]).encode()) % k for r in rows]
+
+
 def _png(t2, seg, path: Path, title: str) -> None:
     import matplotlib
 
@@ -84,13 +93,19 @@ def _png(t2, seg, path: Path, title: str) -> None:
 
 
 def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None, write_png: bool = True,
-                    cfg: SegmentationConfig | None = None, limit: int | None = None) -> dict:
-    """Segment every case, write levels.csv (+ a PNG per case) and summary.json; returns the summary."""
+                    cfg: SegmentationConfig | None = None, limit: int | None = None,
+                    fold: int | None = None) -> dict:
+    """Segment every case (only fold ``fold``'s of :func:`patient_folds`, when given: the cases a net trained
+    with ``train_unet --l5-fold`` left out), write levels.csv (+ a PNG per case) and summary.json; returns the
+    summary."""
     cfg = cfg or SegmentationConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(cases_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))[:limit]
+        rows = list(csv.DictReader(fh))
+    if fold is not None:
+        rows = [r for r, f in zip(rows, patient_folds(rows), strict=True) if f == fold]
+    rows = rows[:limit]
     read = read_reading(reading)
     results = []
     for row in rows:  # one slice per case: ~1 s each
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reading", type=Path, help="case,l5_row_mm: a reader's L5 centroid row per case")
     ap.add_argument("--no-png", action="store_true")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--fold", type=int, choices=(0, 1),
+                    help="only the patients of this fold (of 2): those a net trained with --l5-fold left out")
     ap.add_argument("--config", type=Path, help="YAML config (its segmentation section is used)")
     ap.add_argument("--unet", type=Path, help="net (.onnx) instead of the shipped one (e.g. a held-out fold's)")
     args = ap.parse_args(argv)
@@ -136,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.segmentation.unet import use_network
 
         use_network(args.unet)
-    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit))
+    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit,
+                          fold=args.fold))
     return 0
 
 
