@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluation.levels import L5_TOLERANCE_MM, patient_folds
+from pipeline.evaluation.levels import L5_TOLERANCE_MM, fold_rows, patient_folds
 
 
 def _three_bodies(shape=(120, 60, 1)):
@@ -40,6 +40,17 @@ def test_patient_folds_keep_a_patients_rows_together_and_do_not_depend_on_the_ot
     subset = rows[::3]
     assert patient_folds(subset) == folds[::3]  # a training over the read cases splits them as the evaluation
     assert patient_folds([{"case": "x-1"}]) == patient_folds([{"case": "x-1", "patient": ""}])  # no patient: case
+
+
+def test_a_training_and_the_evaluation_of_one_fold_split_the_read_cases_between_them():
+    everyone = [{"case": f"c{i}", "patient": str(i)} for i in range(30)]
+    read = everyone[1::2] + everyone[::7]  # the reading covers some cases, listed in another order
+    for k in (0, 1):
+        trained = {r["case"] for r in fold_rows(read, k, held_out=False)}
+        evaluated = {r["case"] for r in fold_rows(everyone, k, held_out=True)}
+        assert trained and evaluated and not trained & evaluated
+        assert trained | (evaluated & {r["case"] for r in read}) == {r["case"] for r in read}
+    assert fold_rows(read, None, held_out=True) == read == fold_rows(read, None, held_out=False)
 
 
 def test_evaluate_levels_fold_keeps_only_that_folds_patients(tmp_path, monkeypatch):
@@ -102,23 +113,43 @@ def test_read_slices_are_cached_with_the_cases_no_reading_matched(tmp_path, monk
         return [] if row["case"] == "nomatch" else [_reader_slice()]
 
     monkeypatch.setattr(reader_l5, "reader_case_slices", fake)
-    first = reader_l5.cached_reader_slices({"case": "a"}, tmp_path)
-    again = reader_l5.cached_reader_slices({"case": "a"}, tmp_path)
+    first = reader_l5.cached_reader_slices({"case": "a", "l5_row_mm": 180.0}, tmp_path)
+    again = reader_l5.cached_reader_slices({"case": "a", "l5_row_mm": 180.0}, tmp_path)
     assert len(first) == len(again) == 1
     assert all(np.array_equal(u, v) for u, v in zip(first[0], again[0], strict=True))
-    assert reader_l5.cached_reader_slices({"case": "nomatch"}, tmp_path) == []
-    assert reader_l5.cached_reader_slices({"case": "nomatch"}, tmp_path) == []
+    assert reader_l5.cached_reader_slices({"case": "nomatch", "l5_row_mm": 90.0}, tmp_path) == []
+    assert reader_l5.cached_reader_slices({"case": "nomatch", "l5_row_mm": 90.0}, tmp_path) == []
     assert made == ["a", "nomatch"]  # each case prepared once
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_reader_l5.npz", "nomatch_reader_l5.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_reader_l5_180.0.npz", "nomatch_reader_l5_90.0.npz"]
+    reader_l5.cached_reader_slices({"case": "a", "l5_row_mm": 150.5}, tmp_path)  # a revised reading
+    assert made == ["a", "nomatch", "a"]
+
+
+def test_a_read_case_that_does_not_segment_is_left_out_not_fatal(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from pipeline.errors import StudyError
+    from pipeline.segmentation import segment
+    from pipeline.training.reader_l5 import reader_case_slices
+
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 1), np.float32), np.eye(4)), tmp_path / "t2.nii.gz")
+
+    def no_body(*a, **k):
+        raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found")
+
+    monkeypatch.setattr(segment, "segment_vertebrae", no_body)
+    assert reader_case_slices({"case": "c", "root": str(tmp_path), "t2": "t2.nii.gz", "l5_row_mm": 20.0}) == []
 
 
 def test_train_unet_wants_the_reading_with_the_read_cases_and_the_one_pass_net(tmp_path, capsys):
     from pipeline.training.train_unet import main
 
-    for args in (["--onepass", "--l5-cases", "c.csv"], ["--l5-cases", "c.csv", "--l5-reading", "r.csv"]):
+    for args in (["--onepass", "--l5-cases", "c.csv"], ["--l5-cases", "c.csv", "--l5-reading", "r.csv"],
+                 ["--onepass", "--l5-fold", "1"]):
         with pytest.raises(SystemExit) as exc:
             main([str(tmp_path / "cases.csv"), *args, "--out", str(tmp_path / "n.onnx")])
         assert exc.value.code == 2 and "--l5-reading" in capsys.readouterr().err
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_a_read_spider_slice_gives_one_single_slice_sample_with_a_body_sized_l5(repo_root):

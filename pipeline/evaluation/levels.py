@@ -71,6 +71,14 @@ def patient_folds(rows: list[dict], k: int = 2) -> list[int]:
     return [zlib.crc32((r.get("patient") or r["case"]).encode()) % k for r in rows]
 
 
+def fold_rows(rows: list[dict], fold: int | None, held_out: bool) -> list[dict]:
+    """The rows of fold ``fold`` (:func:`patient_folds`, of 2) with ``held_out``, else the others (a training's
+    rows); all rows when ``fold`` is None. Training and evaluation split through this one function."""
+    if fold is None:
+        return list(rows)
+    return [r for r, f in zip(rows, patient_folds(rows), strict=True) if (f == fold) == held_out]
+
+
 def _png(t2, seg, path: Path, title: str) -> None:
     import matplotlib
 
@@ -103,9 +111,7 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(cases_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if fold is not None:
-        rows = [r for r, f in zip(rows, patient_folds(rows), strict=True) if f == fold]
-    rows = rows[:limit]
+    rows = fold_rows(rows, fold, held_out=True)[:limit]
     read = read_reading(reading)
     results = []
     for row in rows:  # one slice per case: ~1 s each

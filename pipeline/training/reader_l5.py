@@ -7,10 +7,11 @@ small remnant S1-S2 disc, and a net that never saw that called S1 "L5" (spider-0
 who saw the whole slice says where L5 is; nothing else on these slices is annotated.
 
 Each case is segmented with the default cascade (T2, the T1 resampled onto it, as
-:func:`pipeline.evaluation.levels.segment_case`); the component whose centroid row lies nearest the reader's L5
-row, within ``levels.L5_TOLERANCE_MM``, is the L5 target; every other pixel of the slice is "not L5". The body
-output is unknown on these slices (its mask is all False): the cascade's outlines are not truth. A case whose
-reading no component matches is left out (printed).
+:func:`pipeline.evaluation.levels.segment_case`, but keeping the body-sized pieces below S1: where our names are
+wrong, the reader's L5 may be one of them); the component whose centroid row lies nearest the reader's L5 row,
+within ``levels.L5_TOLERANCE_MM``, is the L5 target; every other pixel of the slice is "not L5". The body output
+is unknown on these slices (its mask is all False): the cascade's outlines are not truth. A case whose reading no
+component matches, or that does not segment, is left out (the training prints which).
 """
 
 from __future__ import annotations
@@ -53,15 +54,19 @@ def reader_l5_mask(labels: np.ndarray, row_mm: np.ndarray | float, spacing) -> n
 def reader_case_slices(row: dict, cfg: SegmentationConfig | None = None) -> list[tuple]:
     """Training slices of one read case, in :func:`pipeline.training.train_unet.case_slices`'s form: (input
     (3, H, W), body (H, W) all False, known (H, W) all False, L5 (H, W), True); [] when no component matches the
-    reading."""
+    reading or the slice does not segment."""
+    from pipeline.errors import StudyError
     from pipeline.io.nifti import load_nifti, resample_to
     from pipeline.segmentation.segment import segment_vertebrae
 
     root = Path(row["root"])
     t2 = load_nifti(root / row["t2"])
     extra = [resample_to(load_nifti(root / row["t1"]), t2).data] if row.get("t1") else None
-    seg = segment_vertebrae(t2.data, t2.spacing, cfg or SegmentationConfig(), extra_images=extra,
-                            keep_below_s1=True)
+    try:
+        seg = segment_vertebrae(t2.data, t2.spacing, cfg or SegmentationConfig(), extra_images=extra,
+                                keep_below_s1=True)
+    except StudyError:  # e.g. no body found: a case to leave out, not a reason to stop a training
+        return []
     l5 = reader_l5_mask(seg.labels, row["l5_row_mm"], t2.spacing)
     if l5 is None:
         return []
@@ -74,10 +79,12 @@ def reader_case_slices(row: dict, cfg: SegmentationConfig | None = None) -> list
 
 
 def cached_reader_slices(row: dict, cache: Path | None) -> list[tuple]:
-    """:func:`reader_case_slices`, kept in ``cache`` as ``<case>_reader_l5.npz`` when a folder is given."""
+    """:func:`reader_case_slices`, kept in ``cache`` as ``<case>_reader_l5_<row mm>.npz`` when a folder is given
+    (a revised reading of the case is prepared anew; a changed segmentation model is not noticed: clear the cache
+    after retraining the cascade)."""
     if cache is None:
         return reader_case_slices(row)
-    path = Path(cache) / f"{row['case']}_reader_l5.npz"
+    path = Path(cache) / f"{row['case']}_reader_l5_{float(row['l5_row_mm']):.1f}.npz"
     if path.is_file():
         with np.load(path) as z:
             return [(z["x"], z["body"], z["body"], z["l5"], True)] if z["l5"].any() else []

@@ -201,7 +201,7 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
     ys = np.zeros((batch, n_out, patch, patch), np.float32)
     ms = np.zeros((batch, n_out, patch, patch), np.float32)
     for b in range(batch):
-        u = rng.random()
+        u = rng.random() if reader or phantom else 1.0  # no draw without a second pool (seeds reproduce as before)
         pool = (reader if reader and u < reader_share else
                 phantom if phantom and u < reader_share + phantom_share else real)
         x, y, m, *level = pool[rng.integers(len(pool))]
@@ -354,6 +354,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if (a.l5_cases is None) != (a.l5_reading is None) or (a.l5_cases and not a.onepass):
         ap.error("--l5-cases and --l5-reading go together, with --onepass")
+    if a.l5_fold is not None and a.l5_cases is None:
+        ap.error("--l5-fold leaves out read cases: give --l5-cases and --l5-reading")
     rows = read_cases(Path(a.cases_csv))
     refuse_unknown_source(ap, rows, a.source)
     for r in rows:
@@ -376,17 +378,15 @@ def main(argv=None) -> int:
         phantom = [s for r in ph_rows for s in case_slices(r)]
     reader = []
     if a.l5_cases:
-        from pipeline.evaluation.levels import patient_folds
+        from pipeline.evaluation.levels import fold_rows
         from pipeline.training.reader_l5 import cached_reader_slices, read_l5_rows
 
-        l5_rows = read_l5_rows(a.l5_cases, a.l5_reading)
-        if a.l5_fold is not None:
-            l5_rows = [r for r, f in zip(l5_rows, patient_folds(l5_rows), strict=True) if f != a.l5_fold]
+        l5_rows = fold_rows(read_l5_rows(a.l5_cases, a.l5_reading), a.l5_fold, held_out=False)
         for r in l5_rows:
             got = cached_reader_slices(r, a.cache)
             reader += got
             if not got:
-                print(f"{r['case']}: no segmented body at the reader's L5; left out", flush=True)
+                print(f"{r['case']}: no segmented body at the reader's L5 (or none at all); left out", flush=True)
         print(f"{len(reader)} read L5 slices of {len(l5_rows)} cases", flush=True)
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
     net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log, base=base,
