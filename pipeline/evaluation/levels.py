@@ -8,6 +8,10 @@ reading (``case,l5_row_mm``: where a reader put the centroid of L5 on the same s
 our L5 lies within ``L5_TOLERANCE_MM`` of it, wrong otherwise; unnamed when we named no L5 (with the flags that
 say why), failed when no body was segmented. ``docs/spider_l5_reading.csv`` holds one reader's (a developer's,
 not an expert's) reading of the cases the reader could tell.
+
+A second check needs no reading: cases.csv's ``n_discs`` (how many discs the experts graded: every disc in view)
+puts the lowest graded disc at the n_discs-th disc counted down from the image's top. Where our bodies allow the
+count (:func:`disc_number_from_top`), the disc under our L5, and under the reading's, agrees with it or not.
 """
 
 from __future__ import annotations
@@ -16,12 +20,20 @@ import argparse
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import SegmentationConfig
 from pipeline.errors import StudyError
 from pipeline.io.atomic import write_csv_atomic, write_json_atomic
 
 L5_TOLERANCE_MM = 12.0  # under half a vertebral spacing (30-45 mm): the next body's centroid is always farther
 OUTCOMES = ("correct", "wrong", "unnamed", "failed", "not_read")
+# The disc count (cases.csv's n_discs): SPIDER grades every disc in view, numbered from the bottom, so its lowest
+# graded disc is the n_discs-th counted down from the top of the image. Counted on our bodies only when the count
+# is sure: the top body is cut by the image's top edge (no disc above it in view) and no body is missing above.
+TOP_EDGE_MM = 4.0
+GAP_FACTOR = 1.6  # a centroid gap wider than this x the median gap: a body was missed there
+COUNT_OUTCOMES = ("agrees", "disagrees", "not_countable")
 
 
 def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, object, object]:
@@ -42,6 +54,32 @@ def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, 
     res.update(levels=" ".join(b.level for b in seg.bodies), l5_row_mm=rows_mm.get("L5"), s1_row_mm=rows_mm.get("S1"),
                flags=" ".join(seg.flags), confidence=round(seg.labelling_confidence, 2))
     return res, t2, seg
+
+
+def disc_number_from_top(seg, spacing, row_mm: float | None) -> int | None:
+    """Number, counted down from the image's top, of the disc under the body nearest ``row_mm`` (mm from the top;
+    within ``L5_TOLERANCE_MM``); None when not countable: fewer than three bodies, the top body does not reach
+    within ``TOP_EDGE_MM`` of the top edge (a disc or an unsegmented body may lie above it), or a gap above the
+    body wider than ``GAP_FACTOR`` x the median centroid gap (a body missed)."""
+    bodies = sorted(seg.bodies, key=lambda b: b.centroid_vox[0]) if seg is not None else []
+    if row_mm is None or len(bodies) < 3:
+        return None
+    rows = np.array([b.centroid_vox[0] for b in bodies]) * float(spacing[0])
+    i = int(np.argmin(np.abs(rows - row_mm)))
+    if abs(rows[i] - row_mm) > L5_TOLERANCE_MM:
+        return None
+    top_mm = np.flatnonzero((seg.labels == bodies[0].value).any(axis=(1, 2)))[0] * float(spacing[0])
+    gaps = np.diff(rows)
+    if top_mm > TOP_EDGE_MM or (i > 0 and gaps[:i].max() > GAP_FACTOR * np.median(gaps)):
+        return None
+    return i + 1
+
+
+def count_outcome(disc_number: int | None, n_discs: str | None) -> str:
+    """agrees / disagrees / not_countable: is the disc under an L5 the experts' lowest graded one (``n_discs``)?"""
+    if disc_number is None or not n_discs:
+        return "not_countable"
+    return "agrees" if disc_number == int(n_discs) else "disagrees"
 
 
 def outcome(res: dict, reading_mm: float | None) -> str:
@@ -118,6 +156,9 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
         res, t2, seg = segment_case(row, Path(cases_csv).parent, cfg)
         res["reading_l5_row_mm"] = read.get(row["case"])
         res["outcome"] = outcome(res, read.get(row["case"]))
+        res["count_ours"] = count_outcome(disc_number_from_top(seg, t2.spacing, res["l5_row_mm"]), row.get("n_discs"))
+        res["count_reading"] = count_outcome(disc_number_from_top(seg, t2.spacing, res["reading_l5_row_mm"]),
+                                             row.get("n_discs"))
         results.append(res)
         if write_png:
             _png(t2, seg, out_dir / "png" / f"{row['case']}.png", f"{row['case']}: {res['outcome']} {res['flags']}")
@@ -127,7 +168,10 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
     summary = {"n_cases": len(results), "outcomes": counts,
                "correct_of_read_pct": round(100.0 * counts["correct"] / judged, 1) if judged else None,
                "unnamed_flags": sorted({f for r in results if r["outcome"] == "unnamed" for f in r["flags"].split()}),
-               "tolerance_mm": L5_TOLERANCE_MM}
+               "tolerance_mm": L5_TOLERANCE_MM,
+               # the experts' disc count (n_discs) against our L5 and against the reading's, where countable
+               "disc_count": {who: {k: sum(r[f"count_{who}"] == k for r in results) for k in COUNT_OUTCOMES}
+                              for who in ("ours", "reading")}}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
