@@ -170,3 +170,33 @@ def test_a_read_spider_slice_gives_one_single_slice_sample_with_a_body_sized_l5(
     assert 500 < area_mm2 < 2500, area_mm2  # a lumbar body's mid-sagittal section (~35 x 30 mm)
     rr = np.nonzero(l5)[0]
     assert abs(rr.mean() * WORK_MM - rows["spider-016"]["l5_row_mm"]) < 5.0  # grids agree: not off by a zoom
+
+
+def _column(tops, height=20, shape=(200, 40, 1)):
+    """Segmentation of bodies whose masks start at rows ``tops`` (1 mm rows), named upward from L5."""
+    from pipeline.types import Segmentation, VertebralBody
+
+    lab = np.zeros(shape, np.int16)
+    bodies = []
+    for i, top in enumerate(tops):
+        value = 100 + i
+        lab[top:top + height, 10:30] = value
+        bodies.append(VertebralBody(f"B{i}", value, (top + (height - 1) / 2, 19.5, 0.0), 1.0))
+    return Segmentation(lab, bodies, 1.0, [])
+
+
+def test_the_disc_under_a_body_is_counted_from_the_top_only_when_the_count_is_sure():
+    from pipeline.evaluation.levels import count_outcome, disc_number_from_top
+
+    sp = (1.0, 1.0, 4.0)
+    seg = _column([0, 30, 60, 90, 120, 150])  # the top body cut by the image's top edge
+    assert disc_number_from_top(seg, sp, 159.5) == 6  # the lowest body: its disc is the 6th from the top
+    assert disc_number_from_top(seg, sp, 99.5 + 5) == 4  # within the tolerance of the 4th body
+    assert disc_number_from_top(seg, sp, 159.5 + L5_TOLERANCE_MM + 2) is None  # no body there
+    assert disc_number_from_top(seg, sp, None) is None and disc_number_from_top(None, sp, 50.0) is None
+    assert disc_number_from_top(_column([20, 50, 80, 110]), sp, 119.5) is None  # a disc or body above may be in view
+    gap = _column([0, 30, 90, 120])  # a body missed between rows 50 and 90
+    assert disc_number_from_top(gap, sp, 129.5) is None
+    assert disc_number_from_top(gap, sp, 39.5) == 2  # above the gap the count holds
+    assert count_outcome(6, "6") == "agrees" and count_outcome(5, "6") == "disagrees"
+    assert count_outcome(None, "6") == count_outcome(6, "") == count_outcome(6, None) == "not_countable"

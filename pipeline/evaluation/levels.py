@@ -156,9 +156,9 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
         res, t2, seg = segment_case(row, Path(cases_csv).parent, cfg)
         res["reading_l5_row_mm"] = read.get(row["case"])
         res["outcome"] = outcome(res, read.get(row["case"]))
-        res["count_ours"] = count_outcome(disc_number_from_top(seg, t2.spacing, res["l5_row_mm"]), row.get("n_discs"))
-        res["count_reading"] = count_outcome(disc_number_from_top(seg, t2.spacing, res["reading_l5_row_mm"]),
-                                             row.get("n_discs"))
+        for who, row_mm in (("ours", res["l5_row_mm"]), ("reading", res["reading_l5_row_mm"])):
+            disc = disc_number_from_top(seg, t2.spacing, row_mm) if seg is not None else None
+            res[f"count_{who}"] = count_outcome(disc, row.get("n_discs"))
         results.append(res)
         if write_png:
             _png(t2, seg, out_dir / "png" / f"{row['case']}.png", f"{row['case']}: {res['outcome']} {res['flags']}")
