@@ -15,7 +15,9 @@ there are neither body nor background).
 
 The one-pass net (``--onepass``) has a second output, L5 (:func:`l5_mask`: the lowest annotated body of the
 sources in ``LOWEST_IS_L5``, the phantoms' L5; unknown on vb1, whose run of levels is not given): the labelling's
-anchor (:mod:`pipeline.segmentation.labelling`, ``L5_NET_WEIGHT``).
+anchor (:mod:`pipeline.segmentation.labelling`, ``L5_NET_WEIGHT``). ``--l5-cases C --l5-reading R`` adds single
+slices on which only L5 is known, from a reader (:mod:`pipeline.training.reader_l5`: SPIDER); ``--l5-fold K``
+leaves out their patients of fold K (of 2) for ``python -m pipeline.evaluation.levels --fold K``.
 
 Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % holding a body voxel, a fraction ``PHANTOM_SHARE``
 from phantom slices, each rotated (up to ``ROTATE_DEG``) and zoomed (up to exp(+-``SCALE_LOG``)), its side slices
