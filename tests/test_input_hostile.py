@@ -7,13 +7,9 @@ the documented outcome (docs/bad_input.md).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +17,20 @@ import pydicom
 import pydicom.encaps
 import pytest
 from corpus import strict_json
+from hostile import (
+    MATRIX,
+    N_SLICES,
+    REPO,
+    edit_files,
+    make_study,
+    only_study,
+    run_batch_json,
+    run_memory_limited,
+    series_files,
+)
 
-from pipeline import phantom
-from pipeline.batch.run import run_batch
 from pipeline.batch.study import input_hash
-from pipeline.config import Config, LoadingConfig
+from pipeline.config import LoadingConfig
 from pipeline.errors import REASON_CODES, StudyError
 from pipeline.io import walk
 from pipeline.io.discovery import discover, is_image_sop_class
@@ -33,64 +38,24 @@ from pipeline.io.volumes import check_pixel_budget, load_series, series_pixels
 from pipeline.roles import assign_roles
 from pipeline.segmentation.grid import WORK_MM
 
-REPO = Path(__file__).resolve().parents[1]
-MATRIX, N_SLICES = 96, 12
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _study(root: Path, name: str, seed: int, *, keep_truth: bool = False, **kw) -> Path:
-    kw.setdefault("series", ("T1", "T2"))
-    phantom.make_study(root, seed, matrix=MATRIX, n_slices=N_SLICES, study_name=name, **kw)
-    if not keep_truth:
-        shutil.rmtree(root / name / "truth")
-    return root / name
-
-
-def _files(folder: Path, word: str) -> list[Path]:
-    """Files of the series whose description contains ``word`` (case-insensitive), in file-name order."""
-    return [p for p in sorted(folder.rglob("*.dcm"))
-            if word in str(pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription).lower()]
-
-
-def _edit(paths: list[Path], fn) -> None:
-    for i, p in enumerate(paths):
-        ds = pydicom.dcmread(p)
-        fn(ds, i)
-        ds.save_as(p)
-
-
-def _only_study(root: Path, **kw):
-    d = discover(root, **kw)
-    (st,) = d.studies.values()
-    return st, d
-
-
-def _series(study, word: str):
-    return next(s for s in study.series.values() if word in s.series_description.lower())
-
-
-def _batch(inp: Path, out: Path, **kw) -> tuple[int, dict]:
-    result = run_batch(inp, out, Config(), jobs=1, progress=False, **kw)
-    return result.exit_code, strict_json(result.batch_json)
-
 
 # ---------------------------------------------------------------------------------------------- 1: names
 def test_latin1_folder_and_file_names_do_not_kill_the_batch(tmp_path):
     """Item 1: `M\\xfcller/` and `\\xe9t\\xe9.dcm` (Latin-1 bytes, not UTF-8) used to raise UnicodeEncodeError in
     input_hash: exit 1, no batch.json. Now the study is processed and its folder shown with escapes."""
     inp = tmp_path / "in"
-    s = _study(inp, "tmp", 11, series=("T2",))  # fails fast (NO_SAGITTAL_T1): the run still writes every record
+    s = make_study(inp, "tmp", 11, series=("T2",))  # fails fast (NO_SAGITTAL_T1): the run still writes every record
     latin = os.fsdecode(os.fsencode(inp) + b"/M\xfcller")
     os.rename(s, latin)
     first = sorted(Path(latin).rglob("*.dcm"))[0]
     os.rename(first, first.with_name(os.fsdecode(b"\xe9t\xe9.dcm")))
     (Path(latin) / os.fsdecode(b"notiz\xe9.txt")).write_text("not an image")
-    code, batch = _batch(inp, tmp_path / "out")
+    code, batch = run_batch_json(inp, tmp_path / "out")
     assert batch["finished"] is True and code == 3
     (study,) = batch["studies"]
     assert study["code"] == "NO_SAGITTAL_T1" and study["source_folder"] == "M\\xfcller/DICOM"
     assert {"path": "M\\xfcller/notiz\\xe9.txt", "reason": "NOT_DICOM"} in batch["skipped_files"]
-    st, _ = _only_study(inp)
+    st, _ = only_study(inp)
     assert len(input_hash(st)) == 16 and sum(len(s.files) for s in st.series.values()) == N_SLICES
 
 
@@ -104,7 +69,7 @@ def test_input_folder_itself_named_in_latin1_and_after_the_patient(tmp_path):
     from pipeline.cli import main
 
     inp = Path(os.fsdecode(os.fsencode(tmp_path) + b"/Mueller_Hans_\xfc"))
-    _study(inp, "s", 60, series=("T2",), patient_name="Mueller^Hans", patient_id="PID-60")
+    make_study(inp, "s", 60, series=("T2",), patient_name="Mueller^Hans", patient_id="PID-60")
     for extra, shown_input in (((), str(tmp_path) + "/[patient name]_[patient name]_\\xfc"),
                                (("--pseudonymise", "k1"), None)):
         out = tmp_path / f"out{len(extra)}"
@@ -138,27 +103,15 @@ def _sparse_copy(src: Path, dst: Path, size: int) -> None:
         fh.write(data[i + len(small):])
 
 
-def _run_limited(code: str, limit_bytes: int) -> dict:
-    """Run ``code`` (prints one JSON line) in a child process whose address space is capped."""
-    script = textwrap.dedent(f"""
-        import json, resource, sys
-        resource.setrlimit(resource.RLIMIT_AS, ({limit_bytes}, {limit_bytes}))
-    """) + textwrap.dedent(code)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_a_sparse_file_with_a_huge_private_element_is_read_without_its_element(tmp_path):
     """Item 2: a 3.9 GB (sparse) private element took 4.4 GB during discovery; under a 1.5 GB address-space limit
     the file was lost as UNREADABLE. Now discovery and loading never read the element."""
-    s = _study(tmp_path, "s", 12, series=("T2",))
+    s = make_study(tmp_path, "s", 12, series=("T2",))
     files = sorted(s.rglob("*.dcm"))
     huge = files[0]
     _sparse_copy(huge, huge, 3_900_000_000)
     assert huge.stat().st_size > 3_900_000_000
-    out = _run_limited(f"""
+    out = run_memory_limited(f"""
         from pipeline.io.discovery import discover
         from pipeline.io.volumes import load_series
         d = discover({str(tmp_path)!r})
@@ -186,12 +139,12 @@ def test_a_file_declaring_65535_squared_pixels_is_refused_before_decoding(tmp_pa
     """Item 2: decoding the file needed ~9 GB and killed the batch under a memory limit. Now the study fails with
     IMAGE_TOO_LARGE from the headers (the run stays far below a 2.5 GB address-space limit)."""
     inp = tmp_path / "in"
-    s = _study(inp, "s", 13)
-    t2 = _files(s, "t2")
+    s = make_study(inp, "s", 13)
+    t2 = series_files(s, "t2")
     for p in t2[1:]:
         p.unlink()
-    _edit(t2[:1], _declare_huge)
-    out = _run_limited(f"""
+    edit_files(t2[:1], _declare_huge)
+    out = run_memory_limited(f"""
         from pipeline.batch.run import run_batch
         from pipeline.config import Config
         r = run_batch({str(inp)!r}, {str(tmp_path / 'out')!r}, Config(), jobs=1, progress=False)
@@ -204,9 +157,9 @@ def test_a_file_declaring_65535_squared_pixels_is_refused_before_decoding(tmp_pa
 
 def test_pixel_budget_counts_the_working_grid_of_a_coarse_pixel_spacing(tmp_path):
     """Item 2: PixelSpacing 100 mm made the 1.5 mm working grid of a 96-pixel image 6400 x 6400 per slice."""
-    s = _study(tmp_path, "s", 14, series=("T2",))
-    _edit(sorted(s.rglob("*.dcm")), lambda ds, i: setattr(ds, "PixelSpacing", [100, 100]))
-    st, _ = _only_study(tmp_path)
+    s = make_study(tmp_path, "s", 14, series=("T2",))
+    edit_files(sorted(s.rglob("*.dcm")), lambda ds, i: setattr(ds, "PixelSpacing", [100, 100]))
+    st, _ = only_study(tmp_path)
     (summary,) = st.series.values()
     assert series_pixels(summary) == MATRIX * MATRIX * N_SLICES
     assert series_pixels(summary, WORK_MM) == int(np.ceil(MATRIX * 100 / WORK_MM)) ** 2 * N_SLICES
@@ -221,21 +174,21 @@ def test_pixel_budget_counts_the_working_grid_of_a_coarse_pixel_spacing(tmp_path
 # ---------------------------------------------------------------------------------------------- 3: patients
 def _shared_uid_studies(root: Path, same_patient: bool) -> None:
     """Patient A (T1 + T2) and patient B (STIR, another folder) under A's StudyInstanceUID."""
-    a = _study(root, "patA", 31)
-    b = _study(root, "patB", 32, series=("STIR",))
+    a = make_study(root, "patA", 31)
+    b = make_study(root, "patB", 32, series=("STIR",))
     head = pydicom.dcmread(next(a.rglob("*.dcm")), stop_before_pixels=True)
 
     def same_study(ds, i):
         ds.StudyInstanceUID = head.StudyInstanceUID
         if same_patient:  # anonymised alike: only the frame of reference tells them apart
             ds.PatientID = head.PatientID
-    _edit(sorted(b.rglob("*.dcm")), same_study)
+    edit_files(sorted(b.rglob("*.dcm")), same_study)
 
 
 def test_two_patients_under_one_study_uid_are_not_merged(tmp_path):
     """Item 3: B's STIR showed up in A's report. Now the study is refused with PATIENT_CONFLICT."""
     _shared_uid_studies(tmp_path, same_patient=False)
-    st, _ = _only_study(tmp_path)
+    st, _ = only_study(tmp_path)
     assert len(st.series) == 3
     with pytest.raises(StudyError) as exc:
         assign_roles(st)
@@ -248,7 +201,7 @@ def test_both_patients_identifiers_are_stripped_when_two_share_a_study_uid(tmp_p
     from pipeline.report.identity import Identity
 
     _shared_uid_studies(tmp_path, same_patient=False)
-    st, _ = _only_study(tmp_path)
+    st, _ = only_study(tmp_path)
     heads = {}
     for folder in ("patA", "patB"):
         ds = pydicom.dcmread(next((tmp_path / folder).rglob("*.dcm")), stop_before_pixels=True)
@@ -265,34 +218,34 @@ def test_both_patients_identifiers_are_stripped_when_two_share_a_study_uid(tmp_p
 def test_one_patient_id_but_two_frames_of_reference_are_not_aligned(tmp_path):
     """Item 3: same PatientID (e.g. anonymised), different FrameOfReferenceUID: FRAME_OF_REFERENCE_CONFLICT."""
     _shared_uid_studies(tmp_path, same_patient=True)
-    st, _ = _only_study(tmp_path)
+    st, _ = only_study(tmp_path)
     with pytest.raises(StudyError) as exc:
         assign_roles(st)
     assert exc.value.code == "FRAME_OF_REFERENCE_CONFLICT" and "STIR" in exc.value.message
 
 
 def test_one_series_uid_shared_by_two_patients_is_split(tmp_path):
-    a = _study(tmp_path, "patA", 33, series=("T2",))
-    b = _study(tmp_path, "patB", 34, series=("T2",))
+    a = make_study(tmp_path, "patA", 33, series=("T2",))
+    b = make_study(tmp_path, "patB", 34, series=("T2",))
     head = pydicom.dcmread(next(a.rglob("*.dcm")), stop_before_pixels=True)
 
     def same_uids(ds, i):
         ds.StudyInstanceUID, ds.SeriesInstanceUID = head.StudyInstanceUID, head.SeriesInstanceUID
-    _edit(sorted(b.rglob("*.dcm")), same_uids)
-    st, _ = _only_study(tmp_path)
+    edit_files(sorted(b.rglob("*.dcm")), same_uids)
+    st, _ = only_study(tmp_path)
     assert sorted(len(s.files) for s in st.series.values()) == [N_SLICES, N_SLICES]
 
 
 # ---------------------------------------------------------------------------------------------- 5: lost studies
 def test_linked_study_is_found_and_a_link_loop_ends(tmp_path):
     """Item 5: a study reached through a directory symlink was neither analysed nor listed."""
-    elsewhere = _study(tmp_path / "elsewhere", "linked", 51, series=("T2",))
+    elsewhere = make_study(tmp_path / "elsewhere", "linked", 51, series=("T2",))
     inp = tmp_path / "in"
     inp.mkdir()
     os.symlink(elsewhere, inp / "linked")
     os.symlink(inp, elsewhere / "loop")  # back up to the input root: a cycle
     os.symlink(tmp_path / "nowhere", inp / "dangling")
-    st, d = _only_study(inp)
+    st, d = only_study(inp)
     assert sum(len(s.files) for s in st.series.values()) == N_SLICES
     reasons = {os.path.relpath(s.path, inp): s.reason for s in d.skipped}
     assert reasons == {"linked/loop": walk.FOLDER_SEEN_BEFORE, "dangling": walk.BROKEN_LINK}
@@ -302,8 +255,8 @@ def test_unreadable_folder_is_a_failed_record_not_silence(tmp_path, monkeypatch)
     """Item 5: an unreadable folder vanished (exit 0). It is now listed and recorded as FOLDER_UNREADABLE.
     (The OS refusal is simulated: the tests may run as root, who can read any folder.)"""
     inp = tmp_path / "in"
-    _study(inp, "readable", 52, series=("T2",))
-    locked = _study(inp, "locked", 53, series=("T2",))
+    make_study(inp, "readable", 52, series=("T2",))
+    locked = make_study(inp, "locked", 53, series=("T2",))
     real_scandir = os.scandir
 
     def scandir(path="."):
@@ -311,7 +264,7 @@ def test_unreadable_folder_is_a_failed_record_not_silence(tmp_path, monkeypatch)
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
     monkeypatch.setattr(os, "scandir", scandir)
-    code, batch = _batch(inp, tmp_path / "out")
+    code, batch = run_batch_json(inp, tmp_path / "out")
     assert {"path": "locked", "reason": walk.UNREADABLE_FOLDER} in batch["skipped_files"]
     by_folder = {s["source_folder"]: s["code"] for s in batch["studies"]}
     assert by_folder == {"readable/DICOM": "NO_SAGITTAL_T1", "locked": "FOLDER_UNREADABLE"}
@@ -321,7 +274,7 @@ def test_unreadable_folder_is_a_failed_record_not_silence(tmp_path, monkeypatch)
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode; the simulated case above covers it")
 def test_folder_without_read_permission_is_listed(tmp_path):
     inp = tmp_path / "in"
-    locked = _study(inp, "locked", 54, series=("T2",))
+    locked = make_study(inp, "locked", 54, series=("T2",))
     os.chmod(locked, 0)
     try:
         d = discover(inp)
@@ -352,142 +305,15 @@ def test_path_past_the_os_limit_is_listed(tmp_path):
     assert len(d.skipped[0].path) > os.pathconf("/", "PC_PATH_MAX") - 200
 
 
-# ---------------------------------------------------------------------------------------------- 8: geometry
-def _scale_row(ds, i):
-    iop = np.asarray(ds.ImageOrientationPatient, float)
-    ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*(1.3 * iop[:3]), *iop[3:])]
-
-
-def _skew(ds, i):
-    iop = np.asarray(ds.ImageOrientationPatient, float)
-    col = iop[3:] + 0.3 * iop[:3]
-    ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*iop[:3], *(col / np.linalg.norm(col)))]
-
-
-def _spacing(value):
-    return lambda ds, i: setattr(ds, "PixelSpacing", [value, value])
-
-
-def _shear(ds, i):
-    col = np.asarray(ds.ImageOrientationPatient[3:], float)
-    ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(ds.ImagePositionPatient, float) + 3.0 * i * col]
-
-
-@pytest.mark.parametrize("edit, words", [
-    (_scale_row, "unit"), (_skew, "right angles"), (_spacing("-0.9"), "not positive"),
-    (_spacing("0"), "not positive"), (_spacing("1e-4"), "plausible"), (_shear, "sheared"),
-], ids=["non_unit_orientation", "non_orthogonal_orientation", "negative_spacing", "zero_spacing", "tiny_spacing",
-        "sheared_slices"])
-def test_geometry_that_is_not_geometry_is_refused(tmp_path, edit, words):
-    """Item 8: analysed silently with a wrong grid, or INTERNAL_ERROR (spacing 0 / 1e-4). Now GEOMETRY_INVALID."""
-    s = _study(tmp_path, "s", 41, series=("T2",))
-    _edit(sorted(s.rglob("*.dcm")), edit)
-    st, _ = _only_study(tmp_path)
-    with pytest.raises(StudyError) as exc:
-        load_series(next(iter(st.series.values())))
-    assert exc.value.code == "GEOMETRY_INVALID" and words in exc.value.message
-
-
-def test_one_slice_series_with_min_slices_1(tmp_path):
-    """Item 8: `min_slices: 1` on a one-slice series ended as INTERNAL_ERROR (no gap: NaN affine). Now the slice
-    thickness is the slice's extent; without one the reason is GEOMETRY_MISSING."""
-    phantom.make_study(tmp_path, 44, matrix=MATRIX, n_slices=1, series=("T2",), study_name="s")
-    st, _ = _only_study(tmp_path)
-    (summary,) = st.series.values()
-    cfg = LoadingConfig(min_slices=1)
-    vol = load_series(summary, cfg)
-    assert np.isfinite(vol.affine).all() and sorted(vol.spacing)[-1] == pytest.approx(summary.slice_thickness)
-    with pytest.raises(StudyError) as exc:
-        load_series(summary)  # the default min_slices
-    assert exc.value.code == "TOO_FEW_SLICES"
-    summary.slice_thickness = None
-    with pytest.raises(StudyError) as exc:
-        load_series(summary, cfg)
-    assert exc.value.code == "GEOMETRY_MISSING"
-
-
-# ---------------------------------------------------------------------------------------------- 9: duplicates
-def test_conflicting_duplicate_instances_refuse_the_series(tmp_path):
-    """Item 9: two files with one SOPInstanceUID and different pixels: the one sorting first silently won."""
-    s = _study(tmp_path, "s", 45, series=("T2",))
-    files = sorted(s.rglob("*.dcm"))
-    ds = pydicom.dcmread(files[5])
-    ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
-    ds.save_as(files[5].with_name("AAA_other.dcm"))
-    shutil.copy(files[7], files[7].with_name("ZZZ_exact_copy.dcm"))
-    st, d = _only_study(tmp_path)
-    reasons = {Path(x.path).name: x.reason for x in d.skipped}
-    assert reasons[files[5].name] == "DUPLICATE_INSTANCE_CONFLICT"  # AAA_other sorts first and is kept
-    assert reasons["ZZZ_exact_copy.dcm"] == "DUPLICATE_INSTANCE"
-    with pytest.raises(StudyError) as exc:
-        load_series(next(iter(st.series.values())))
-    assert exc.value.code == "DUPLICATE_INSTANCE_CONFLICT"
-
-
-def _sparse_pixels(src: Path, dst: Path, size: int, last: bytes = b"\0") -> None:
-    """``src`` with its pixel data element grown to ``size`` bytes: a hole on disk, then ``last``."""
-    data = src.read_bytes()
-    i = data.index(struct.pack("<HH", 0x7FE0, 0x0010) + b"OW")
-    with open(dst, "wb") as fh:
-        fh.write(data[:i] + struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\0\0" + struct.pack("<I", size))
-        fh.seek(i + 12 + size - len(last))
-        fh.write(last)
-
-
-def test_duplicates_of_a_huge_file_are_compared_without_loading_the_pixels(tmp_path):
-    """Review of issue 30 (items 2 and 9 together): telling an exact duplicate from a conflicting one loaded both
-    pixel data elements whole, in the batch process (which has no memory isolation): two copies of a 1.2 GB file
-    took 2.4 GB during discovery; under a 1.5 GB address-space limit the exact copy was misreported as
-    DUPLICATE_INSTANCE_CONFLICT (MemoryError taken for "differs"), without a limit the batch could be OOM-killed
-    at every rerun. Now the elements are compared a chunk at a time."""
-    s = _study(tmp_path, "s", 46, series=("T2",))
-    files = sorted(s.rglob("*.dcm"))
-    size = 1_200_000_000
-    _sparse_pixels(files[3], files[3], size)
-    _sparse_pixels(files[3], files[3].with_name("ZZZ_exact_copy.dcm"), size)
-    _sparse_pixels(files[6], files[6], size)
-    _sparse_pixels(files[6], files[6].with_name("ZZZ_other.dcm"), size, last=b"\1")
-    out = _run_limited(f"""
-        import os
-        from pipeline.io.discovery import discover
-        d = discover({str(tmp_path)!r})
-        print(json.dumps({{os.path.basename(s.path): s.reason for s in d.skipped}}))
-    """, 1_500_000_000)
-    assert out == {"ZZZ_exact_copy.dcm": "DUPLICATE_INSTANCE", "ZZZ_other.dcm": "DUPLICATE_INSTANCE_CONFLICT"}
-
-
-def test_an_exact_copy_of_a_file_without_preamble_is_no_conflict(tmp_path):
-    """Review of issue 30, item 9: discovery accepts files written without the 128-byte preamble, but the duplicate
-    check read them without ``force`` and took "unreadable" for "different": an exact copy of such a file was
-    DUPLICATE_INSTANCE_CONFLICT and its whole series refused. It is a plain DUPLICATE_INSTANCE again. Loading read
-    such a file without ``force`` as well (PIXEL_DATA_UNREADABLE): it loads now."""
-    import io
-
-    s = _study(tmp_path, "s", 47, series=("T2",))
-    f = sorted(s.rglob("*.dcm"))[4]
-    ds = pydicom.dcmread(f)
-    ds.preamble = None
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=False)
-    raw = buf.getvalue()
-    assert raw[128:132] != b"DICM"
-    f.write_bytes(raw)
-    f.with_name("ZZZ_copy.dcm").write_bytes(raw)
-    st, d = _only_study(tmp_path)
-    assert [(Path(x.path).name, x.reason) for x in d.skipped] == [("ZZZ_copy.dcm", "DUPLICATE_INSTANCE")]
-    # and the series loads: reading the pixels without force failed the study PIXEL_DATA_UNREADABLE
-    assert N_SLICES in load_series(next(iter(st.series.values()))).shape
-
-
 # ---------------------------------------------------------------------------------------------- 10 + 11: layouts
 def test_out_is_the_input_folder_itself(tmp_path):
     """Review of issue 30, item 10: with `-o INPUT` (OUT is INPUT, not inside it) the second run listed our own lock,
     reserve, batch.json, batch.log and cohort tables as NOT_DICOM skipped files and a study's output folder as a
     `skipped_folders` entry ("no DICOM image here"). They are our outputs: listed as MODICSCAN_OUTPUT, never read,
     no skipped folder."""
-    s = _study(tmp_path, "study", 62, series=("T2",))
+    s = make_study(tmp_path, "study", 62, series=("T2",))
     for run in range(2):
-        code, batch = _batch(s, s)
+        code, batch = run_batch_json(s, s)
         assert code == 3 and [(x["status"], x["code"]) for x in batch["studies"]] == [
             ("failed" if run == 0 else "skipped", "NO_SAGITTAL_T1")]
         assert batch["skipped_folders"] == []
@@ -500,22 +326,22 @@ def test_a_folder_a_run_wrote_into_as_its_own_input_is_still_input_to_a_run_over
     """Leftover of issue 30: after `modicscan run STUDY -o STUDY`, a run over STUDY's parent skipped STUDY whole as
     an earlier run's output folder (its batch.json), with the study's images in it. The record now says the run
     wrote into its input; a later walk enters the folder and leaves out only our own files and study folders."""
-    s = _study(tmp_path / "all", "study", 63, series=("T2",))
-    code, first = _batch(s, s)
+    s = make_study(tmp_path / "all", "study", 63, series=("T2",))
+    code, first = run_batch_json(s, s)
     assert first["output_is_input"] is True and code == 3
-    st, d = _only_study(tmp_path / "all")
+    st, d = only_study(tmp_path / "all")
     assert st.series and all(x.modality == "MR" for x in st.series.values())
     ours = {os.path.relpath(x.path, s): x.reason for x in d.skipped if x.path.startswith(str(s))}
     assert ours["batch.json"] == ours[first["studies"][0]["key"]] == walk.MODICSCAN_OUTPUT
     # the same folder as the input root of a later run that writes elsewhere: our files there are ours, not input
-    st, d = _only_study(s)
+    st, d = only_study(s)
     assert st.series
     ours = {os.path.relpath(x.path, s): x.reason for x in d.skipped}
     assert ours["batch.json"] == ours[first["studies"][0]["key"]] == walk.MODICSCAN_OUTPUT
     # an ordinary output folder (OUT beside the input) is still skipped whole
-    code, other = _batch(s, tmp_path / "all" / "results")
+    code, other = run_batch_json(s, tmp_path / "all" / "results")
     assert other["output_is_input"] is False
-    _, d = _only_study(tmp_path / "all")
+    _, d = only_study(tmp_path / "all")
     assert {"results": walk.MODICSCAN_OUTPUT}.items() <= {os.path.relpath(x.path, tmp_path / "all"): x.reason
                                                          for x in d.skipped}.items()
 
@@ -524,17 +350,17 @@ def test_out_inside_the_study_folder_with_truth_and_notes(tmp_path):
     """Items 10 and 11 as a new user meets them: `modicscan run STUDY -o STUDY/out --dicom-out` on a phantom study
     (its truth/ folder kept) with a notes/ folder. Old: exit 3 with a failed `truth` folder, the second run read
     out/ (a fake NO_DICOM_FILES study) and seg.dcm (so the study's input changed and resume never happened)."""
-    s = _study(tmp_path, "study", 61, keep_truth=True)
+    s = make_study(tmp_path, "study", 61, keep_truth=True)
     (s / "notes").mkdir()
     (s / "notes" / "referral.txt").write_text("referral letter\n")
     opts = {"dicom_out": True, "write_masks": True}
-    code, first = _batch(s, s / "out", options=opts)
+    code, first = run_batch_json(s, s / "out", options=opts)
     assert code == 0, first["studies"]
     assert [x["status"] for x in first["studies"]] == ["analysed"]
     assert sorted(f["path"] for f in first["skipped_folders"]) == ["notes", "truth"]
     assert {f["reason"] for f in first["skipped_folders"]} == {"NO_DICOM_IMAGES"}
     assert list(s.joinpath("out").rglob("seg.dcm"))
-    code, second = _batch(s, s / "out", options=opts)
+    code, second = run_batch_json(s, s / "out", options=opts)
     assert code == 0
     assert [(x["status"], x["message"]) for x in second["studies"]] == [("skipped", "analysed in an earlier run")]
     assert {"path": "out", "reason": walk.MODICSCAN_OUTPUT} in second["skipped_files"]
@@ -542,7 +368,7 @@ def test_out_inside_the_study_folder_with_truth_and_notes(tmp_path):
     shutil.copytree(s / "out", s / "old_results")
     stray = next((s / "out").rglob("seg.dcm"))
     shutil.copy(stray, s / "DICOM" / "seg_copy.dcm")
-    st, d = _only_study(s, exclude=[s / "out"])
+    st, d = only_study(s, exclude=[s / "out"])
     reasons = {os.path.relpath(x.path, s): x.reason for x in d.skipped}
     assert reasons["old_results"] == reasons["out"] == reasons["DICOM/seg_copy.dcm"] == walk.MODICSCAN_OUTPUT
     assert all(x.modality == "MR" for x in st.series.values())
@@ -562,7 +388,7 @@ def test_junk_only_folder_is_still_a_failed_study(tmp_path):
     (inp / "junk" / "empty.dcm").write_bytes(b"")
     (inp / "notes").mkdir()
     (inp / "notes" / "a.txt").write_text("text")
-    code, batch = _batch(inp, tmp_path / "out")
+    code, batch = run_batch_json(inp, tmp_path / "out")
     assert [(x["source_folder"], x["code"]) for x in batch["studies"]] == [("junk", "NO_DICOM_FILES")]
     assert [f["path"] for f in batch["skipped_folders"]] == ["notes"]
     assert code == 3
@@ -571,14 +397,14 @@ def test_junk_only_folder_is_still_a_failed_study(tmp_path):
 # ---------------------------------------------------------------------------------------------- 15 + 16: roles
 def test_a_ct_series_is_no_role_candidate(tmp_path):
     """Item 15: a CT series tagged like a sagittal T2 was analysed."""
-    s = _study(tmp_path, "s", 46)
-    _edit(_files(s, "t2"), lambda ds, i: setattr(ds, "Modality", "CT"))
-    st, _ = _only_study(tmp_path)
+    s = make_study(tmp_path, "s", 46)
+    edit_files(series_files(s, "t2"), lambda ds, i: setattr(ds, "Modality", "CT"))
+    st, _ = only_study(tmp_path)
     with pytest.raises(StudyError) as exc:
         assign_roles(st)
     assert exc.value.code == "NO_SAGITTAL_T2" and "Modality CT, not MR" in exc.value.message
-    _edit(sorted(s.rglob("*.dcm")), lambda ds, i: setattr(ds, "Modality", "CT"))
-    st, _ = _only_study(tmp_path)
+    edit_files(sorted(s.rglob("*.dcm")), lambda ds, i: setattr(ds, "Modality", "CT"))
+    st, _ = only_study(tmp_path)
     with pytest.raises(StudyError) as exc:
         assign_roles(st)
     assert exc.value.code == "NO_MR_SERIES"
@@ -586,15 +412,15 @@ def test_a_ct_series_is_no_role_candidate(tmp_path):
 
 def test_missing_sagittal_t1_message_lists_only_sagittal_series_as_sagittal(tmp_path):
     """Item 16: the message said 'sagittal series seen:' and listed the axial ones."""
-    ax = _study(tmp_path, "ax", 47, orientation="axial")
-    sag = _study(tmp_path, "sag", 48, series=("STIR",))
+    ax = make_study(tmp_path, "ax", 47, orientation="axial")
+    sag = make_study(tmp_path, "sag", 48, series=("STIR",))
     head = pydicom.dcmread(next(ax.rglob("*.dcm")), stop_before_pixels=True)
 
     def join(ds, i):
         ds.StudyInstanceUID, ds.PatientID, ds.FrameOfReferenceUID = (head.StudyInstanceUID, head.PatientID,
                                                                      head.FrameOfReferenceUID)
-    _edit(sorted(sag.rglob("*.dcm")), join)
-    st, _ = _only_study(tmp_path)
+    edit_files(sorted(sag.rglob("*.dcm")), join)
+    st, _ = only_study(tmp_path)
     with pytest.raises(StudyError) as exc:
         assign_roles(st)
     assert exc.value.code == "NO_SAGITTAL_T1"

@@ -40,9 +40,15 @@ def load_case(row: dict) -> tuple[np.ndarray, np.ndarray, tuple[float, float, fl
     if row.get("remap"):
         data = remap_intensity(data, row["remap"])
     work, zoom = to_work_grid(data, spacing)
-    ii = np.minimum((np.arange(work.shape[0]) + 0.5) / zoom[0], lab.shape[0] - 1).astype(int)
-    jj = np.minimum((np.arange(work.shape[1]) + 0.5) / zoom[1], lab.shape[1] - 1).astype(int)
-    return work, lab[ii][:, jj], (WORK_MM, WORK_MM, float(spacing[2]))
+    return work, labels_to_work(lab, work.shape, zoom), (WORK_MM, WORK_MM, float(spacing[2]))
+
+
+def labels_to_work(lab: np.ndarray, work_shape, zoom) -> np.ndarray:
+    """Labels (or a mask) of an input grid on the working grid that :func:`to_work_grid` made with ``zoom``
+    (nearest: each working pixel takes the input pixel its centre falls in)."""
+    ii = np.minimum((np.arange(work_shape[0]) + 0.5) / zoom[0], lab.shape[0] - 1).astype(int)
+    jj = np.minimum((np.arange(work_shape[1]) + 0.5) / zoom[1], lab.shape[1] - 1).astype(int)
+    return lab[ii][:, jj]
 
 
 def _content_key(row: dict) -> str | None:

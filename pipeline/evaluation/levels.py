@@ -8,6 +8,10 @@ reading (``case,l5_row_mm``: where a reader put the centroid of L5 on the same s
 our L5 lies within ``L5_TOLERANCE_MM`` of it, wrong otherwise; unnamed when we named no L5 (with the flags that
 say why), failed when no body was segmented. ``docs/spider_l5_reading.csv`` holds one reader's (a developer's,
 not an expert's) reading of the cases the reader could tell.
+
+A second check needs no reading: cases.csv's ``n_discs`` (how many discs the experts graded: every disc in view)
+puts the lowest graded disc at the n_discs-th disc counted down from the image's top. Where our bodies allow the
+count (:func:`disc_number_from_top`), the disc under our L5, and under the reading's, agrees with it or not.
 """
 
 from __future__ import annotations
@@ -16,12 +20,20 @@ import argparse
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import SegmentationConfig
 from pipeline.errors import StudyError
 from pipeline.io.atomic import write_csv_atomic, write_json_atomic
 
 L5_TOLERANCE_MM = 12.0  # under half a vertebral spacing (30-45 mm): the next body's centroid is always farther
 OUTCOMES = ("correct", "wrong", "unnamed", "failed", "not_read")
+# The disc count (cases.csv's n_discs): SPIDER grades every disc in view, numbered from the bottom, so its lowest
+# graded disc is the n_discs-th counted down from the top of the image. Counted on our bodies only when the count
+# is sure: the top body is cut by the image's top edge (no disc above it in view) and no body is missing above.
+TOP_EDGE_MM = 4.0
+GAP_FACTOR = 1.6  # a centroid gap wider than this x the median gap: a body was missed there
+COUNT_OUTCOMES = ("agrees", "disagrees", "not_countable")
 
 
 def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, object, object]:
@@ -44,6 +56,32 @@ def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, 
     return res, t2, seg
 
 
+def disc_number_from_top(seg, spacing, row_mm: float | None) -> int | None:
+    """Number, counted down from the image's top, of the disc under the body nearest ``row_mm`` (mm from the top;
+    within ``L5_TOLERANCE_MM``); None when not countable: fewer than three bodies, the top body does not reach
+    within ``TOP_EDGE_MM`` of the top edge (a disc or an unsegmented body may lie above it), or a gap above the
+    body wider than ``GAP_FACTOR`` x the median centroid gap (a body missed)."""
+    bodies = sorted(seg.bodies, key=lambda b: b.centroid_vox[0]) if seg is not None else []
+    if row_mm is None or len(bodies) < 3:
+        return None
+    rows = np.array([b.centroid_vox[0] for b in bodies]) * float(spacing[0])
+    i = int(np.argmin(np.abs(rows - row_mm)))
+    if abs(rows[i] - row_mm) > L5_TOLERANCE_MM:
+        return None
+    top_mm = np.flatnonzero((seg.labels == bodies[0].value).any(axis=(1, 2)))[0] * float(spacing[0])
+    gaps = np.diff(rows)
+    if top_mm > TOP_EDGE_MM or (i > 0 and gaps[:i].max() > GAP_FACTOR * np.median(gaps)):
+        return None
+    return i + 1
+
+
+def count_outcome(disc_number: int | None, n_discs: str | None) -> str:
+    """agrees / disagrees / not_countable: is the disc under an L5 the experts' lowest graded one (``n_discs``)?"""
+    if disc_number is None or not n_discs:
+        return "not_countable"
+    return "agrees" if disc_number == int(n_discs) else "disagrees"
+
+
 def outcome(res: dict, reading_mm: float | None) -> str:
     """correct / wrong / unnamed / failed / not_read (no reading of this case)."""
     if res["error"]:
@@ -60,6 +98,23 @@ def read_reading(path: Path | None) -> dict[str, float]:
         return {}
     with open(path, newline="") as fh:
         return {r["case"]: float(r["l5_row_mm"]) for r in csv.DictReader(fh) if r.get("l5_row_mm")}
+
+
+def patient_folds(rows: list[dict], k: int = 2) -> list[int]:
+    """Fold of each cases.csv row for k-fold cross-validation over patients: CRC-32 of the ``patient`` column (else
+    the case) mod k. A patient's fold does not depend on which other rows are listed, so a training over the read
+    cases and an evaluation over all cases split them alike (SPIDER's patient numbers are all even: not mod k)."""
+    import zlib
+
+    return [zlib.crc32((r.get("patient") or r["case"]).encode()) % k for r in rows]
+
+
+def fold_rows(rows: list[dict], fold: int | None, held_out: bool) -> list[dict]:
+    """The rows of fold ``fold`` (:func:`patient_folds`, of 2) with ``held_out``, else the others (a training's
+    rows); all rows when ``fold`` is None. Training and evaluation split through this one function."""
+    if fold is None:
+        return list(rows)
+    return [r for r, f in zip(rows, patient_folds(rows), strict=True) if (f == fold) == held_out]
 
 
 def _png(t2, seg, path: Path, title: str) -> None:
@@ -84,19 +139,26 @@ def _png(t2, seg, path: Path, title: str) -> None:
 
 
 def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None, write_png: bool = True,
-                    cfg: SegmentationConfig | None = None, limit: int | None = None) -> dict:
-    """Segment every case, write levels.csv (+ a PNG per case) and summary.json; returns the summary."""
+                    cfg: SegmentationConfig | None = None, limit: int | None = None,
+                    fold: int | None = None) -> dict:
+    """Segment every case (only fold ``fold``'s of :func:`patient_folds`, when given: the cases a net trained
+    with ``train_unet --l5-fold`` left out), write levels.csv (+ a PNG per case) and summary.json; returns the
+    summary."""
     cfg = cfg or SegmentationConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(cases_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))[:limit]
+        rows = list(csv.DictReader(fh))
+    rows = fold_rows(rows, fold, held_out=True)[:limit]
     read = read_reading(reading)
     results = []
     for row in rows:  # one slice per case: ~1 s each
         res, t2, seg = segment_case(row, Path(cases_csv).parent, cfg)
         res["reading_l5_row_mm"] = read.get(row["case"])
         res["outcome"] = outcome(res, read.get(row["case"]))
+        for who, row_mm in (("ours", res["l5_row_mm"]), ("reading", res["reading_l5_row_mm"])):
+            disc = disc_number_from_top(seg, t2.spacing, row_mm) if seg is not None else None
+            res[f"count_{who}"] = count_outcome(disc, row.get("n_discs"))
         results.append(res)
         if write_png:
             _png(t2, seg, out_dir / "png" / f"{row['case']}.png", f"{row['case']}: {res['outcome']} {res['flags']}")
@@ -106,7 +168,10 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
     summary = {"n_cases": len(results), "outcomes": counts,
                "correct_of_read_pct": round(100.0 * counts["correct"] / judged, 1) if judged else None,
                "unnamed_flags": sorted({f for r in results if r["outcome"] == "unnamed" for f in r["flags"].split()}),
-               "tolerance_mm": L5_TOLERANCE_MM}
+               "tolerance_mm": L5_TOLERANCE_MM,
+               # the experts' disc count (n_discs) against our L5 and against the reading's, where countable
+               "disc_count": {who: {k: sum(r[f"count_{who}"] == k for r in results) for k in COUNT_OUTCOMES}
+                              for who in ("ours", "reading")}}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
@@ -118,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reading", type=Path, help="case,l5_row_mm: a reader's L5 centroid row per case")
     ap.add_argument("--no-png", action="store_true")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--fold", type=int, choices=(0, 1),
+                    help="only the patients of this fold (of 2): those a net trained with --l5-fold left out")
     ap.add_argument("--config", type=Path, help="YAML config (its segmentation section is used)")
     ap.add_argument("--unet", type=Path, help="net (.onnx) instead of the shipped one (e.g. a held-out fold's)")
     args = ap.parse_args(argv)
@@ -136,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.segmentation.unet import use_network
 
         use_network(args.unet)
-    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit))
+    print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit,
+                          fold=args.fold))
     return 0
 
 

@@ -15,7 +15,9 @@ there are neither body nor background).
 
 The one-pass net (``--onepass``) has a second output, L5 (:func:`l5_mask`: the lowest annotated body of the
 sources in ``LOWEST_IS_L5``, the phantoms' L5; unknown on vb1, whose run of levels is not given): the labelling's
-anchor (:mod:`pipeline.segmentation.labelling`, ``L5_NET_WEIGHT``).
+anchor (:mod:`pipeline.segmentation.labelling`, ``L5_NET_WEIGHT``). ``--l5-cases C --l5-reading R`` adds single
+slices on which only L5 is known, from a reader (:mod:`pipeline.training.reader_l5`: SPIDER); ``--l5-fold K``
+leaves out their patients of fold K (of 2) for ``python -m pipeline.evaluation.levels --fold K``.
 
 Batches: ``BATCH`` random ``PATCH`` x ``PATCH`` crops, 80 % holding a body voxel, a fraction ``PHANTOM_SHARE``
 from phantom slices, each rotated (up to ``ROTATE_DEG``) and zoomed (up to exp(+-``SCALE_LOG``)), its side slices
@@ -62,7 +64,9 @@ SCALE_LOG = 0.15  # and zoomed by up to exp(+-this): +-16 %
 # under it, the iliac crests beside it, not only from the shape of the column's end).
 # A fraction ``single_slice`` of its crops has no side slices (all three channels the middle one): a 2-D study
 # (one mid-sagittal slice, SPIDER) gives the net exactly that input, never seen in training otherwise.
-ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65, "outputs": 2, "single_slice": 0.15}
+# A fraction ``reader_share`` of its crops comes from the read single slices (--l5-cases, reader_l5.py): a few
+# dozen slices, but the only real ones where S1 is seen whole above the sacrum with L5 known.
+ONEPASS = {"base": 8, "randomise": 0.5, "body_share": 0.65, "outputs": 2, "single_slice": 0.15, "reader_share": 0.2}
 LOWEST_IS_L5 = ("vb2", "vb3")  # sources whose lowest annotated body is L5 (the data's README: T11-L5, L1-L5)
 PSEUDO_S1_MIN_ML = 10.0  # a pseudo-labelled S1 smaller than this is a fragment, not the sacrum's top
 
@@ -177,12 +181,15 @@ def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
 def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int = BATCH, patch: int = PATCH,
                  phantom_share: float = PHANTOM_SHARE, rotate_deg: float = ROTATE_DEG,
                  scale_log: float = SCALE_LOG, randomise: float = 0.0, body_share: float = 0.8,
-                 level_channel: bool = False, single_slice: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 level_channel: bool = False, single_slice: float = 0.0, reader: list | None = None,
+                 reader_share: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x (B, 3, P, P), y (B, C, P, P), mask (B, C, P, P)) float32 crops; zero (and unknown) outside the slice.
     Channel 0 is body; with ``level_channel`` channel 1 is L5, known on the slices whose L5 is known
     (:func:`case_slices`; a slice tuple without it: unknown).
 
-    A fraction ``body_share`` of the crops holds a body voxel, the rest lie anywhere. Each crop is rotated by up to
+    A fraction ``reader_share`` of the crops comes from ``reader`` (slices whose L5 alone is known,
+    :mod:`pipeline.training.reader_l5`), ``phantom_share`` from ``phantom``, the rest from ``real``.
+    A fraction ``body_share`` of the crops holds a body voxel (L5's, where only L5 is known), the rest lie anywhere. Each crop is rotated by up to
     ``rotate_deg`` and zoomed by up to exp(+-``scale_log``) (spines lean and scanners and patients differ in size;
     the 41 real scans alone do not show enough of either), its two side slices swap places half of the time (left
     and right context are alike), and its intensities get a random gamma; a fraction ``randomise`` of the crops is
@@ -196,11 +203,14 @@ def sample_batch(real: list, phantom: list, rng: np.random.Generator, batch: int
     ys = np.zeros((batch, n_out, patch, patch), np.float32)
     ms = np.zeros((batch, n_out, patch, patch), np.float32)
     for b in range(batch):
-        pool = phantom if phantom and rng.random() < phantom_share else real
+        u = rng.random() if reader or phantom else 1.0  # no draw without a second pool (seeds reproduce as before)
+        pool = (reader if reader and u < reader_share else
+                phantom if phantom and u < reader_share + phantom_share else real)
         x, y, m, *level = pool[rng.integers(len(pool))]
         h, w = y.shape
-        if y.any() and rng.random() < body_share:  # a body voxel anywhere in the crop
-            rr, cc = np.nonzero(y)
+        target = y if y.any() or not level else level[0]
+        if target.any() and rng.random() < body_share:  # a body voxel anywhere in the crop
+            rr, cc = np.nonzero(target)
             j = rng.integers(rr.size)
             centre = np.array([rr[j], cc[j]], float) + rng.uniform(-patch / 2, patch / 2, 2)
         else:
@@ -276,7 +286,8 @@ def masked_loss(logit, y, mask):
 
 def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, log_every: int = 100,
         rotate_deg: float = ROTATE_DEG, scale_log: float = SCALE_LOG, base: int = BASE_CHANNELS,
-        randomise: float = 0.0, body_share: float = 0.8, outputs: int = 1, single_slice: float = 0.0):
+        randomise: float = 0.0, body_share: float = 0.8, outputs: int = 1, single_slice: float = 0.0,
+        reader: list | None = None, reader_share: float = 0.0):
     """Train a U-Net of ``base`` channels and ``outputs`` output channels (2: body and L5) on the slices (see
     :func:`case_slices`; augmentation: :func:`sample_batch`); returns the net in eval mode."""
     import torch
@@ -291,7 +302,8 @@ def fit(real: list, phantom: list, iters: int, seed: int = 0, threads: int = 2, 
         for group in opt.param_groups:
             group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * it / max(1, iters)))
         batch = sample_batch(real, phantom, rng, rotate_deg=rotate_deg, scale_log=scale_log, randomise=randomise,
-                             body_share=body_share, level_channel=outputs > 1, single_slice=single_slice)
+                             body_share=body_share, level_channel=outputs > 1, single_slice=single_slice,
+                             reader=reader, reader_share=reader_share)
         x, y, m = (torch.from_numpy(a) for a in batch)
         loss = masked_loss(net(x), y, m)
         opt.zero_grad()
@@ -335,7 +347,17 @@ def main(argv=None) -> int:
     ap.add_argument("--pseudo-s1", action="append", metavar="SOURCE",
                     help="source whose annotation ends at L5 with S1 in view: its S1 is pseudo-labelled from the pixel "
                          "classifier (repeatable; default: vb2)")
+    ap.add_argument("--l5-cases", type=Path, help="--onepass: single-slice cases (case,patient,t1,t2; SPIDER's "
+                    "cases.csv) whose L5 a reader placed (--l5-reading) train the L5 output too")
+    ap.add_argument("--l5-reading", type=Path, help="case,l5_row_mm: the reading of --l5-cases "
+                    "(docs/spider_l5_reading.csv)")
+    ap.add_argument("--l5-fold", type=int, choices=(0, 1), help="leave out the --l5-cases patients of this fold "
+                    "(of 2; evaluate with python -m pipeline.evaluation.levels --fold K)")
     a = ap.parse_args(argv)
+    if (a.l5_cases is None) != (a.l5_reading is None) or (a.l5_cases and not a.onepass):
+        ap.error("--l5-cases and --l5-reading go together, with --onepass")
+    if a.l5_fold is not None and a.l5_cases is None:
+        ap.error("--l5-fold leaves out read cases: give --l5-cases and --l5-reading")
     rows = read_cases(Path(a.cases_csv))
     refuse_unknown_source(ap, rows, a.source)
     for r in rows:
@@ -356,10 +378,23 @@ def main(argv=None) -> int:
             # the net to drop the sacrum under the lowest body, and without a sacrum no level can be named.
             r["known_below_mm"] = 0.0
         phantom = [s for r in ph_rows for s in case_slices(r)]
+    reader = []
+    if a.l5_cases:
+        from pipeline.evaluation.levels import fold_rows
+        from pipeline.training.reader_l5 import cached_reader_slices, read_l5_rows
+
+        l5_rows = fold_rows(read_l5_rows(a.l5_cases, a.l5_reading), a.l5_fold, held_out=False)
+        for r in l5_rows:
+            got = cached_reader_slices(r, a.cache)
+            reader += got
+            if not got:
+                print(f"{r['case']}: no segmented body at the reader's L5 (or none at all); left out", flush=True)
+        print(f"{len(reader)} read L5 slices of {len(l5_rows)} cases", flush=True)
     print(f"{len(real)} real slices from {len(rows)} cases, {len(phantom)} phantom slices ({time.time() - t:.0f} s)", flush=True)
     net = fit(real, phantom, a.iters, a.seed, a.threads, rotate_deg=a.rotate_deg, scale_log=a.scale_log, base=base,
               randomise=randomise, body_share=body_share, outputs=ONEPASS["outputs"] if a.onepass else 1,
-              single_slice=ONEPASS["single_slice"] if a.onepass else 0.0)
+              single_slice=ONEPASS["single_slice"] if a.onepass else 0.0, reader=reader,
+              reader_share=ONEPASS["reader_share"] if reader else 0.0)
     export_onnx(net, out)
     print(f"trained {a.iters} steps in {time.time() - t:.0f} s -> {out}")
     return 0
