@@ -104,7 +104,7 @@ def test_read_slices_train_l5_only_and_their_crops_hold_the_read_l5():
 
 
 def test_read_slices_are_cached_with_the_cases_no_reading_matched(tmp_path, monkeypatch):
-    from pipeline.training import reader_l5
+    from pipeline.training import reader_l5, train_unet
 
     made = []
 
@@ -113,15 +113,15 @@ def test_read_slices_are_cached_with_the_cases_no_reading_matched(tmp_path, monk
         return [] if row["case"] == "nomatch" else [_reader_slice()]
 
     monkeypatch.setattr(reader_l5, "reader_case_slices", fake)
-    first = reader_l5.cached_reader_slices({"case": "a", "l5_row_mm": 180.0}, tmp_path)
-    again = reader_l5.cached_reader_slices({"case": "a", "l5_row_mm": 180.0}, tmp_path)
+    first = train_unet.cached_reader_slices({"case": "a", "l5_row_mm": 180.0}, tmp_path)
+    again = train_unet.cached_reader_slices({"case": "a", "l5_row_mm": 180.0}, tmp_path)
     assert len(first) == len(again) == 1
     assert all(np.array_equal(u, v) for u, v in zip(first[0], again[0], strict=True))
-    assert reader_l5.cached_reader_slices({"case": "nomatch", "l5_row_mm": 90.0}, tmp_path) == []
-    assert reader_l5.cached_reader_slices({"case": "nomatch", "l5_row_mm": 90.0}, tmp_path) == []
+    assert train_unet.cached_reader_slices({"case": "nomatch", "l5_row_mm": 90.0}, tmp_path) == []
+    assert train_unet.cached_reader_slices({"case": "nomatch", "l5_row_mm": 90.0}, tmp_path) == []
     assert made == ["a", "nomatch"]  # each case prepared once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_reader_l5_180.0.npz", "nomatch_reader_l5_90.0.npz"]
-    reader_l5.cached_reader_slices({"case": "a", "l5_row_mm": 150.5}, tmp_path)  # a revised reading
+    train_unet.cached_reader_slices({"case": "a", "l5_row_mm": 150.5}, tmp_path)  # a revised reading
     assert made == ["a", "nomatch", "a"]
 
 

@@ -36,13 +36,20 @@ GAP_FACTOR = 1.6  # a centroid gap wider than this x the median gap: a body was 
 COUNT_OUTCOMES = ("agrees", "disagrees", "not_countable")
 
 
-def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, object, object]:
-    """(result row, T2 volume, segmentation or None) of one cases.csv row."""
+def load_case_images(row: dict, root: Path) -> tuple[object, list | None]:
+    """(T2 volume, [T1 resampled onto the T2 grid] or None without a T1) of one cases.csv row: what
+    ``segment_vertebrae`` segments (image, ``extra_images``)."""
     from pipeline.io.nifti import load_nifti, resample_to
-    from pipeline.segmentation.segment import segment_vertebrae
 
     t2 = load_nifti(root / row["t2"])
-    extra = [resample_to(load_nifti(root / row["t1"]), t2).data] if row.get("t1") else None
+    return t2, ([resample_to(load_nifti(root / row["t1"]), t2).data] if row.get("t1") else None)
+
+
+def segment_case(row: dict, root: Path, cfg: SegmentationConfig) -> tuple[dict, object, object]:
+    """(result row, T2 volume, segmentation or None) of one cases.csv row."""
+    from pipeline.segmentation.segment import segment_vertebrae
+
+    t2, extra = load_case_images(row, root)
     res = {"case": row["case"], "levels": "", "l5_row_mm": None, "s1_row_mm": None, "flags": "", "confidence": None,
            "error": ""}
     try:
@@ -61,7 +68,7 @@ def disc_number_from_top(seg, spacing, row_mm: float | None) -> int | None:
     within ``L5_TOLERANCE_MM``); None when not countable: fewer than three bodies, the top body does not reach
     within ``TOP_EDGE_MM`` of the top edge (a disc or an unsegmented body may lie above it), or a gap above the
     body wider than ``GAP_FACTOR`` x the median centroid gap (a body missed)."""
-    bodies = sorted(seg.bodies, key=lambda b: b.centroid_vox[0]) if seg is not None else []
+    bodies = seg.bodies if seg is not None else []  # top to bottom
     if row_mm is None or len(bodies) < 3:
         return None
     rows = np.array([b.centroid_vox[0] for b in bodies]) * float(spacing[0])

@@ -6,8 +6,8 @@ Why: the annotated volumes show S1 whole on 9 scans only (vb2). On SPIDER's mid-
 small remnant S1-S2 disc, and a net that never saw that called S1 "L5" (spider-016: P(L5) 0.78 on S1). A reader
 who saw the whole slice says where L5 is; nothing else on these slices is annotated.
 
-Each case is segmented with the default cascade (T2, the T1 resampled onto it, as
-:func:`pipeline.evaluation.levels.segment_case`, but keeping the body-sized pieces below S1: where our names are
+Each case is segmented with the default cascade (T2, the T1 resampled onto it:
+:func:`pipeline.evaluation.levels.load_case_images`, as ``segment_case``, but keeping the body-sized pieces below S1: where our names are
 wrong, the reader's L5 may be one of them); the component whose centroid row lies nearest the reader's L5 row,
 within ``levels.L5_TOLERANCE_MM``, is the L5 target; every other pixel of the slice is "not L5". The body output
 is unknown on these slices (its mask is all False): the cascade's outlines are not truth. A case whose reading no
@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.arrays import label_counts_and_centroids
 from pipeline.config import SegmentationConfig
 from pipeline.evaluation.cases import labels_to_work
-from pipeline.evaluation.levels import L5_TOLERANCE_MM, read_reading
+from pipeline.evaluation.levels import L5_TOLERANCE_MM, load_case_images, read_reading
 from pipeline.segmentation.grid import normalise, to_work_grid
 from pipeline.segmentation.unet import context_stack
 
@@ -56,12 +56,9 @@ def reader_case_slices(row: dict, cfg: SegmentationConfig | None = None) -> list
     (3, H, W), body (H, W) all False, known (H, W) all False, L5 (H, W), True); [] when no component matches the
     reading or the slice does not segment."""
     from pipeline.errors import StudyError
-    from pipeline.io.nifti import load_nifti, resample_to
     from pipeline.segmentation.segment import segment_vertebrae
 
-    root = Path(row["root"])
-    t2 = load_nifti(root / row["t2"])
-    extra = [resample_to(load_nifti(root / row["t1"]), t2).data] if row.get("t1") else None
+    t2, extra = load_case_images(row, Path(row["root"]))
     try:
         seg = segment_vertebrae(t2.data, t2.spacing, cfg or SegmentationConfig(), extra_images=extra,
                                 keep_below_s1=True)
@@ -77,26 +74,3 @@ def reader_case_slices(row: dict, cfg: SegmentationConfig | None = None) -> list
     empty = np.zeros(work.shape[:2], bool)
     return [(x, empty, empty, np.ascontiguousarray(l5[:, :, k]), True)]
 
-
-def cached_reader_slices(row: dict, cache: Path | None) -> list[tuple]:
-    """:func:`reader_case_slices`, kept in ``cache`` as ``<case>_reader_l5_<row mm>.npz`` when a folder is given
-    (a revised reading of the case is prepared anew; a changed segmentation model is not noticed: clear the cache
-    after retraining the cascade)."""
-    if cache is None:
-        return reader_case_slices(row)
-    path = Path(cache) / f"{row['case']}_reader_l5_{float(row['l5_row_mm']):.1f}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return [(z["x"], z["body"], z["body"], z["l5"], True)] if z["l5"].any() else []
-    slices = reader_case_slices(row)
-    import io
-
-    from pipeline.io.atomic import write_bytes_atomic
-
-    h_w = (1, 1) if not slices else slices[0][1].shape
-    x, body, _, l5, _ = slices[0] if slices else (np.zeros((3, 1, 1), np.float32), np.zeros(h_w, bool), None,
-                                                  np.zeros(h_w, bool), True)
-    buf = io.BytesIO()
-    np.savez(buf, x=x, body=body, l5=l5)  # an empty L5: no component matched (kept, so it is not segmented again)
-    write_bytes_atomic(Path(cache) / path.name, buf.getvalue())
-    return slices

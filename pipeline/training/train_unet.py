@@ -146,27 +146,46 @@ def case_slices(row: dict) -> list[tuple]:
             for i, k in enumerate(ks)]
 
 
+SLICE_ARRAYS = ("x", "body", "known", "l5", "l5_known")  # the fields of a training slice, as kept in a cache file
+
+
+def _cached(path: Path | None, make) -> list[tuple]:
+    """``make()``'s training slices, kept in the .npz file ``path`` (None: not kept) and read back from it later.
+    An empty list is kept too (zero-length arrays): a case that gives no slice is not prepared again."""
+    if path is None:
+        return make()
+    if path.is_file():
+        with np.load(path) as z:
+            x, body, known, l5, l5_known = (z[k] for k in SLICE_ARRAYS)
+            return list(zip(x, body, known, l5, l5_known.tolist(), strict=True))
+    slices = make()
+    import io
+
+    from pipeline.io.atomic import write_bytes_atomic
+
+    arrays = ({k: np.stack(a) for k, a in zip(SLICE_ARRAYS, zip(*slices, strict=True), strict=True)} if slices
+              else dict.fromkeys(SLICE_ARRAYS, np.zeros(0)))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())  # two trainings filling one cache never see half a file
+    return slices
+
+
 def cached_case_slices(row: dict, cache: Path | None) -> list[tuple]:
     """:func:`case_slices`, kept in ``cache`` (one .npz per case, pseudo-S1 and L5 choice) when a folder is given:
     the fold / source nets of an evaluation read the same slices (the pseudo-S1 segmentation takes seconds a case)."""
-    if cache is None:
-        return case_slices(row)
-    path = Path(cache) / (f"{row['case']}_s1{int(bool(row.get('pseudo_s1')))}"
-                          f"_l5{int(bool(row.get('lowest_is_l5')))}.npz")
-    if path.is_file():
-        with np.load(path) as z:
-            return list(zip(z["x"], z["body"], z["known"], z["l5"], z["l5_known"].tolist(), strict=True))
-    slices = case_slices(row)
-    if slices:
-        import io
+    name = f"{row['case']}_s1{int(bool(row.get('pseudo_s1')))}_l5{int(bool(row.get('lowest_is_l5')))}.npz"
+    return _cached(Path(cache) / name if cache else None, lambda: case_slices(row))
 
-        from pipeline.io.atomic import write_bytes_atomic
 
-        x, body, known, l5, l5_known = (np.stack(a) for a in zip(*slices, strict=True))
-        buf = io.BytesIO()
-        np.savez(buf, x=x, body=body, known=known, l5=l5, l5_known=l5_known)
-        write_bytes_atomic(path, buf.getvalue())  # two trainings filling one cache never see half a file
-    return slices
+def cached_reader_slices(row: dict, cache: Path | None) -> list[tuple]:
+    """:func:`pipeline.training.reader_l5.reader_case_slices`, kept in ``cache`` as ``<case>_reader_l5_<row mm>.npz``
+    (a revised reading of the case is prepared anew; a changed segmentation model is not noticed: clear the cache
+    after retraining the cascade)."""
+    from pipeline.training import reader_l5
+
+    name = f"{row['case']}_reader_l5_{float(row['l5_row_mm']):.1f}.npz"
+    return _cached(Path(cache) / name if cache else None, lambda: reader_l5.reader_case_slices(row))
 
 
 def _crop_coords(centre, patch: int, angle: float, scale: float) -> np.ndarray:
@@ -381,7 +400,7 @@ def main(argv=None) -> int:
     reader = []
     if a.l5_cases:
         from pipeline.evaluation.levels import fold_rows
-        from pipeline.training.reader_l5 import cached_reader_slices, read_l5_rows
+        from pipeline.training.reader_l5 import read_l5_rows
 
         l5_rows = fold_rows(read_l5_rows(a.l5_cases, a.l5_reading), a.l5_fold, held_out=False)
         for r in l5_rows:
