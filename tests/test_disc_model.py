@@ -131,3 +131,32 @@ def test_training_cross_validation_groups_patients_and_learns_a_planted_signal()
     assert balanced_accuracy_score(y, call) > 0.75
     (_, noise_call), = cross_validate(x[:, 1:], y.astype(int), groups, c=0.1, repeats=1)
     assert balanced_accuracy_score(y, noise_call) < 0.65
+
+
+def test_training_cache_is_reused_only_under_the_same_config(tmp_path, monkeypatch):
+    """A cached case measured under one body model is measured again under another (never mixed in silently)."""
+    from pipeline.training import train_modic
+
+    calls = []
+
+    def fake_rows(row, cfg):
+        calls.append(cfg.segmentation.body_model)
+        return {"case": row["case"], "error": "FAKE"}
+
+    monkeypatch.setattr(train_modic, "case_rows", fake_rows)
+    row = {"case": "c1", "paths": {}}
+    cascade, onepass = Config(), Config()
+    onepass.segmentation.body_model = "onepass" if cascade.segmentation.body_model != "onepass" else "unet"
+    train_modic._extract(row, cascade, tmp_path)
+    train_modic._extract(row, cascade, tmp_path)  # cached
+    assert calls == [cascade.segmentation.body_model]
+    train_modic._extract(row, onepass, tmp_path)  # another config: measured again
+    assert calls == [cascade.segmentation.body_model, onepass.segmentation.body_model]
+
+
+def test_training_rejects_a_missing_config(tmp_path):
+    from pipeline.training.train_modic import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(tmp_path / "missing.yaml"), "--no-save", "--repeats", "0"])
+    assert exc.value.code == 2

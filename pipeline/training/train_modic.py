@@ -60,6 +60,12 @@ def case_rows(row: dict, cfg: Config) -> dict:
             "dominant": np.array(dominant, dtype=int)}
 
 
+def config_fingerprint(cfg: Config) -> str:
+    """What a cached row depends on besides the case: the whole config (the features change with the body model,
+    the measurement zones, ...), as canonical JSON."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
 def _extract(row, cfg, cache: Path | None) -> dict:
     import pickle
 
@@ -67,10 +73,12 @@ def _extract(row, cfg, cache: Path | None) -> dict:
     if path is not None and path.is_file():
         with open(path, "rb") as fh:
             rec = pickle.load(fh)
-        if rec.get("features") == feature_names():
+        # a row measured under another config (another body model) is measured again, not silently mixed in
+        if rec.get("features") == feature_names() and rec.get("config") == config_fingerprint(cfg):
             return rec
     rec = case_rows(row, cfg)
     rec["features"] = feature_names()
+    rec["config"] = config_fingerprint(cfg)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:
@@ -147,12 +155,23 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="cross-validation shuffles (0: no CV estimate)")
     ap.add_argument("--out", type=Path, default=MODEL_PATH)
     ap.add_argument("--no-save", action="store_true", help="only print the cross-validation estimate")
+    ap.add_argument("--config", type=Path, help="YAML config the features are measured with (e.g. another "
+                                                "segmentation.body_model; default: the package's defaults)")
     args = ap.parse_args(argv)
     import joblib
     import sklearn
 
     start = time.perf_counter()
-    cfg = Config()
+    if args.config is not None:
+        from pipeline.config import load_config
+        from pipeline.errors import ConfigError
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            ap.error(str(exc))
+    else:
+        cfg = Config()
     cfg.classification.disc_model = "thresholds"  # the features do not depend on it; never needs the old model
     rows = read_cases(args.cases)
     truth = read_gradings(args.gradings)
@@ -216,7 +235,7 @@ def main(argv=None) -> int:
         estimator = make_model(args.C).fit(x, y)
         bundle = {"estimator": estimator, "threshold": threshold, "features": feature_names(),
                   "trained_on": f"SPIDER modic-spider: {len(set(g))} patients, {len(y)} graded discs",
-                  "sklearn": sklearn.__version__, "C": args.C,
+                  "sklearn": sklearn.__version__, "C": args.C, "body_model": cfg.segmentation.body_model,
                   "cv": {part: {k: round(float(np.mean(v)), 4) for k, v in report["cv"][part].items()}
                          for part in ("found", "all_graded")} if args.repeats else None}
         args.out.parent.mkdir(parents=True, exist_ok=True)
