@@ -102,6 +102,22 @@ def test_classify_uses_the_model_only_when_configured():
     assert by_rules[1]["modic"]["modic_type"] == "0"
 
 
+def test_each_body_model_gets_the_disc_model_trained_on_its_outlines():
+    """The one-pass net's bodies give other band features: its own disc model scores them; the cascade and the
+    pixel classifier share the default one."""
+    from pipeline.disc_model import ONEPASS_MODEL_PATH, model_path
+
+    assert model_path("onepass") == ONEPASS_MODEL_PATH != MODEL_PATH
+    assert model_path("unet") == model_path("classifier") == MODEL_PATH
+    onepass = load_disc_model(body_model="onepass")
+    assert onepass.info["body_model"] == "onepass"  # recorded by train_modic from the config it measured with
+    meas = synthetic_study()
+    expected = onepass.score(disc_features(meas))
+    assert not np.allclose(expected, load_disc_model().score(disc_features(meas)))  # not the same model twice
+    by_onepass = classify_study(meas, Config().classification, "T2", body_model="onepass").discs
+    assert [d["modic"]["score"] for d in by_onepass] == pytest.approx(expected, abs=1e-4)
+
+
 def test_model_trained_on_other_features_is_refused(tmp_path):
     import joblib
 

@@ -1,5 +1,6 @@
-"""Train the per-disc Modic presence model shipped as ``pipeline/models/disc_modic.joblib``
-(``python -m pipeline.training.train_modic``).
+"""Train the per-disc Modic presence models shipped as ``pipeline/models/disc_modic.joblib`` (features measured on
+the cascade's bodies, the default) and ``disc_modic_onepass.joblib`` (``--config`` with ``segmentation: body_model:
+onepass``) (``python -m pipeline.training.train_modic [--config C]``).
 
 Training data: the SPIDER patients of ``../shared/data/modic-spider/`` (van der Graaf et al., Sci Data 2024;11:264;
 one mid-sagittal T1 + T2 slice each, per-disc Modic gradings). Every case goes through the real stages after
@@ -27,7 +28,7 @@ import numpy as np
 
 from pipeline.classify import disc_endplates, disc_type_fractions
 from pipeline.config import Config
-from pipeline.disc_model import MODEL_PATH, disc_features, discs_anchor, feature_names
+from pipeline.disc_model import disc_features, discs_anchor, feature_names, model_path
 from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
 
 DATA = Path("../shared/data/modic-spider")
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--C", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
     ap.add_argument("--repeats", type=int, default=5, help="cross-validation shuffles (0: no CV estimate)")
-    ap.add_argument("--out", type=Path, default=MODEL_PATH)
+    ap.add_argument("--out", type=Path, default=None, help="where to save the model (default: the shipped model "
+                                                          "of the config's body model, disc_model.model_path)")
     ap.add_argument("--no-save", action="store_true", help="only print the cross-validation estimate")
     ap.add_argument("--config", type=Path, help="YAML config the features are measured with (e.g. another "
                                                 "segmentation.body_model; default: the package's defaults)")
@@ -238,9 +240,10 @@ def main(argv=None) -> int:
                   "sklearn": sklearn.__version__, "C": args.C, "body_model": cfg.segmentation.body_model,
                   "cv": {part: {k: round(float(np.mean(v)), 4) for k, v in report["cv"][part].items()}
                          for part in ("found", "all_graded")} if args.repeats else None}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump(bundle, args.out, compress=3)
-        print(f"saved {args.out} (threshold {threshold:.3f}, fit {time.perf_counter() - t0:.1f} s)")
+        out = args.out or model_path(cfg.segmentation.body_model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump(bundle, out, compress=3)
+        print(f"saved {out} (threshold {threshold:.3f}, fit {time.perf_counter() - t0:.1f} s)")
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps({k: v for k, v in report.items() if k not in ("cv",)}, default=float)[:2000])
     print(f"total {report['seconds']} s")
