@@ -91,9 +91,10 @@ def _confidence_from_fraction(frac: float, threshold: float, present: bool, n_vo
 
 
 def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str,
-                   single_slice: bool = False) -> StudyFindings:
+                   single_slice: bool = False, body_model: str = "unet") -> StudyFindings:
     """Findings of one study; ``single_slice``: the study is one sagittal slice per series, so every confidence
-    is scaled by ``cfg.single_slice_confidence`` (a change off that slice is not seen)."""
+    is scaled by ``cfg.single_slice_confidence`` (a change off that slice is not seen). ``body_model``: the
+    segmentation's body model, which picks the disc model trained on its outlines (``disc_model.model_path``)."""
     n = len(meas.levels)
     body = meas.vox_body
     zone = meas.vox_zone
@@ -206,7 +207,7 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
         d["bright"] = bool(d["t2_ratio_to_discs"] is not None and d["t2_ratio_to_discs"] >= cfg.disc_bright_ratio)
     add_disc_modic(vertebrae, discs, cfg.diffuse_edema_volume_pct)
     if cfg.disc_model == "model" and modic_judged and discs:
-        model_disc_modic(meas, vertebrae, discs, cfg, single_slice)
+        model_disc_modic(meas, vertebrae, discs, cfg, single_slice, body_model)
     flags = review_flags(vertebrae, discs, cfg)
     return StudyFindings(vertebrae=vertebrae, discs=discs, reference=dict(meas.reference), flags=flags,
                          warnings=warnings, zone_map=meas.zone_map, class_map=class_map, fluid_role=fluid_role)
@@ -260,7 +261,7 @@ def add_disc_modic(vertebrae: list[dict], discs: list[dict], diffuse_edema_volum
 
 
 def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list[dict], cfg: ClassificationConfig,
-                     single_slice: bool) -> None:
+                     single_slice: bool, body_model: str = "unet") -> None:
     """Replace each disc's Modic presence by the shipped disc model's call (``disc_model.py``; README "Modic
     findings on real data"): ``score`` = the model's probability, type "0" below its threshold; above it the
     threshold type of the two endplates, or when they show none the dominant type fraction of the two bands
@@ -268,7 +269,7 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
     gradings are type II). Per-endplate types are left as the thresholds gave them."""
     from pipeline.disc_model import disc_features, load_disc_model
 
-    model = load_disc_model()
+    model = load_disc_model(body_model=body_model)
     prob = model.score(disc_features(meas))
     by_level = {v["level"]: v for v in vertebrae}
     for d, p in zip(discs, prob, strict=True):

@@ -8,8 +8,10 @@ two sides and their difference), the disc's own T2 signal and height, its positi
 same features averaged over the study's *other* discs (patient context from the patient's own images, no labels).
 
 ``disc_features`` computes one row per disc from ``StudyMeasurements`` alone (vectorised over voxels; loops only
-over the <= ~10 discs). ``DiscModel`` loads the shipped ``models/disc_modic.joblib`` (trained by
-``python -m pipeline.training.train_modic``; not imported here) and scores rows. Nothing is downloaded.
+over the <= ~10 discs). ``DiscModel`` loads the shipped model of the segmentation's body model and scores rows:
+``models/disc_modic.joblib`` for the cascade (and the pixel classifier), ``models/disc_modic_onepass.joblib`` for
+the one-pass net, whose bodies' outlines differ, so its band features do too (both trained by ``python -m
+pipeline.training.train_modic``, not imported here). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ import numpy as np
 from pipeline.measure import ZONE_CORE, StudyMeasurements, group_quantiles
 
 MODEL_PATH = Path(__file__).parent / "models" / "disc_modic.joblib"
+ONEPASS_MODEL_PATH = MODEL_PATH.with_name("disc_modic_onepass.joblib")
+
+
+def model_path(body_model: str = "unet") -> Path:
+    """The shipped disc model trained on features measured with ``segmentation.body_model`` = ``body_model``."""
+    return ONEPASS_MODEL_PATH if body_model == "onepass" else MODEL_PATH
 # Band voxels: deeper than the cortex / partial-volume rim, at most BAND_MM from the endplate.
 CORTEX_MM = 2.0
 BAND_MM = 10.0
@@ -157,11 +165,12 @@ class DiscModel:
         return self.estimator.predict_proba(features)[:, 1]
 
 
-@lru_cache(maxsize=2)
-def load_disc_model(path: str | None = None) -> DiscModel:
+@lru_cache(maxsize=4)
+def load_disc_model(path: str | None = None, body_model: str = "unet") -> DiscModel:
+    """``path``, or the shipped model for ``body_model`` (:func:`model_path`)."""
     import joblib
 
-    p = Path(path) if path else MODEL_PATH
+    p = Path(path) if path else model_path(body_model)
     if not p.is_file():
         raise FileNotFoundError(f"disc model not found: {p} (retrain: python -m pipeline.training.train_modic)")
     return DiscModel(joblib.load(p))

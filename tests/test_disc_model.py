@@ -102,6 +102,22 @@ def test_classify_uses_the_model_only_when_configured():
     assert by_rules[1]["modic"]["modic_type"] == "0"
 
 
+def test_each_body_model_gets_the_disc_model_trained_on_its_outlines():
+    """The one-pass net's bodies give other band features: its own disc model scores them; the cascade and the
+    pixel classifier share the default one."""
+    from pipeline.disc_model import ONEPASS_MODEL_PATH, model_path
+
+    assert model_path("onepass") == ONEPASS_MODEL_PATH != MODEL_PATH
+    assert model_path("unet") == model_path("classifier") == MODEL_PATH
+    onepass = load_disc_model(body_model="onepass")
+    assert onepass.info["body_model"] == "onepass"  # recorded by train_modic from the config it measured with
+    meas = synthetic_study()
+    expected = onepass.score(disc_features(meas))
+    assert not np.allclose(expected, load_disc_model().score(disc_features(meas)))  # not the same model twice
+    by_onepass = classify_study(meas, Config().classification, "T2", body_model="onepass").discs
+    assert [d["modic"]["score"] for d in by_onepass] == pytest.approx(expected, abs=1e-4)
+
+
 def test_model_trained_on_other_features_is_refused(tmp_path):
     import joblib
 
@@ -131,3 +147,32 @@ def test_training_cross_validation_groups_patients_and_learns_a_planted_signal()
     assert balanced_accuracy_score(y, call) > 0.75
     (_, noise_call), = cross_validate(x[:, 1:], y.astype(int), groups, c=0.1, repeats=1)
     assert balanced_accuracy_score(y, noise_call) < 0.65
+
+
+def test_training_cache_is_reused_only_under_the_same_config(tmp_path, monkeypatch):
+    """A cached case measured under one body model is measured again under another (never mixed in silently)."""
+    from pipeline.training import train_modic
+
+    calls = []
+
+    def fake_rows(row, cfg):
+        calls.append(cfg.segmentation.body_model)
+        return {"case": row["case"], "error": "FAKE"}
+
+    monkeypatch.setattr(train_modic, "case_rows", fake_rows)
+    row = {"case": "c1", "paths": {}}
+    cascade, onepass = Config(), Config()
+    onepass.segmentation.body_model = "onepass" if cascade.segmentation.body_model != "onepass" else "unet"
+    train_modic._extract(row, cascade, tmp_path)
+    train_modic._extract(row, cascade, tmp_path)  # cached
+    assert calls == [cascade.segmentation.body_model]
+    train_modic._extract(row, onepass, tmp_path)  # another config: measured again
+    assert calls == [cascade.segmentation.body_model, onepass.segmentation.body_model]
+
+
+def test_training_rejects_a_missing_config(tmp_path):
+    from pipeline.training.train_modic import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(tmp_path / "missing.yaml"), "--no-save", "--repeats", "0"])
+    assert exc.value.code == 2

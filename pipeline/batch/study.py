@@ -302,7 +302,8 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
 
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
-    findings = classify.classify_study(meas, cfg.classification, fluid_role, single_slice=single_slice)
+    findings = classify.classify_study(meas, cfg.classification, fluid_role, single_slice=single_slice,
+                                       body_model=cfg.segmentation.body_model)
     warnings += list(getattr(meas, "warnings", []) or []) + list(findings.warnings)
     timings["classify"] = time.perf_counter() - t
     return StudyAnalysis(volumes=volumes, resampled=resampled, segmentation=seg, seg_method=seg_method,

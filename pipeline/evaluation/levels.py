@@ -12,6 +12,11 @@ not an expert's) reading of the cases the reader could tell.
 A second check needs no reading: cases.csv's ``n_discs`` (how many discs the experts graded: every disc in view)
 puts the lowest graded disc at the n_discs-th disc counted down from the image's top. Where our bodies allow the
 count (:func:`disc_number_from_top`), the disc under our L5, and under the reading's, agrees with it or not.
+
+A third check uses the experts' disc grades (``--gradings``: ``case, ivd, pfirrmann``): the discs' T2 signal along
+the spine should follow the Pfirrmann grades best when our discs are numbered from the real L5
+(:mod:`pipeline.evaluation.disc_grades`); ``grades_ours`` / ``grades_reading`` say whether that numbering, or one
+disc off, fits the grades best.
 """
 
 from __future__ import annotations
@@ -100,6 +105,45 @@ def outcome(res: dict, reading_mm: float | None) -> str:
     return "correct" if abs(res["l5_row_mm"] - reading_mm) <= L5_TOLERANCE_MM else "wrong"
 
 
+def nearest_body(seg, spacing, row_mm: float | None) -> int | None:
+    """Index (top -> bottom) of the body whose centroid is nearest ``row_mm`` (mm from the top), within
+    ``L5_TOLERANCE_MM``; None without one."""
+    if seg is None or row_mm is None or not seg.bodies:
+        return None
+    rows = np.array([b.centroid_vox[0] for b in seg.bodies]) * float(spacing[0])
+    i = int(np.argmin(np.abs(rows - row_mm)))
+    return i if abs(rows[i] - row_mm) <= L5_TOLERANCE_MM else None
+
+
+def read_pfirrmann(path: Path | None) -> dict[str, dict[int, int]]:
+    """case -> {ivd: Pfirrmann grade} from a gradings CSV (``case, ivd, pfirrmann``); {} without a path.
+    Raises ValueError when the columns are missing."""
+    if path is None:
+        return {}
+    out: dict[str, dict[int, int]] = {}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"case", "ivd", "pfirrmann"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{Path(path).name}: missing column(s) {', '.join(sorted(missing))}")
+        for r in reader:
+            if (r.get("pfirrmann") or "").strip():
+                out.setdefault(r["case"].strip(), {})[int(r["ivd"])] = int(r["pfirrmann"])
+    return out
+
+
+def grades_check(seg, image: np.ndarray, spacing, row_mm: float | None, grades: dict[int, int]) -> tuple[str, dict]:
+    """(:func:`disc_grades.grade_outcome`, correlations by offset) for the numbering from the body at ``row_mm``."""
+    from pipeline.evaluation.disc_grades import disc_t2_ratios, grade_correlations, grade_outcome
+
+    l5 = nearest_body(seg, spacing, row_mm)
+    if l5 is None or not grades:
+        return "not_gradable", {}
+    ratios = disc_t2_ratios(seg.labels, image, [b.value for b in seg.bodies])
+    corr = grade_correlations(ratios, l5, grades)
+    return grade_outcome(corr), corr
+
+
 def read_reading(path: Path | None) -> dict[str, float]:
     if path is None:
         return {}
@@ -147,10 +191,10 @@ def _png(t2, seg, path: Path, title: str) -> None:
 
 def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None, write_png: bool = True,
                     cfg: SegmentationConfig | None = None, limit: int | None = None,
-                    fold: int | None = None) -> dict:
+                    fold: int | None = None, gradings: Path | None = None) -> dict:
     """Segment every case (only fold ``fold``'s of :func:`patient_folds`, when given: the cases a net trained
     with ``train_unet --l5-fold`` left out), write levels.csv (+ a PNG per case) and summary.json; returns the
-    summary."""
+    summary. ``gradings``: the experts' per-disc grades for the Pfirrmann check (:func:`grades_check`)."""
     cfg = cfg or SegmentationConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +202,7 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
         rows = list(csv.DictReader(fh))
     rows = fold_rows(rows, fold, held_out=True)[:limit]
     read = read_reading(reading)
+    pfirrmann = read_pfirrmann(gradings)
     results = []
     for row in rows:  # one slice per case: ~1 s each
         res, t2, seg = segment_case(row, Path(cases_csv).parent, cfg)
@@ -166,6 +211,10 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
         for who, row_mm in (("ours", res["l5_row_mm"]), ("reading", res["reading_l5_row_mm"])):
             disc = disc_number_from_top(seg, t2.spacing, row_mm) if seg is not None else None
             res[f"count_{who}"] = count_outcome(disc, row.get("n_discs"))
+            if gradings is not None:
+                grade, corr = grades_check(seg, t2.data, t2.spacing, row_mm, pfirrmann.get(row["case"], {}))
+                res[f"grades_{who}"] = grade
+                res[f"grades_r_{who}"] = " ".join(f"{o:+d}:{r:.2f}" for o, r in sorted(corr.items()))
         results.append(res)
         if write_png:
             _png(t2, seg, out_dir / "png" / f"{row['case']}.png", f"{row['case']}: {res['outcome']} {res['flags']}")
@@ -179,6 +228,11 @@ def evaluate_levels(cases_csv: Path, out_dir: Path, reading: Path | None = None,
                # the experts' disc count (n_discs) against our L5 and against the reading's, where countable
                "disc_count": {who: {k: sum(r[f"count_{who}"] == k for r in results) for k in COUNT_OUTCOMES}
                               for who in ("ours", "reading")}}
+    if gradings is not None:  # which numbering the experts' Pfirrmann grades support (disc_grades)
+        from pipeline.evaluation.disc_grades import GRADE_OUTCOMES
+
+        summary["disc_grades"] = {who: {k: sum(r[f"grades_{who}"] == k for r in results) for k in GRADE_OUTCOMES}
+                                  for who in ("ours", "reading")}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
@@ -188,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("cases_csv", type=Path)
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--reading", type=Path, help="case,l5_row_mm: a reader's L5 centroid row per case")
+    ap.add_argument("--gradings", type=Path,
+                    help="case,ivd,pfirrmann: the experts' disc grades, for the Pfirrmann check of the disc numbering")
     ap.add_argument("--no-png", action="store_true")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--fold", type=int, choices=(0, 1),
@@ -195,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, help="YAML config (its segmentation section is used)")
     ap.add_argument("--unet", type=Path, help="net (.onnx) instead of the shipped one (e.g. a held-out fold's)")
     args = ap.parse_args(argv)
-    if not args.cases_csv.is_file():
-        ap.error(f"{args.cases_csv} does not exist")
+    for path in (args.cases_csv, args.gradings):
+        if path is not None and not path.is_file():
+            ap.error(f"{path} does not exist")
     cfg = None
     if args.config:
         from pipeline.config import load_config
@@ -211,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         use_network(args.unet)
     print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit,
-                          fold=args.fold))
+                          fold=args.fold, gradings=args.gradings))
     return 0
 
 

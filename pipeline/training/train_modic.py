@@ -1,5 +1,6 @@
-"""Train the per-disc Modic presence model shipped as ``pipeline/models/disc_modic.joblib``
-(``python -m pipeline.training.train_modic``).
+"""Train the per-disc Modic presence models shipped as ``pipeline/models/disc_modic.joblib`` (features measured on
+the cascade's bodies, the default) and ``disc_modic_onepass.joblib`` (``--config`` with ``segmentation: body_model:
+onepass``) (``python -m pipeline.training.train_modic [--config C]``).
 
 Training data: the SPIDER patients of ``../shared/data/modic-spider/`` (van der Graaf et al., Sci Data 2024;11:264;
 one mid-sagittal T1 + T2 slice each, per-disc Modic gradings). Every case goes through the real stages after
@@ -27,7 +28,7 @@ import numpy as np
 
 from pipeline.classify import disc_endplates, disc_type_fractions
 from pipeline.config import Config
-from pipeline.disc_model import MODEL_PATH, disc_features, discs_anchor, feature_names
+from pipeline.disc_model import disc_features, discs_anchor, feature_names, model_path
 from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
 
 DATA = Path("../shared/data/modic-spider")
@@ -60,6 +61,12 @@ def case_rows(row: dict, cfg: Config) -> dict:
             "dominant": np.array(dominant, dtype=int)}
 
 
+def config_fingerprint(cfg: Config) -> str:
+    """What a cached row depends on besides the case: the whole config (the features change with the body model,
+    the measurement zones, ...), as canonical JSON."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
 def _extract(row, cfg, cache: Path | None) -> dict:
     import pickle
 
@@ -67,10 +74,12 @@ def _extract(row, cfg, cache: Path | None) -> dict:
     if path is not None and path.is_file():
         with open(path, "rb") as fh:
             rec = pickle.load(fh)
-        if rec.get("features") == feature_names():
+        # a row measured under another config (another body model) is measured again, not silently mixed in
+        if rec.get("features") == feature_names() and rec.get("config") == config_fingerprint(cfg):
             return rec
     rec = case_rows(row, cfg)
     rec["features"] = feature_names()
+    rec["config"] = config_fingerprint(cfg)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:
@@ -145,14 +154,26 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--C", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
     ap.add_argument("--repeats", type=int, default=5, help="cross-validation shuffles (0: no CV estimate)")
-    ap.add_argument("--out", type=Path, default=MODEL_PATH)
+    ap.add_argument("--out", type=Path, default=None, help="where to save the model (default: the shipped model "
+                                                          "of the config's body model, disc_model.model_path)")
     ap.add_argument("--no-save", action="store_true", help="only print the cross-validation estimate")
+    ap.add_argument("--config", type=Path, help="YAML config the features are measured with (e.g. another "
+                                                "segmentation.body_model; default: the package's defaults)")
     args = ap.parse_args(argv)
     import joblib
     import sklearn
 
     start = time.perf_counter()
-    cfg = Config()
+    if args.config is not None:
+        from pipeline.config import load_config
+        from pipeline.errors import ConfigError
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            ap.error(str(exc))
+    else:
+        cfg = Config()
     cfg.classification.disc_model = "thresholds"  # the features do not depend on it; never needs the old model
     rows = read_cases(args.cases)
     truth = read_gradings(args.gradings)
@@ -216,12 +237,13 @@ def main(argv=None) -> int:
         estimator = make_model(args.C).fit(x, y)
         bundle = {"estimator": estimator, "threshold": threshold, "features": feature_names(),
                   "trained_on": f"SPIDER modic-spider: {len(set(g))} patients, {len(y)} graded discs",
-                  "sklearn": sklearn.__version__, "C": args.C,
+                  "sklearn": sklearn.__version__, "C": args.C, "body_model": cfg.segmentation.body_model,
                   "cv": {part: {k: round(float(np.mean(v)), 4) for k, v in report["cv"][part].items()}
                          for part in ("found", "all_graded")} if args.repeats else None}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump(bundle, args.out, compress=3)
-        print(f"saved {args.out} (threshold {threshold:.3f}, fit {time.perf_counter() - t0:.1f} s)")
+        out = args.out or model_path(cfg.segmentation.body_model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump(bundle, out, compress=3)
+        print(f"saved {out} (threshold {threshold:.3f}, fit {time.perf_counter() - t0:.1f} s)")
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps({k: v for k, v in report.items() if k not in ("cv",)}, default=float)[:2000])
     print(f"total {report['seconds']} s")
