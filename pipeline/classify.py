@@ -91,10 +91,13 @@ def _confidence_from_fraction(frac: float, threshold: float, present: bool, n_vo
 
 
 def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str,
-                   single_slice: bool = False, body_model: str = "unet") -> StudyFindings:
+                   single_slice: bool = False, body_model: str = "unet",
+                   disc_patches: np.ndarray | None = None) -> StudyFindings:
     """Findings of one study; ``single_slice``: the study is one sagittal slice per series, so every confidence
     is scaled by ``cfg.single_slice_confidence`` (a change off that slice is not seen). ``body_model``: the
-    segmentation's body model, which picks the disc model trained on its outlines (``disc_model.model_path``)."""
+    segmentation's body model, which picks the disc model trained on its outlines (``disc_model.model_path``).
+    ``disc_patches``: one image patch per disc (``disc_cnn.disc_patches``) for a disc model with a CNN; without
+    them the disc model's regression decides alone."""
     n = len(meas.levels)
     body = meas.vox_body
     zone = meas.vox_zone
@@ -207,7 +210,7 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
         d["bright"] = bool(d["t2_ratio_to_discs"] is not None and d["t2_ratio_to_discs"] >= cfg.disc_bright_ratio)
     add_disc_modic(vertebrae, discs, cfg.diffuse_edema_volume_pct)
     if cfg.disc_model == "model" and modic_judged and discs:
-        model_disc_modic(meas, vertebrae, discs, cfg, single_slice, body_model)
+        model_disc_modic(meas, vertebrae, discs, cfg, single_slice, body_model, disc_patches)
     flags = review_flags(vertebrae, discs, cfg)
     return StudyFindings(vertebrae=vertebrae, discs=discs, reference=dict(meas.reference), flags=flags,
                          warnings=warnings, zone_map=meas.zone_map, class_map=class_map, fluid_role=fluid_role)
@@ -261,7 +264,7 @@ def add_disc_modic(vertebrae: list[dict], discs: list[dict], diffuse_edema_volum
 
 
 def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list[dict], cfg: ClassificationConfig,
-                     single_slice: bool, body_model: str = "unet") -> None:
+                     single_slice: bool, body_model: str = "unet", disc_patches: np.ndarray | None = None) -> None:
     """Replace each disc's Modic presence by the shipped disc model's call (``disc_model.py``; README "Modic
     findings on real data"): ``score`` = the model's probability, type "0" below its threshold; above it the
     threshold type of the two endplates, or when they show none the dominant type fraction of the two bands
@@ -270,20 +273,20 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
     from pipeline.disc_model import disc_features, load_disc_model
 
     model = load_disc_model(body_model=body_model)
-    prob = model.score(disc_features(meas))
+    prob, threshold = model.decide(disc_features(meas), disc_patches)
     by_level = {v["level"]: v for v in vertebrae}
     for d, p in zip(discs, prob, strict=True):
         m = d["modic"]
         eps = disc_endplates(d, by_level)
-        present = bool(p >= model.threshold)
+        present = bool(p >= threshold)
         if present and m["modic_type"] == "0":
             fr = disc_type_fractions(eps, cfg.diffuse_edema_volume_pct)
             m["modic_type"] = _TYPE_NAMES[int(np.argmax(fr[1:])) + 1] if fr[1:].max() > 0 else "II"
         elif not present:
             m["modic_type"] = "0"
             m["extent_height_pct"] = m["extent_volume_pct"] = 0.0
-        span = (1.0 - model.threshold) if present else model.threshold
-        conf = 0.5 + 0.5 * abs(float(p) - model.threshold) / max(span, 1e-6)
+        span = (1.0 - threshold) if present else threshold
+        conf = 0.5 + 0.5 * abs(float(p) - threshold) / max(span, 1e-6)
         # Damped like the threshold call when a band is small or missing (the features then see one side only).
         n_band = min((ep["n_voxels"] for _, ep, _ in eps), default=0)
         if n_band < 50:

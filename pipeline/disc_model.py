@@ -8,7 +8,8 @@ two sides and their difference), the disc's own T2 signal and height, its positi
 same features averaged over the study's *other* discs (patient context from the patient's own images, no labels).
 
 ``disc_features`` computes one row per disc from ``StudyMeasurements`` alone (vectorised over voxels; loops only
-over the <= ~10 discs). ``DiscModel`` loads the shipped model of the segmentation's body model and scores rows:
+over the <= ~10 discs). A model may carry a small CNN on disc patches (``disc_cnn.py``) whose probability is
+averaged with the regression's. ``DiscModel`` loads the shipped model of the segmentation's body model and scores rows:
 ``models/disc_modic.joblib`` for the cascade (and the pixel classifier), ``models/disc_modic_onepass.joblib`` for
 the one-pass net, whose bodies' outlines differ, so its band features do too (both trained by ``python -m
 pipeline.training.train_modic``, not imported here). Nothing is downloaded.
@@ -151,18 +152,36 @@ def disc_features(meas: StudyMeasurements) -> np.ndarray:
 class DiscModel:
     """The shipped per-disc Modic presence model: ``score(features) -> probability`` and its threshold."""
 
-    def __init__(self, bundle: dict):
+    def __init__(self, bundle: dict, folder: Path | None = None):
         if bundle.get("features") != feature_names():
             raise ValueError("disc model was trained on other features than this code computes: retrain it "
                              "(python -m pipeline.training.train_modic)")
         self.estimator = bundle["estimator"]
         self.threshold = float(bundle["threshold"])
+        # Optional image half (disc_cnn.py): the mean of the two probabilities, cut at its own threshold
+        self.cnn = bundle.get("cnn")
+        self.folder = folder or MODEL_PATH.parent  # the CNN file lies next to the bundle
         self.info = {k: v for k, v in bundle.items() if k not in ("estimator",)}
 
     def score(self, features: np.ndarray) -> np.ndarray:
+        """P(Modic change) per disc from the features alone (the regression)."""
         if features.shape[0] == 0:
             return np.zeros(0)
         return self.estimator.predict_proba(features)[:, 1]
+
+    def decide(self, features: np.ndarray, patches: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """(probability per disc, its threshold): with the model's CNN and the discs' patches
+        (``disc_cnn.disc_patches``), the mean of the regression's and the CNN's probabilities and the threshold
+        chosen for that mean; otherwise the regression alone and its own threshold."""
+        p = self.score(features)
+        if self.cnn is None or patches is None or features.shape[0] == 0:
+            return p, self.threshold
+        from pipeline.disc_cnn import cnn_probability
+
+        if patches.shape[0] != features.shape[0]:
+            raise ValueError(f"{patches.shape[0]} disc patches for {features.shape[0]} discs")
+        p_cnn = cnn_probability(patches, self.folder / self.cnn["file"])
+        return (p + p_cnn) / 2.0, float(self.cnn["threshold"])
 
 
 @lru_cache(maxsize=4)
@@ -173,4 +192,4 @@ def load_disc_model(path: str | None = None, body_model: str = "unet") -> DiscMo
     p = Path(path) if path else model_path(body_model)
     if not p.is_file():
         raise FileNotFoundError(f"disc model not found: {p} (retrain: python -m pipeline.training.train_modic)")
-    return DiscModel(joblib.load(p))
+    return DiscModel(joblib.load(p), folder=p.parent)

@@ -239,6 +239,7 @@ class StudyAnalysis:
     warnings: list[str] = field(default_factory=list)
     qc_flags: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    disc_patches: Any = None  # (n_discs, 2, *disc_cnn.PATCH_MM) T1 / T2 patches when the disc model read them
 
 
 def segmentation_from_masks_dir(task: StudyTask, reference: Volume):
@@ -302,13 +303,18 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
 
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
+    patches = None
+    if cfg.classification.disc_model == "model" and "T1" in images:
+        from pipeline.disc_cnn import disc_patches
+
+        patches = disc_patches(images, seg.labels, [int(v) for v in meas.values], reference.spacing, meas.reference)
     findings = classify.classify_study(meas, cfg.classification, fluid_role, single_slice=single_slice,
-                                       body_model=cfg.segmentation.body_model)
+                                       body_model=cfg.segmentation.body_model, disc_patches=patches)
     warnings += list(getattr(meas, "warnings", []) or []) + list(findings.warnings)
     timings["classify"] = time.perf_counter() - t
     return StudyAnalysis(volumes=volumes, resampled=resampled, segmentation=seg, seg_method=seg_method,
                          measurements=meas, findings=findings, single_slice=single_slice, warnings=warnings,
-                         qc_flags=qc_flags, timings=timings)
+                         qc_flags=qc_flags, timings=timings, disc_patches=patches)
 
 
 def process_study(task: StudyTask) -> StudyOutcome:

@@ -30,6 +30,7 @@ from pipeline.classify import disc_endplates, disc_type_fractions
 from pipeline.config import Config
 from pipeline.disc_model import disc_features, discs_anchor, feature_names, model_path
 from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
+from pipeline.training.train_disc_cnn import fold_ids
 
 DATA = Path("../shared/data/modic-spider")
 FOLDS = 5
@@ -55,7 +56,12 @@ def case_rows(row: dict, cfg: Config) -> dict:
         eps = disc_endplates(an.findings.discs[a], by_level)
         fr = disc_type_fractions(eps, cfg.classification.diffuse_edema_volume_pct)[1:]
         dominant.append(int(np.argmax(fr)) + 1 if fr.max() > 0 else 2)
+    from pipeline.disc_cnn import disc_patches
+
+    images = {role: vol.data for role, vol in an.volumes.items()}
+    patches = disc_patches(images, an.segmentation.labels, [int(v) for v in meas.values], meas.spacing, meas.reference)
     return {"case": row["case"], "x": x[keep], "ivd": np.array([anchor - a for a in keep], dtype=int),
+            "patches": patches[keep].astype(np.float16),  # 8-bit sources: half precision loses nothing
             "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),
             "thr_score": np.array([an.findings.discs[a]["modic"]["score"] for a in keep], dtype=float),
             "dominant": np.array(dominant, dtype=int)}
@@ -75,7 +81,8 @@ def _extract(row, cfg, cache: Path | None) -> dict:
         with open(path, "rb") as fh:
             rec = pickle.load(fh)
         # a row measured under another config (another body model) is measured again, not silently mixed in
-        if rec.get("features") == feature_names() and rec.get("config") == config_fingerprint(cfg):
+        if (rec.get("features") == feature_names() and rec.get("config") == config_fingerprint(cfg)
+                and ("patches" in rec or "x" not in rec)):
             return rec
     rec = case_rows(row, cfg)
     rec["features"] = feature_names()
@@ -97,31 +104,34 @@ def make_model(c: float):
                          LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
 
 
-def _fold_ids(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    cases = np.unique(groups)
-    np.random.RandomState(seed).shuffle(cases)
-    fold = {c: i % folds for i, c in enumerate(cases)}
-    return np.array([fold[c] for c in groups])
-
-
-def choose_threshold(x, y, groups, c: float, seed: int = 0) -> float:
-    """Threshold maximising balanced accuracy on grouped out-of-fold (4-fold) probabilities of (x, y)."""
-    from sklearn.metrics import balanced_accuracy_score
-
-    fid = _fold_ids(groups, 4, seed)
+def oof_regression(x, y, groups, c: float, seed: int = 0) -> np.ndarray:
+    """Grouped out-of-fold (4-fold, the split of ``fold_ids(groups, 4, seed)``) probabilities of the regression."""
+    fid = fold_ids(groups, 4, seed)
     p = np.zeros(len(y))
     for k in range(4):
         tr = fid != k
         p[~tr] = make_model(c).fit(x[tr], y[tr]).predict_proba(x[~tr])[:, 1]
+    return p
+
+
+def best_threshold(y, p) -> float:
+    """The cut of ``p`` (among its 5-95 % quantiles) with the highest balanced accuracy on ``y``."""
+    from sklearn.metrics import balanced_accuracy_score
+
     candidates = np.quantile(p, np.linspace(0.05, 0.95, 91))
     return float(candidates[int(np.argmax([balanced_accuracy_score(y, p >= t) for t in candidates]))])
+
+
+def choose_threshold(x, y, groups, c: float, seed: int = 0) -> float:
+    """Threshold maximising balanced accuracy on grouped out-of-fold (4-fold) probabilities of (x, y)."""
+    return best_threshold(y, oof_regression(x, y, groups, c, seed))
 
 
 def cross_validate(x, y, groups, c: float, repeats: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per repeat: out-of-fold probability and presence call (threshold from the training folds only)."""
     out = []
     for rep in range(repeats):
-        fid = _fold_ids(groups, FOLDS, 100 + rep)
+        fid = fold_ids(groups, FOLDS, 100 + rep)
         p = np.zeros(len(y))
         call = np.zeros(len(y), dtype=int)
         for k in range(FOLDS):
@@ -131,6 +141,31 @@ def cross_validate(x, y, groups, c: float, repeats: int) -> list[tuple[np.ndarra
             call[te] = p[te] >= t
         out.append((p, call))
     return out
+
+
+def cross_validate_with_cnn(x, patches, y, groups, c: float, repeats: int, epochs: int):
+    """As :func:`cross_validate` for the mean of the regression's and the CNN's probabilities: inside each outer
+    training split, the 4 grouped CNNs (``train_disc_cnn.grouped_nets``) and the regression's out-of-fold
+    probabilities on the same folds choose the threshold; the outer test rows get the regression fitted on the
+    whole training split and the mean of the 4 CNNs (the shipped procedure). Also returns the CNN's own test
+    probabilities."""
+    from pipeline.training.train_disc_cnn import grouped_nets, predict
+
+    out, cnn_only = [], []
+    for rep in range(repeats):
+        fid = fold_ids(groups, FOLDS, 100 + rep)
+        p, p_cnn, call = np.zeros(len(y)), np.zeros(len(y)), np.zeros(len(y), dtype=int)
+        for k in range(FOLDS):
+            tr, te = fid != k, fid == k
+            nets, oof_cnn = grouped_nets(patches[tr], y[tr], groups[tr], seed=rep, epochs=epochs)
+            t = best_threshold(y[tr], (oof_regression(x[tr], y[tr], groups[tr], c, seed=rep) + oof_cnn) / 2)
+            p_cnn[te] = predict(nets, patches[te])
+            p[te] = (make_model(c).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1] + p_cnn[te]) / 2
+            call[te] = p[te] >= t
+            print(f"  CNN CV repeat {rep} fold {k}: {time.process_time():.0f} s CPU", flush=True)
+        out.append((p, call))
+        cnn_only.append(p_cnn)
+    return out, cnn_only
 
 
 def _metrics(truth, call, score, type_pred, missing: np.ndarray) -> dict:
@@ -146,6 +181,27 @@ def _metrics(truth, call, score, type_pred, missing: np.ndarray) -> dict:
             "type_kappa_all_graded": round(float(cohen_kappa_score(t_all, np.concatenate([type_pred, zeros]))), 4)}
 
 
+def _summarise(name: str, runs: list[dict], repeats: int, thresholds: dict) -> dict:
+    """Per-repeat metrics -> lists per metric (and printed means beside the threshold rules)."""
+    cv = {part: {k: [r[part][k] for r in runs] for k in runs[0][part]} for part in ("found", "all_graded")}
+    cv["type_kappa_all_graded"] = [r["type_kappa_all_graded"] for r in runs]
+    keys = ("balanced_accuracy", "kappa", "sensitivity", "specificity", "auc_score")
+    for part in ("found", "all_graded"):
+        print(f"{part:>10}: {name} CV (5-fold over patients x {repeats}) "
+              + " ".join(f"{k} {np.mean(cv[part][k]):.3f}±{np.std(cv[part][k]):.3f}" for k in keys)
+              + " | thresholds " + " ".join(f"{k} {thresholds[part][k]:.3f}" for k in keys))
+    print(f"type kappa (all graded): {name} CV {np.mean(cv['type_kappa_all_graded']):.3f}, "
+          f"thresholds {thresholds['type_kappa_all_graded']:.3f}")
+    return cv
+
+
+def _means(cv: dict | None) -> dict | None:
+    if cv is None:
+        return None
+    return {part: {k: round(float(np.mean(v)), 4) for k, v in cv[part].items() if k != "confusion_matrix"}
+            for part in ("found", "all_graded")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.training.train_modic", description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=Path, default=DATA / "cases.csv")
@@ -159,9 +215,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="only print the cross-validation estimate")
     ap.add_argument("--config", type=Path, help="YAML config the features are measured with (e.g. another "
                                                 "segmentation.body_model; default: the package's defaults)")
+    ap.add_argument("--cnn", action="store_true", help="also train the disc CNN on T1 / T2 disc patches "
+                                                       "(train_disc_cnn.py; needs torch) and ship it with the model")
+    ap.add_argument("--cnn-repeats", type=int, default=0, help="shuffles of the nested CV estimate of regression + "
+                                                               "CNN (each: 20 CNNs, ~12 min of one core)")
+    ap.add_argument("--epochs", type=int, default=None, help="CNN epochs (default train_disc_cnn.EPOCHS)")
     args = ap.parse_args(argv)
     import joblib
     import sklearn
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.training.train_disc_cnn import EPOCHS
+
+    args.epochs = args.epochs or EPOCHS
 
     start = time.perf_counter()
     if args.config is not None:
@@ -185,7 +251,7 @@ def main(argv=None) -> int:
     else:
         recs = [_extract(r, cfg, args.cache) for r in rows]
     t_extract = time.perf_counter() - start
-    xs, types, groups, thr_code, thr_score, dominant = [], [], [], [], [], []
+    xs, types, groups, thr_code, thr_score, dominant, patch_rows = [], [], [], [], [], [], []
     found = set()
     for rec in recs:
         if "x" not in rec:
@@ -201,7 +267,9 @@ def main(argv=None) -> int:
             thr_code.append(rec["thr_code"][i])
             thr_score.append(rec["thr_score"][i])
             dominant.append(rec["dominant"][i])
+            patch_rows.append(rec["patches"][i])
     x, t = np.array(xs), np.array(types)
+    patches = np.array(patch_rows, dtype=np.float32)
     y, g = (t > 0).astype(int), np.array(groups)
     thr_code, thr_score, dominant = np.array(thr_code), np.array(thr_score), np.array(dominant)
     cases_in = {r["case"] for r in rows}
@@ -212,35 +280,45 @@ def main(argv=None) -> int:
               "C": args.C, "features": x.shape[1]}
     thr_type = np.where(thr_code > 0, thr_code, 0)
     report["thresholds"] = _metrics(t, (thr_code > 0).astype(int), thr_score, thr_type, missing)
+    def model_types(call):
+        return np.where(call == 1, np.where(thr_code > 0, thr_code, dominant), 0)
+
     if args.repeats:
         t0 = time.perf_counter()
-        runs = []
-        for p, call in cross_validate(x, y, g, args.C, args.repeats):
-            model_type = np.where(call == 1, np.where(thr_code > 0, thr_code, dominant), 0)
-            runs.append(_metrics(t, call, p, model_type, missing))
-        report["cv"] = {part: {k: [r[part][k] for r in runs] for k in runs[0][part]} for part in ("found", "all_graded")}
-        report["cv"]["type_kappa_all_graded"] = [r["type_kappa_all_graded"] for r in runs]
+        runs = [_metrics(t, call, p, model_types(call), missing) for p, call in cross_validate(x, y, g, args.C,
+                                                                                                args.repeats)]
+        report["cv"] = _summarise("regression", runs, args.repeats, report["thresholds"])
         report["cv_seconds"] = round(time.perf_counter() - t0, 1)
-        for part in ("found", "all_graded"):
-            cv = report["cv"][part]
-            th = report["thresholds"][part]
-            print(f"{part:>10}: model CV (5-fold over patients x {args.repeats}) "
-                  + " ".join(f"{k} {np.mean(cv[k]):.3f}±{np.std(cv[k]):.3f}" for k in
-                             ("balanced_accuracy", "kappa", "sensitivity", "specificity", "auc_score"))
-                  + " | thresholds " + " ".join(f"{k} {th[k]:.3f}" for k in
-                                                ("balanced_accuracy", "kappa", "sensitivity", "specificity", "auc_score")))
-        print(f"type kappa (all graded): model CV {np.mean(report['cv']['type_kappa_all_graded']):.3f}, "
-              f"thresholds {report['thresholds']['type_kappa_all_graded']:.3f}")
+    if args.cnn and args.cnn_repeats:
+        t0 = time.process_time()
+        both, cnn_only = cross_validate_with_cnn(x, patches, y, g, args.C, args.cnn_repeats, args.epochs)
+        runs = [_metrics(t, call, p, model_types(call), missing) for p, call in both]
+        report["cv_with_cnn"] = _summarise("regression + CNN", runs, args.cnn_repeats, report["thresholds"])
+        report["cv_cnn_alone_auc_found"] = [round(float(roc_auc_score(y, pc)), 4) for pc in cnn_only]
+        report["cv_with_cnn_cpu_seconds"] = round(time.process_time() - t0, 1)
+        print(f"CNN alone, found discs: AUC {np.mean(report['cv_cnn_alone_auc_found']):.3f}; nested CV "
+              f"{report['cv_with_cnn_cpu_seconds']:.0f} s CPU")
     if not args.no_save:
         t0 = time.perf_counter()
         threshold = choose_threshold(x, y, g, args.C)
         estimator = make_model(args.C).fit(x, y)
+        out = args.out or model_path(cfg.segmentation.body_model)
         bundle = {"estimator": estimator, "threshold": threshold, "features": feature_names(),
                   "trained_on": f"SPIDER modic-spider: {len(set(g))} patients, {len(y)} graded discs",
                   "sklearn": sklearn.__version__, "C": args.C, "body_model": cfg.segmentation.body_model,
-                  "cv": {part: {k: round(float(np.mean(v)), 4) for k, v in report["cv"][part].items()}
-                         for part in ("found", "all_graded")} if args.repeats else None}
-        out = args.out or model_path(cfg.segmentation.body_model)
+                  "cv": _means(report.get("cv"))}
+        if args.cnn:
+            from pipeline.training.train_disc_cnn import export_onnx, grouped_nets
+
+            nets, oof_cnn = grouped_nets(patches, y, g, seed=0, epochs=args.epochs)
+            cnn_file = out.with_name(out.stem + "_cnn.onnx")
+            export_onnx(nets, cnn_file)
+            both = best_threshold(y, (oof_regression(x, y, g, args.C, seed=0) + oof_cnn) / 2)
+            bundle["cnn"] = {"file": cnn_file.name, "threshold": both, "epochs": args.epochs,
+                             "oof_auc_found": round(float(roc_auc_score(y, oof_cnn)), 4),
+                             "cv": _means(report.get("cv_with_cnn"))}
+            print(f"saved {cnn_file} (CNN out-of-fold AUC {bundle['cnn']['oof_auc_found']:.3f}, threshold of the "
+                  f"mean {both:.3f})")
         out.parent.mkdir(parents=True, exist_ok=True)
         joblib.dump(bundle, out, compress=3)
         print(f"saved {out} (threshold {threshold:.3f}, fit {time.perf_counter() - t0:.1f} s)")
