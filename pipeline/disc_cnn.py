@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from scipy.ndimage import map_coordinates
 
 PATCH_MM = (96, 72)  # u (craniocaudal) x v (anteroposterior); the training crops move inside it
@@ -46,22 +47,33 @@ def disc_patches(images: dict[str, np.ndarray], labels: np.ndarray, values: list
     if n == 0:
         return out
     sp = np.asarray(spacing[:2], float)
-    body_any = labels > 0
     ref = {}
     for role in ("T1", "T2"):
         r = reference.get(role)
-        ref[role] = float(r) if r else float(np.median(images[role][body_any])) if body_any.any() else 1.0
+        if not r:
+            body_any = labels > 0
+            r = float(np.median(images[role][body_any])) if body_any.any() else 1.0
+        ref[role] = float(r)
     uu = np.arange(PATCH_MM[0]) - (PATCH_MM[0] - 1) / 2
     vv = np.arange(PATCH_MM[1]) - (PATCH_MM[1] - 1) / 2
     grid_u, grid_v = np.meshgrid(uu, vv, indexing="ij")
+    boxes = ndimage.find_objects(labels, max_label=int(max(values)))
     for a in range(n):  # loop over <= ~10 disc levels, not voxels
-        upper, lower = labels == values[a], labels == values[a + 1]
+        box_u, box_l = boxes[values[a] - 1], boxes[values[a + 1] - 1]
+        if box_u is None or box_l is None:
+            continue
+        # the pair's bounding box, not the whole volume (a 512^2 x 15 study: 0.11 -> 0.01 s)
+        box = tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(box_u, box_l, strict=True))
+        sub = labels[box]
+        upper, lower = sub == values[a], sub == values[a + 1]
         per_slice = np.minimum(upper.sum(axis=(0, 1)), lower.sum(axis=(0, 1)))
         if per_slice.max() == 0:
             continue
-        k = int(np.argmax(per_slice))
-        pts_u = np.argwhere(upper[:, :, k]) * sp
-        pts_l = np.argwhere(lower[:, :, k]) * sp
+        k_sub = int(np.argmax(per_slice))
+        k = box[2].start + k_sub
+        offset = np.array([box[0].start, box[1].start])
+        pts_u = (np.argwhere(upper[:, :, k_sub]) + offset) * sp
+        pts_l = (np.argwhere(lower[:, :, k_sub]) + offset) * sp
         cu, cl = pts_u.mean(axis=0), pts_l.mean(axis=0)
         u = (cl - cu) / max(float(np.linalg.norm(cl - cu)), 1e-6)
         v = np.array([-u[1], u[0]])
