@@ -35,6 +35,18 @@ def two_bodies(tilt_deg: float = 0.0, n_slices: int = 1, spacing=(0.5, 0.5, 4.0)
     return {"T1": image.copy(), "T2": image.copy()}, labels, spacing
 
 
+def planted_patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, patches): every patch a bright disc in noisy marrow; about half (label 1) with a dark T1 band
+    above the disc (a Modic-like change along the upper endplate)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    patches = np.ones((n, 2, *PATCH_MM), np.float32) + rng.normal(0, 0.15, (n, 2, *PATCH_MM)).astype(np.float32)
+    cu = PATCH_MM[0] // 2
+    patches[:, :, cu - 4:cu + 4] = 2.5
+    patches[y == 1, 0, cu - 12:cu - 5, 12:60] = 0.4
+    return y, ndimage.gaussian_filter(patches, (0, 0, 1, 1))
+
+
 def test_patch_is_centred_on_the_disc_and_aligned_with_the_column():
     for tilt in (0.0, 25.0):
         images, labels, sp = two_bodies(tilt)
@@ -82,14 +94,8 @@ def test_a_net_learns_a_planted_band_and_the_onnx_export_matches_it(tmp_path):
     pytest.importorskip("onnx", reason="exporting needs onnx (pip install -e '.[train]')")
     from pipeline.training.train_disc_cnn import export_onnx, grouped_nets, predict
 
-    rng = np.random.default_rng(1)
     n = 96
-    y = (rng.random(n) < 0.5).astype(int)
-    patches = np.ones((n, 2, *PATCH_MM), np.float32) + rng.normal(0, 0.15, (n, 2, *PATCH_MM)).astype(np.float32)
-    cu = PATCH_MM[0] // 2
-    patches[:, :, cu - 4:cu + 4] = 2.5  # every patch: a bright disc
-    patches[y == 1, 0, cu - 12:cu - 5, 12:60] = 0.4  # changes: a dark T1 band above it
-    patches = ndimage.gaussian_filter(patches, (0, 0, 1, 1))
+    y, patches = planted_patches(n, seed=1)
     groups = np.repeat([f"p{i}" for i in range(n // 4)], 4)
     nets, oof = grouped_nets(patches, y, groups, seed=0, epochs=8)
     from sklearn.metrics import roc_auc_score
@@ -127,16 +133,10 @@ def test_nested_cv_of_regression_and_cnn_reads_a_signal_only_the_patches_carry()
 
     from pipeline.training.train_modic import cross_validate_with_cnn
 
-    rng = np.random.default_rng(3)
     n = 120
-    y = (rng.random(n) < 0.5).astype(int)
-    patches = np.ones((n, 2, *PATCH_MM), np.float32) + rng.normal(0, 0.15, (n, 2, *PATCH_MM)).astype(np.float32)
-    cu = PATCH_MM[0] // 2
-    patches[:, :, cu - 4:cu + 4] = 2.5
-    patches[y == 1, 0, cu - 12:cu - 5, 12:60] = 0.4
-    patches = ndimage.gaussian_filter(patches, (0, 0, 1, 1))
+    y, patches = planted_patches(n, seed=3)
     groups = np.repeat([f"p{i}" for i in range(n // 3)], 3)
-    x = rng.normal(size=(n, 5))
+    x = np.random.default_rng(4).normal(size=(n, 5))
     ((p, call),), (p_cnn,) = cross_validate_with_cnn(x, patches, y, groups, c=0.1, repeats=1, epochs=8)
     assert p.shape == call.shape == p_cnn.shape == (n,)
     assert roc_auc_score(y, p_cnn) > 0.85  # the CNN of the outer training split, on patients it never saw

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.arrays import gap_between
+
 OFFSETS = (-1, 0, 1)
 MIN_DISCS = 4  # pairs (disc signal, grade) needed for a correlation at an offset
 GRADE_OUTCOMES = ("agrees", "one_off", "not_gradable")
@@ -28,19 +30,16 @@ def disc_t2_ratios(labels: np.ndarray, image: np.ndarray, values: list[int]) -> 
     between them over the columns both cover, divided by the median of the two bodies, on the slice where the pair
     has most voxels; NaN where the two bodies share fewer than three columns or leave no gap. (H, W, K) arrays."""
     out = np.full(max(len(values) - 1, 0), np.nan)
-    rows = np.arange(labels.shape[0])[:, None]
     for n in range(len(values) - 1):  # loop over <= ~10 pairs
         pair = (labels == values[n]) | (labels == values[n + 1])
         k = int(np.argmax(pair.sum(axis=(0, 1))))
         above, below = labels[:, :, k] == values[n], labels[:, :, k] == values[n + 1]
-        cols = np.flatnonzero(above.any(axis=0) & below.any(axis=0))
-        if cols.size < 3:
+        gap = gap_between(above, below)
+        if gap is None:
             continue
-        bottom_a = np.where(above, rows, -1).max(axis=0)[cols]
-        top_b = np.where(below, rows, labels.shape[0]).min(axis=0)[cols]
-        between = (rows > bottom_a[None, :]) & (rows < top_b[None, :])
+        cols, between = gap
         marrow = float(np.median(np.r_[image[:, :, k][above], image[:, :, k][below]]))
-        if not between.any() or marrow <= 0:
+        if marrow <= 0:
             continue
         out[n] = float(np.median(image[:, cols, k][between])) / marrow
     return out

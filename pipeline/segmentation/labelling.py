@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from pipeline.arrays import gap_between
 from pipeline.config import SegmentationConfig
 from pipeline.types import LUMBAR_LEVELS
 
@@ -63,19 +64,14 @@ def disc_contrasts(slices: np.ndarray, lab: np.ndarray, ids: np.ndarray, ks: np.
     labelling compares a case's values with each other only). A disc differs from marrow on any contrast (bright or
     dark); the top of the sacrum and the fused segment under it have bone between them."""
     out = np.full(len(ks), np.nan)
-    rows = np.arange(lab.shape[0])[:, None]
     for n, k in enumerate(ks):  # loop over <= ~12 pairs of neighbours
         if k < 0:
             continue
         above, below = lab[:, :, k] == ids[n], lab[:, :, k] == ids[n + 1]
-        cols = np.flatnonzero(above.any(axis=0) & below.any(axis=0))
-        if cols.size < 3:
+        gap = gap_between(above, below)
+        if gap is None:
             continue
-        bottom_a = np.where(above, rows, -1).max(axis=0)[cols]
-        top_b = np.where(below, rows, lab.shape[0]).min(axis=0)[cols]
-        between = (rows > bottom_a[None, :]) & (rows < top_b[None, :])
-        if not between.any():
-            continue
+        cols, between = gap
         image = slices[:, :, n]
         marrow = float(np.median(np.r_[image[above], image[below]]))
         out[n] = float(np.median(np.abs(image[:, cols][between] - marrow)))
