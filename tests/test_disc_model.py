@@ -168,6 +168,9 @@ def test_training_cache_is_reused_only_under_the_same_config(tmp_path, monkeypat
     assert calls == [cascade.segmentation.body_model]
     train_modic._extract(row, onepass, tmp_path)  # another config: measured again
     assert calls == [cascade.segmentation.body_model, onepass.segmentation.body_model]
+    train_modic._extract(row, cascade, tmp_path)  # ... without evicting the first config's rows
+    train_modic._extract(row, onepass, tmp_path)
+    assert len(calls) == 2 and len(list(tmp_path.glob("c1_*.pkl"))) == 2
 
 
 def test_training_rejects_a_missing_config(tmp_path):

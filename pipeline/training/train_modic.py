@@ -74,9 +74,12 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 def _extract(row, cfg, cache: Path | None) -> dict:
+    import hashlib
     import pickle
 
-    path = cache / f"{row['case']}.pkl" if cache else None
+    # one file per case and config: rows measured under two body models live side by side in one folder
+    tag = hashlib.sha1(config_fingerprint(cfg).encode()).hexdigest()[:10]
+    path = cache / f"{row['case']}_{tag}.pkl" if cache else None
     if path is not None and path.is_file():
         with open(path, "rb") as fh:
             rec = pickle.load(fh)
