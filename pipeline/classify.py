@@ -273,9 +273,9 @@ def model_disc_modic(meas: StudyMeasurements, vertebrae: list[dict], discs: list
     from pipeline.disc_model import disc_features, load_disc_model
 
     model = load_disc_model(body_model=body_model)
-    prob, threshold = model.decide(disc_features(meas), disc_patches)
+    prob, thresholds = model.decide(disc_features(meas), disc_patches)
     by_level = {v["level"]: v for v in vertebrae}
-    for d, p in zip(discs, prob, strict=True):
+    for d, p, threshold in zip(discs, prob, thresholds, strict=True):
         m = d["modic"]
         eps = disc_endplates(d, by_level)
         present = bool(p >= threshold)

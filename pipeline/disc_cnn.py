@@ -10,7 +10,7 @@ study's normal-marrow reference (the ratios every other finding uses), so the ne
 patient's own marrow, not the scanner's scale. A study with several sagittal slices gives each disc the slice where
 its two bodies have the most voxels (the mid-sagittal plane of that level, as the training slices are).
 
-The net (``models/disc_cnn*.onnx``, trained by ``python -m pipeline.training.train_modic --cnn``; ~62 k
+The net (``models/disc_modic_cnn.onnx``, ``disc_modic_onepass_cnn.onnx``, trained by ``python -m pipeline.training.train_modic --cnn``; ~62 k
 parameters, run by ONNX Runtime, nothing downloaded) takes the central ``CROP_MM`` of each patch and gives P(Modic
 change at this disc); the exported graph already averages its members and the AP-flipped patch.
 """
@@ -25,6 +25,7 @@ from scipy import ndimage
 from scipy.ndimage import map_coordinates
 
 PATCH_MM = (96, 72)  # u (craniocaudal) x v (anteroposterior); the training crops move inside it
+PATCH_VERSION = 1  # bump when the patch geometry changes: train_modic's cached patches are then cut again
 CROP_MM = (64, 48)  # what the net sees: 64 mm along the column (both endplate bands and the disc), 48 mm AP
 MAX_RATIO = 4.0  # ratios beyond this (fat, fluid, vessels next to marrow) are clipped: the net sees marrow contrast
 
@@ -41,19 +42,22 @@ def disc_patches(images: dict[str, np.ndarray], labels: np.ndarray, values: list
     """One patch per pair of consecutive bodies (``values``: label values top -> bottom), shape
     (n_pairs, 2, *PATCH_MM), float32: T1 and T2 over ``reference['T1' / 'T2']`` (the normal-marrow medians; a
     missing reference uses the median of all body voxels). Arrays (H, W, K) in the working frame (rows head ->
-    feet, columns anterior -> posterior, K sagittal slices); a pair whose bodies share no slice gets zeros."""
+    feet, columns anterior -> posterior, K sagittal slices). A disc with no patch (its bodies share no slice, or no
+    positive reference) is all NaN: ``patch_valid`` says so, and the disc model then decides it without the CNN."""
     n = max(len(values) - 1, 0)
-    out = np.zeros((n, 2, *PATCH_MM), np.float32)
+    out = np.full((n, 2, *PATCH_MM), np.nan, np.float32)
     if n == 0:
         return out
     sp = np.asarray(spacing[:2], float)
     ref = {}
     for role in ("T1", "T2"):
         r = reference.get(role)
-        if not r:
+        if not (r and np.isfinite(r) and r > 0):
             body_any = labels > 0
-            r = float(np.median(images[role][body_any])) if body_any.any() else 1.0
+            r = float(np.median(images[role][body_any])) if body_any.any() else 0.0
         ref[role] = float(r)
+    if min(ref.values()) <= 0 or not all(np.isfinite(list(ref.values()))):
+        return out
     uu = np.arange(PATCH_MM[0]) - (PATCH_MM[0] - 1) / 2
     vv = np.arange(PATCH_MM[1]) - (PATCH_MM[1] - 1) / 2
     grid_u, grid_v = np.meshgrid(uu, vv, indexing="ij")
@@ -86,6 +90,11 @@ def disc_patches(images: dict[str, np.ndarray], labels: np.ndarray, values: list
             img = images[role][:, :, k].astype(np.float32)
             out[a, c] = map_coordinates(img, coords, order=1, mode="constant", cval=0.0) / ref[role]
     return out
+
+
+def patch_valid(patches: np.ndarray) -> np.ndarray:
+    """Per disc: True where ``disc_patches`` could cut its patch (no NaN)."""
+    return np.isfinite(patches).all(axis=tuple(range(1, patches.ndim)))
 
 
 def centre_crop(patches: np.ndarray) -> np.ndarray:

@@ -169,27 +169,36 @@ class DiscModel:
             return np.zeros(0)
         return self.estimator.predict_proba(features)[:, 1]
 
-    def decide(self, features: np.ndarray, patches: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-        """(probability per disc, its threshold): with the model's CNN and the discs' patches
+    def decide(self, features: np.ndarray, patches: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probability per disc, threshold per disc): with the model's CNN and a disc's patch
         (``disc_cnn.disc_patches``), the mean of the regression's and the CNN's probabilities and the threshold
-        chosen for that mean; otherwise the regression alone and its own threshold."""
+        chosen for that mean; otherwise (no CNN, no patches, or a disc without a patch) the regression alone and
+        its own threshold."""
         p = self.score(features)
+        threshold = np.full(p.shape, self.threshold)
         if self.cnn is None or patches is None or features.shape[0] == 0:
-            return p, self.threshold
-        from pipeline.disc_cnn import cnn_probability
+            return p, threshold
+        from pipeline.disc_cnn import cnn_probability, patch_valid
 
         if patches.shape[0] != features.shape[0]:
             raise ValueError(f"{patches.shape[0]} disc patches for {features.shape[0]} discs")
-        p_cnn = cnn_probability(patches, self.folder / self.cnn["file"])
-        return (p + p_cnn) / 2.0, float(self.cnn["threshold"])
+        ok = patch_valid(patches)
+        if ok.any():
+            p[ok] = (p[ok] + cnn_probability(patches[ok], self.folder / self.cnn["file"])) / 2.0
+            threshold[ok] = float(self.cnn["threshold"])
+        return p, threshold
+
+
+def load_disc_model(path: str | None = None, body_model: str = "unet") -> DiscModel:
+    """``path``, or the shipped model for ``body_model`` (:func:`model_path`); loaded once per file."""
+    return _load(str(Path(path) if path else model_path(body_model)))
 
 
 @lru_cache(maxsize=4)
-def load_disc_model(path: str | None = None, body_model: str = "unet") -> DiscModel:
-    """``path``, or the shipped model for ``body_model`` (:func:`model_path`)."""
+def _load(path: str) -> DiscModel:
     import joblib
 
-    p = Path(path) if path else model_path(body_model)
+    p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"disc model not found: {p} (retrain: python -m pipeline.training.train_modic)")
     return DiscModel(joblib.load(p), folder=p.parent)

@@ -62,6 +62,47 @@ def test_patch_is_centred_on_the_disc_and_aligned_with_the_column():
         assert np.all(t2[cu - 3:cu + 4, cv - 15:cv + 16] > 2.5), tilt
 
 
+def test_patch_geometry_with_uneven_pixels_and_the_pair_off_the_first_slices():
+    """Rows 0.5 mm, columns 0.8 mm; the pair only on slices 2-4 of 6 (slice 3 whole), other slices darker: the
+    patch is read on slice 3, in mm, so the disc is 10 mm tall and centred."""
+    images, labels, _ = two_bodies(tilt_deg=20.0, n_slices=6)
+    sp = (0.5, 0.8, 4.0)
+    # squeeze the columns so that 0.8 mm pixels give the same anatomy in mm (every 8th of 5 columns kept)
+    cols = np.round(np.arange(0, labels.shape[1], 0.8 / 0.5)).astype(int)
+    cols = cols[cols < labels.shape[1]]
+    labels, images = labels[:, cols], {r: v[:, cols] for r, v in images.items()}
+    labels[:, :, [0, 1, 5]] = 0
+    labels[:, :, [2, 4]] = np.where(labels[:, :, [2, 4]] == 2, 0, labels[:, :, [2, 4]])  # lower body on 3 only
+    for v in images.values():
+        v[:, :, [0, 1, 2, 4, 5]] *= 0.5  # a wrong slice would halve the ratios
+    (patch,) = disc_patches(images, labels, [1, 2], sp, {"T1": MARROW, "T2": MARROW})
+    cu, cv = PATCH_MM[0] // 2, PATCH_MM[1] // 2
+    assert patch[1, cu, cv] == pytest.approx(DISC / MARROW, abs=0.05)
+    assert np.median(patch[1, cu + 12:cu + 20, cv - 10:cv + 10]) == pytest.approx(1.0, abs=0.05)
+    assert np.median(patch[1, cu - 10:cu - 6, cv - 10:cv + 10]) == pytest.approx(BAND / MARROW, abs=0.05)
+    assert np.all(patch[1, cu - 3:cu + 4, cv - 12:cv + 13] > 2.5)  # the disc: 10 mm of rows across the body
+    assert np.all(patch[1, cu + 7:cu + 20, cv - 12:cv + 13] < 1.5)  # ... and no more
+
+
+def test_a_disc_without_a_patch_is_decided_by_the_regression_alone():
+    from pipeline.disc_cnn import patch_valid
+    from pipeline.disc_model import feature_names, load_disc_model
+
+    images, labels, sp = two_bodies(n_slices=2)
+    labels[:, :, 0][labels[:, :, 0] == 2] = 0
+    labels[:, :, 1][labels[:, :, 1] == 1] = 0  # the two bodies never on one slice
+    (patch,) = disc_patches(images, labels, [1, 2], sp, {"T1": MARROW, "T2": MARROW})
+    assert not patch_valid(patch[None]).any()
+    zero_ref = disc_patches(*two_bodies()[:2], [1, 2], sp, {"T1": 0.0, "T2": MARROW})
+    assert patch_valid(zero_ref).all()  # a zero reference falls back to the body voxels' median
+    good = disc_patches(*two_bodies()[:2], [1, 2], sp, {"T1": MARROW, "T2": MARROW})
+    model = load_disc_model()
+    x = np.full((2, len(feature_names())), np.nan)
+    p, t = model.decide(x, np.concatenate([patch[None], good]))
+    assert p[0] == pytest.approx(model.score(x[:1])[0]) and t[0] == model.threshold
+    assert p[1] != pytest.approx(model.score(x[1:])[0]) and t[1] == model.cnn["threshold"]
+
+
 def test_patch_reference_and_slice_choice():
     images, labels, sp = two_bodies(n_slices=5)
     others = labels[:, :, [0, 1, 3, 4]]
@@ -118,9 +159,11 @@ def test_shipped_disc_model_averages_its_cnn_with_the_regression():
     x = np.full((1, len(feature_names())), np.nan)
     p, t = model.decide(x, patches)
     expected = (model.score(x) + cnn_probability(patches, model.folder / model.cnn["file"])) / 2
-    assert p == pytest.approx(expected) and t == model.cnn["threshold"]
+    assert p == pytest.approx(expected) and np.all(t == model.cnn["threshold"])
     p_alone, t_alone = model.decide(x)  # no patches: the regression and its own threshold
-    assert p_alone == pytest.approx(model.score(x)) and t_alone == model.threshold
+    assert p_alone == pytest.approx(model.score(x)) and np.all(t_alone == model.threshold)
+    onepass = load_disc_model(body_model="onepass")  # the other body model's pair ships too
+    assert onepass.cnn is not None and (onepass.folder / onepass.cnn["file"]).is_file()
     with pytest.raises(ValueError, match="patches"):
         model.decide(np.vstack([x, x]), patches)
 

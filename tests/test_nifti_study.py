@@ -84,6 +84,11 @@ def test_default_disc_model_keeps_the_phantom_endplate_types(tmp_path):
     for d in analysis.findings.discs:
         assert 0.0 <= d["modic"]["score"] <= 1.0
         assert d["modic"]["modic_type"] in ("0", "I", "II", "III", "I/II", "II/III")
+    # one T1 / T2 patch per disc for the disc model's CNN, each cut (a finite patch)
+    from pipeline.disc_cnn import PATCH_MM, patch_valid
+
+    assert analysis.disc_patches.shape == (len(analysis.findings.discs), 2, *PATCH_MM)
+    assert patch_valid(analysis.disc_patches).all()
 
 
 def test_two_d_nifti_is_one_sagittal_slice(tmp_path):

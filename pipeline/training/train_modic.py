@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.classify import disc_endplates, disc_type_fractions
 from pipeline.config import Config
+from pipeline.disc_cnn import PATCH_MM, PATCH_VERSION, disc_patches
 from pipeline.disc_model import disc_features, discs_anchor, feature_names, model_path
 from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
 from pipeline.training.train_disc_cnn import fold_ids
@@ -56,12 +57,11 @@ def case_rows(row: dict, cfg: Config) -> dict:
         eps = disc_endplates(an.findings.discs[a], by_level)
         fr = disc_type_fractions(eps, cfg.classification.diffuse_edema_volume_pct)[1:]
         dominant.append(int(np.argmax(fr)) + 1 if fr.max() > 0 else 2)
-    from pipeline.disc_cnn import disc_patches
-
     images = {role: vol.data for role, vol in an.volumes.items()}
     patches = disc_patches(images, an.segmentation.labels, [int(v) for v in meas.values], meas.spacing, meas.reference)
     return {"case": row["case"], "x": x[keep], "ivd": np.array([anchor - a for a in keep], dtype=int),
-            "patches": patches[keep].astype(np.float16),  # 8-bit sources: half precision loses nothing
+            # half precision: ~5e-4 relative, far under the training's intensity noise (0.03); a quarter of the disk
+            "patches": patches[keep].astype(np.float16), "patch_version": (PATCH_VERSION, PATCH_MM),
             "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),
             "thr_score": np.array([an.findings.discs[a]["modic"]["score"] for a in keep], dtype=float),
             "dominant": np.array(dominant, dtype=int)}
@@ -85,7 +85,7 @@ def _extract(row, cfg, cache: Path | None) -> dict:
             rec = pickle.load(fh)
         # a row measured under another config (another body model) is measured again, not silently mixed in
         if (rec.get("features") == feature_names() and rec.get("config") == config_fingerprint(cfg)
-                and ("patches" in rec or "x" not in rec)):
+                and (rec.get("patch_version") == (PATCH_VERSION, PATCH_MM) or "x" not in rec)):
             return rec
     rec = case_rows(row, cfg)
     rec["features"] = feature_names()
@@ -150,25 +150,58 @@ def cross_validate_with_cnn(x, patches, y, groups, c: float, repeats: int, epoch
     """As :func:`cross_validate` for the mean of the regression's and the CNN's probabilities: inside each outer
     training split, the 4 grouped CNNs (``train_disc_cnn.grouped_nets``) and the regression's out-of-fold
     probabilities on the same folds choose the threshold; the outer test rows get the regression fitted on the
-    whole training split and the mean of the 4 CNNs (the shipped procedure). Also returns the CNN's own test
-    probabilities."""
-    from pipeline.training.train_disc_cnn import grouped_nets, predict
+    whole training split and the mean of the 4 CNNs (the shipped procedure, ``DiscModel.decide``: a disc without a
+    patch is left out of the CNN's training and scored by the regression alone at its own threshold). Also
+    returns the CNN's own test probabilities (NaN without a patch)."""
+    from pipeline.disc_cnn import patch_valid
 
+    valid = patch_valid(patches)
     out, cnn_only = [], []
     for rep in range(repeats):
         fid = fold_ids(groups, FOLDS, 100 + rep)
-        p, p_cnn, call = np.zeros(len(y)), np.zeros(len(y)), np.zeros(len(y), dtype=int)
+        p, p_cnn, call = np.zeros(len(y)), np.full(len(y), np.nan), np.zeros(len(y), dtype=int)
         for k in range(FOLDS):
             tr, te = fid != k, fid == k
-            nets, oof_cnn = grouped_nets(patches[tr], y[tr], groups[tr], seed=rep, epochs=epochs)
-            t = best_threshold(y[tr], (oof_regression(x[tr], y[tr], groups[tr], c, seed=rep) + oof_cnn) / 2)
-            p_cnn[te] = predict(nets, patches[te])
-            p[te] = (make_model(c).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1] + p_cnn[te]) / 2
-            call[te] = p[te] >= t
+            fitted = fit_with_cnn(x[tr], patches[tr], y[tr], groups[tr], c, seed=rep, epochs=epochs)
+            p[te], p_cnn[te & valid], threshold = fitted.decide(x[te], patches[te])
+            call[te] = p[te] >= threshold
             print(f"  CNN CV repeat {rep} fold {k}: {time.process_time():.0f} s CPU", flush=True)
         out.append((p, call))
         cnn_only.append(p_cnn)
     return out, cnn_only
+
+
+class FittedWithCnn:
+    """The regression, its threshold, the grouped CNNs and the threshold of the mean, fitted on one training set;
+    ``decide`` scores like ``disc_model.DiscModel.decide`` with the nets in torch."""
+
+    def __init__(self, estimator, t_regression: float, nets, t_both: float, oof_cnn: np.ndarray):
+        self.estimator, self.t_regression, self.nets, self.t_both = estimator, t_regression, nets, t_both
+        self.oof_cnn = oof_cnn
+
+    def decide(self, x, patches):
+        from pipeline.disc_cnn import patch_valid
+        from pipeline.training.train_disc_cnn import predict
+
+        p = self.estimator.predict_proba(x)[:, 1]
+        ok = patch_valid(patches)
+        p_cnn = predict(self.nets, patches[ok]) if ok.any() else np.zeros(0)
+        p[ok] = (p[ok] + p_cnn) / 2
+        return p, p_cnn, np.where(ok, self.t_both, self.t_regression)
+
+
+def fit_with_cnn(x, patches, y, groups, c: float, seed: int, epochs: int) -> FittedWithCnn:
+    """Fit the shipped procedure on (x, patches, y): grouped out-of-fold regression and CNN probabilities (the
+    same 4 folds by patient) choose the two thresholds; the regression is refitted on all rows; the 4 fold nets
+    are the CNN. Discs without a patch train the regression only."""
+    from pipeline.disc_cnn import patch_valid
+    from pipeline.training.train_disc_cnn import grouped_nets
+
+    ok = patch_valid(patches)
+    oof_reg = oof_regression(x, y, groups, c, seed=seed)
+    nets, oof_cnn = grouped_nets(patches[ok], y[ok], groups[ok], seed=seed, epochs=epochs)
+    return FittedWithCnn(make_model(c).fit(x, y), best_threshold(y, oof_reg), nets,
+                         best_threshold(y[ok], (oof_reg[ok] + oof_cnn) / 2), oof_cnn)
 
 
 def _metrics(truth, call, score, type_pred, missing: np.ndarray) -> dict:
@@ -231,6 +264,13 @@ def main(argv=None) -> int:
     from pipeline.training.train_disc_cnn import EPOCHS
 
     args.epochs = args.epochs or EPOCHS
+    if args.cnn_repeats and not args.cnn:
+        ap.error("--cnn-repeats needs --cnn")
+    if args.cnn:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            ap.error("--cnn trains a net: install PyTorch first (pip install -e '.[train]')")
 
     start = time.perf_counter()
     if args.config is not None:
@@ -297,7 +337,8 @@ def main(argv=None) -> int:
         both, cnn_only = cross_validate_with_cnn(x, patches, y, g, args.C, args.cnn_repeats, args.epochs)
         runs = [_metrics(t, call, p, model_types(call), missing) for p, call in both]
         report["cv_with_cnn"] = _summarise("regression + CNN", runs, args.cnn_repeats, report["thresholds"])
-        report["cv_cnn_alone_auc_found"] = [round(float(roc_auc_score(y, pc)), 4) for pc in cnn_only]
+        report["cv_cnn_alone_auc_found"] = [round(float(roc_auc_score(y[np.isfinite(pc)], pc[np.isfinite(pc)])), 4)
+                                            for pc in cnn_only]
         report["cv_with_cnn_cpu_seconds"] = round(time.process_time() - t0, 1)
         print(f"CNN alone, found discs: AUC {np.mean(report['cv_cnn_alone_auc_found']):.3f}; nested CV "
               f"{report['cv_with_cnn_cpu_seconds']:.0f} s CPU")
@@ -311,14 +352,15 @@ def main(argv=None) -> int:
                   "sklearn": sklearn.__version__, "C": args.C, "body_model": cfg.segmentation.body_model,
                   "cv": _means(report.get("cv"))}
         if args.cnn:
-            from pipeline.training.train_disc_cnn import export_onnx, grouped_nets
+            from pipeline.disc_cnn import patch_valid
+            from pipeline.training.train_disc_cnn import export_onnx
 
-            nets, oof_cnn = grouped_nets(patches, y, g, seed=0, epochs=args.epochs)
+            fitted = fit_with_cnn(x, patches, y, g, args.C, seed=0, epochs=args.epochs)
             cnn_file = out.with_name(out.stem + "_cnn.onnx")
-            export_onnx(nets, cnn_file)
-            both = best_threshold(y, (oof_regression(x, y, g, args.C, seed=0) + oof_cnn) / 2)
+            export_onnx(fitted.nets, cnn_file)
+            both = fitted.t_both
             bundle["cnn"] = {"file": cnn_file.name, "threshold": both, "epochs": args.epochs,
-                             "oof_auc_found": round(float(roc_auc_score(y, oof_cnn)), 4),
+                             "oof_auc_found": round(float(roc_auc_score(y[patch_valid(patches)], fitted.oof_cnn)), 4),
                              "cv": _means(report.get("cv_with_cnn"))}
             print(f"saved {cnn_file} (CNN out-of-fold AUC {bundle['cnn']['oof_auc_found']:.3f}, threshold of the "
                   f"mean {both:.3f})")
