@@ -92,7 +92,7 @@ class ClassificationConfig:
     fluid_high: float = _f(1.5, 1.0, 10.0, doc="STIR (or T2) ratio above this is 'high' (edema, Modic I)")
     fluid_low: float = _f(0.8, 0.1, 1.0, doc="STIR ratio below this is 'low' (Modic II, III)")
     min_zone_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of an endplate band that must show a type for it to count")
-    cortex_exclusion_mm: float = _f(2.0, 0.0, 10.0, doc="voxels this close to the body surface (cortex, partial volume) are not typed")
+    cortex_exclusion_mm: float = _f(2.0, 0.0, 10.0, doc="voxels this close to the body surface (endplates, rim, lateral surface across slices: cortex, partial volume) are neither typed nor counted for edema")
     t2_low: float = _f(0.6, 0.1, 1.0, doc="T2 ratio below this is 'low' (Modic III); cross-validated on SPIDER (README)")
     t2_iso_min: float = _f(1.1, 0.1, 2.0, doc="T2 ratio at or above this is 'high' enough for Modic II when there is no "
                            "STIR (fat is bright on fast spin-echo T2); cross-validated on SPIDER (README)")

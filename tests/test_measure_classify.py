@@ -227,3 +227,43 @@ def test_vertebra_records_validate_against_the_schema():
         validator = jsonschema.Draft202012Validator({**schema["$defs"][name], "$defs": schema["$defs"]})
         for item in items:
             assert not list(validator.iter_errors(item)), (name, item)
+
+
+def test_lateral_depth_counts_slices_to_the_outermost_slice_of_each_line():
+    def narrower_row(labels, imgs):
+        labels[40, 20, 1] = labels[40, 20, 7] = 0  # this (row, AP) line of L2 spans slices 2-6 only
+
+    seg, imgs = make_case(narrower_row)
+    meas = measure_study(imgs, seg, (1.0, 1.0, 4.0), MeasurementConfig())
+    lat = np.full(seg.labels.shape, -1.0, np.float32)
+    lat.reshape(-1)[meas.vox_index] = meas.vox_lateral_mm
+    assert lat[40, 23, 1:8].tolist() == [0.0, 4.0, 8.0, 12.0, 8.0, 4.0, 0.0]
+    assert lat[40, 20, 2:7].tolist() == [0.0, 4.0, 8.0, 4.0, 0.0]
+    # one sagittal slice: the lateral surface is not seen, nothing is lateral
+    one = Segmentation(seg.labels[:, :, 4:5].copy(), seg.bodies, 1.0, [])
+    meas1 = measure_study({k: v[:, :, 4:5].copy() for k, v in imgs.items()}, one, (1.0, 1.0, 4.0), MeasurementConfig())
+    assert np.isinf(meas1.vox_lateral_mm).all()
+
+
+def test_partial_volume_at_the_lateral_surface_is_not_edema():
+    """A 4 mm slice on a body's lateral edge averages marrow with the STIR-bright tissue beside it: a segmentation
+    that reaches one slice too far must not turn that into edema, while the same signal inside the body is."""
+    def bright_outer_slices(labels, imgs):
+        imgs["STIR"][30:50, 6:40, 1] = imgs["STIR"][30:50, 6:40, 7] = 40.0  # L2's two outermost slices, 2x normal
+
+    def bright_inner_slice(labels, imgs):
+        imgs["STIR"][30:50, 6:40, 4] = 40.0  # the same signal in L2's middle slice
+
+    spacing = (1.0, 1.0, 4.0)
+    seg, imgs = make_case(bright_outer_slices)
+    meas = measure_study(imgs, seg, spacing, MeasurementConfig())
+    outer = (meas.vox_body == 1) & (meas.vox_ratio["STIR"] > ClassificationConfig().fluid_high)
+    # the bright outer slices alone are well over the edema fraction: only the surface rule keeps them out
+    assert outer.sum() / meas.body_voxels[1] > 2 * ClassificationConfig().edema_min_fraction
+    f = classify_study(meas, ClassificationConfig(), "STIR")
+    assert not f.vertebrae[1]["edema"]["present"]
+    assert (f.class_map[:, :, [1, 7]] == 0).all()
+    seg, imgs = make_case(bright_inner_slice)
+    f = classify_study(measure_study(imgs, seg, spacing, MeasurementConfig()), ClassificationConfig(), "STIR")
+    assert f.vertebrae[1]["edema"]["present"]
+    assert [v["level"] for v in f.vertebrae if v["edema"]["present"]] == ["L2"]
