@@ -73,6 +73,9 @@ class SegmentationConfig:
     smooth_mm: float = _f(5.0, 0.0, 10.0, doc="per body and slice, notches narrower than this are closed and holes filled (0: off)")
     refine_edges: bool = _f(True, doc="re-decide the voxels within 4 mm of each body surface at the input resolution "
                             "(edge classifier of the shipped model; onepass: by its probability, edge_threshold)")
+    extra_contrasts: bool = _f(True, doc="also run the body model on T1 / STIR near the bodies T2 found and keep the "
+                               "voxel-wise maximum (marrow that looks unlike a body on T2 rarely does on all); false: "
+                               "bodies from T2 alone (faster; T1 / STIR are still measured)")
     edge_threshold: float = _f(0.5, 0.0, 0.95, doc="onepass: body surfaces at the input resolution where the interpolated "
                                "probability crosses this (within 1.5 mm of the working-grid surface; 0: off)")
 
