@@ -85,7 +85,9 @@ def voxel_classes(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role
 
 def interior(meas: StudyMeasurements, depth_mm: np.ndarray, surface_mm: float) -> np.ndarray:
     """Body voxels at least ``surface_mm`` inside the body: from the nearer endplate (``depth_mm``, voxel centre),
-    the anterior / posterior rim and, when measured, the lateral surface across slices (near face)."""
+    the anterior / posterior rim and, when measured, the lateral surface across slices (to the voxel's near face,
+    so that a thick outermost slice is always out: ``measure`` module doc). The disc model's features keep their
+    own, in-plane rule (``disc_model.CORTEX_MM``): changing it means retraining the shipped disc models."""
     inner = (depth_mm >= surface_mm) & (meas.vox_rim_mm >= surface_mm)
     if meas.vox_lateral_mm is not None:
         inner &= meas.vox_lateral_mm >= surface_mm
@@ -143,9 +145,13 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
         frac[:, c] = np.bincount(ep_group[in_band & (cls == c)], minlength=2 * n) / np.maximum(band_n, 1)
 
     body_n = np.maximum(meas.body_voxels, 1)
-    inner_n = np.maximum(np.bincount(body[inner], minlength=n), 1)
+    inner_count = np.bincount(body[inner], minlength=n)
+    inner_n = np.maximum(inner_count, 1)
     edema_n = np.bincount(body[edema], minlength=n)
     edema_frac = edema_n / inner_n
+    for b in np.flatnonzero(inner_count == 0):
+        warnings.append(f"{meas.levels[b]}: no voxel {cfg.cortex_exclusion_mm:g} mm inside the body surface: "
+                        "edema not judged")
     edema_in_band = np.bincount(body[edema & (zone >= ZONE_SUPERIOR)], minlength=n)
     diffuse = edema_frac * 100.0 >= cfg.diffuse_edema_volume_pct
     median_col_h = _group_median(meas.vox_col_height_mm, body, n)
@@ -195,11 +201,14 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                 "confidence": round(conf, 3),
                 "n_voxels": int(band_n[g]),
             }
-        present = bool(edema_frac[b] >= cfg.edema_min_fraction and meas.vox_ratio.get(fluid_role) is not None)
+        present = bool(edema_n[b] > 0 and edema_frac[b] >= cfg.edema_min_fraction
+                       and meas.vox_ratio.get(fluid_role) is not None)
         if present:
             e_sel = edema & (body == b)
             rows = meas.vox_depth_sup_mm[e_sel]
-            ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / max(median_col_h[b], 1e-6) * 100)
+            # of the interior's height: edema through the whole interior is 100 %
+            inner_h = max(median_col_h[b] - 2 * cfg.cortex_exclusion_mm, meas.spacing[0], 1e-6)
+            ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / inner_h * 100)
             adjacent = bool(edema_in_band[b] / max(edema_n[b], 1) >= cfg.edema_adjacent_fraction)
             free = e_sel & (cm_flat[meas.vox_index] == 0)
             cm_flat[meas.vox_index[free]] = CLASS_EDEMA
@@ -210,7 +219,7 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
             e_conf *= 0.7
         if single_slice:
             e_conf *= cfg.single_slice_confidence
-        if not edema_judged:
+        if not edema_judged or inner_count[b] == 0:
             e_conf = min(e_conf, UNJUDGED_CONFIDENCE)
         rec["edema"] = {
             "present": present,

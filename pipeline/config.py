@@ -99,8 +99,8 @@ class ClassificationConfig:
     t2_low: float = _f(0.6, 0.1, 1.0, doc="T2 ratio below this is 'low' (Modic III); cross-validated on SPIDER (README)")
     t2_iso_min: float = _f(1.1, 0.1, 2.0, doc="T2 ratio at or above this is 'high' enough for Modic II when there is no "
                            "STIR (fat is bright on fast spin-echo T2); cross-validated on SPIDER (README)")
-    edema_min_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of a body's voxels that must be fluid-bright for edema")
-    diffuse_edema_volume_pct: float = _f(50.0, 10.0, 100.0, doc="edema above this % of the body is diffuse, not an endplate (Modic) change")
+    edema_min_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of a body's interior voxels (cortex_exclusion_mm inside its surface) that must be fluid-bright for edema")
+    diffuse_edema_volume_pct: float = _f(50.0, 10.0, 100.0, doc="edema above this % of the body's interior is diffuse, not an endplate (Modic) change")
     edema_adjacent_fraction: float = _f(0.3, 0.0, 1.0, doc="edema counts as endplate-adjacent when this fraction of it lies in the endplate bands")
     fracture_height_ratio: float = _f(0.8, 0.3, 1.0, doc="a height ratio at or below this (>= 20 % height loss) with edema flags a possible acute fracture")
     disc_bright_ratio: float = _f(1.3, 1.0, 5.0, doc="disc T2 median / median of the study's discs at or above this is 'bright'")

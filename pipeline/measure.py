@@ -7,8 +7,10 @@ Everything is computed over all bodies at once from the flat indices of body vox
   voxels, gathered without a loop on the dense (body, row, slice) grid of columns (``np.minimum.at``).
 * A voxel's *lateral depth* is its distance across slices (axis 2) to the body's outermost slice on its
   (body, row, anterior-posterior position) line: 0 on that outermost slice, which always straddles the lateral
-  surface (a 3-4 mm sagittal slice averages marrow with whatever lies beside the body); infinite in a
-  one-slice volume, where the lateral surface is not seen.
+  surface (a 3-4 mm sagittal slice averages marrow with whatever lies beside the body); infinite in a body
+  that spans fewer than 3 slices (a one- or two-slice volume), whose lateral surface is not resolved. It is
+  measured to the voxel's near face (the endplate depth to its centre): at 4 mm slices the outermost slice is
+  out, at 1 mm slices the outer two. A body cut by the field of view's first or last slice loses that slice too.
 * Zones: superior band = within ``endplate_band_mm`` of the column top (capped at a fraction of the
   column height), inferior band likewise from the bottom, core = far from both endplates and from the
   anterior / posterior rim.  ``zone_map`` = body label value * 10 + zone code (1 core, 2 superior, 3 inferior).
@@ -35,6 +37,8 @@ ZONE_CORE, ZONE_SUPERIOR, ZONE_INFERIOR = 1, 2, 3
 ZONE_NAMES = {ZONE_CORE: "core", ZONE_SUPERIOR: "superior", ZONE_INFERIOR: "inferior"}
 SEQUENCES = ("T1", "T2", "STIR")
 QUANTILES = (0.5, 0.10, 0.90, 0.25, 0.75)
+# A body's lateral surface is read across slices only when the body spans at least this many (vox_lateral_mm).
+MIN_LATERAL_SLICES = 3
 
 # Bodies that may contribute to the normal-marrow reference: the lumbar bodies and the lower thoracic
 # ones; the sacrum's marrow is normally fattier and partly out of the sagittal slab.
@@ -240,9 +244,10 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
 
 def _lateral_depth_mm(body, i, j, k, n, ni, nj, nk, slice_mm) -> np.ndarray:
     """Per body voxel, slices (in mm) between it and the outermost slice of its (body, row, AP position) line
-    (module doc); +inf when the volume has one slice. The lines live on a dense (body, row, AP) grid, as the
-    columns do on theirs."""
-    if nk == 1:
+    (module doc); +inf in a body that spans fewer than ``MIN_LATERAL_SLICES`` slices (a one- or two-slice volume,
+    a body cut by the field of view): its lateral surface is not resolved, and excluding its outer slices would
+    leave nothing to read. The lines live on a dense (body, row, AP) grid, as the columns do on theirs."""
+    if nk < MIN_LATERAL_SLICES:
         return np.full(body.size, np.inf, dtype=np.float32)
     line = (body * ni + i) * nj + j
     kmin = np.full(n * ni * nj, nk, dtype=np.int32)
@@ -250,7 +255,11 @@ def _lateral_depth_mm(body, i, j, k, n, ni, nj, nk, slice_mm) -> np.ndarray:
     np.minimum.at(kmin, line, k.astype(np.int32))
     np.maximum.at(kmax, line, k.astype(np.int32))
     steps = np.minimum(k - kmin[line], kmax[line] - k)
-    return steps.astype(np.float32) * np.float32(slice_mm)
+    depth = steps.astype(np.float32) * np.float32(slice_mm)
+    span = np.zeros(n, dtype=np.int64)
+    np.maximum.at(span, body, kmax[line] - kmin[line] + 1)
+    depth[span[body] < MIN_LATERAL_SLICES] = np.inf
+    return depth
 
 
 def _central_slices(body, k, n, nk, sp) -> tuple[np.ndarray, np.ndarray]:

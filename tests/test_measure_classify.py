@@ -267,3 +267,34 @@ def test_partial_volume_at_the_lateral_surface_is_not_edema():
     f = classify_study(measure_study(imgs, seg, spacing, MeasurementConfig()), ClassificationConfig(), "STIR")
     assert f.vertebrae[1]["edema"]["present"]
     assert [v["level"] for v in f.vertebrae if v["edema"]["present"]] == ["L2"]
+
+
+def test_a_body_two_slices_thick_keeps_its_interior_and_its_edema():
+    """With fewer than three slices a body's lateral surface is not resolved: the lateral rule would leave no interior,
+    so it is not applied, and whole-body edema is still found."""
+    def two_slices(labels, imgs):
+        labels[:, :, 3:] = 0
+        labels[:, :, :1] = 0  # every body on slices 1-2 only
+        imgs["STIR"][30:50, 6:40, 1:3] = 60.0  # L2 fluid-bright throughout
+
+    seg, imgs = make_case(two_slices)
+    meas = measure_study(imgs, seg, (1.0, 1.0, 4.0), MeasurementConfig())
+    assert np.isinf(meas.vox_lateral_mm).all()
+    f = classify_study(meas, ClassificationConfig(), "STIR")
+    assert f.vertebrae[1]["edema"]["present"] and f.vertebrae[1]["edema"]["extent_volume_pct"] > 90
+    assert not any(v["edema"]["present"] for i, v in enumerate(f.vertebrae) if i != 1)
+
+
+def test_a_body_with_no_interior_is_not_judged_for_edema():
+    def thin_l3(labels, imgs):
+        labels[56:76] = 0
+        labels[65:68, 6:40, 1:8] = level_value("L3")  # 3 mm tall: nothing lies 2 mm from both endplates
+        imgs["STIR"][65:68, 6:40, 1:8] = 60.0
+
+    seg, imgs = make_case(thin_l3)
+    meas = measure_study(imgs, seg, (1.0, 1.0, 1.0), MeasurementConfig())
+    f = classify_study(meas, ClassificationConfig(), "STIR")
+    l3 = f.vertebrae[2]
+    assert l3["level"] == "L3" and not l3["edema"]["present"]
+    assert l3["edema"]["confidence"] <= 0.1
+    assert any("L3" in w and "edema not judged" in w for w in f.warnings)

@@ -590,3 +590,10 @@ def test_other_contrasts_are_segmented_only_when_configured(monkeypatch, extra_c
     assert calls == ([False, True] if extra_contrasts else [False])
     found = seg.labels[strip]
     assert (found > 0).mean() > 0.9 if extra_contrasts else (found == 0).all()
+
+
+def test_the_report_says_which_contrasts_the_bodies_came_from():
+    from pipeline.batch.study import segmentation_method
+
+    assert " on T2, T1 and STIR," in segmentation_method("onepass", True, True)
+    assert " on T2," in segmentation_method("onepass", True, False)
