@@ -16,6 +16,12 @@ Each voxel is assigned to the nearer endplate of its column; an endplate gets a 
 the voxels of the assigned type(s) in that endplate's half of the body, so a change deeper than the band
 is reported at its real depth. Edema through most of a body is diffuse (fracture-like), not a Modic
 band: its endplates are then typed from the non-edema types only.
+
+Only the body's interior counts, for the types and for edema alike: voxels within ``cortex_exclusion_mm`` of
+its surface - the endplates, the anterior / posterior rim and, across slices, its lateral surface (the
+outermost sagittal slice of a 3-D study always straddles it) - are dark cortex or partial volume with the
+STIR-bright disc, canal and soft tissue beside the body, and a segmentation one voxel too wide would otherwise
+read as edema. Edema fractions are of the interior's voxels.
 """
 
 from __future__ import annotations
@@ -77,6 +83,17 @@ def voxel_classes(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role
     return cls, edema
 
 
+def interior(meas: StudyMeasurements, depth_mm: np.ndarray, surface_mm: float) -> np.ndarray:
+    """Body voxels at least ``surface_mm`` inside the body: from the nearer endplate (``depth_mm``, voxel centre),
+    the anterior / posterior rim and, when measured, the lateral surface across slices (to the voxel's near face,
+    so that a thick outermost slice is always out: ``measure`` module doc). The disc model's features keep their
+    own, in-plane rule (``disc_model.CORTEX_MM``): changing it means retraining the shipped disc models."""
+    inner = (depth_mm >= surface_mm) & (meas.vox_rim_mm >= surface_mm)
+    if meas.vox_lateral_mm is not None:
+        inner &= meas.vox_lateral_mm >= surface_mm
+    return inner
+
+
 def _confidence_from_fraction(frac: float, threshold: float, present: bool, n_vox: int) -> float:
     """How far the deciding fraction is from its threshold, damped for tiny zones."""
     if threshold <= 0:
@@ -114,10 +131,12 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
     side = np.where(meas.vox_depth_sup_mm <= meas.vox_depth_inf_mm, 0, 1)  # 0 superior, 1 inferior
     depth = np.where(side == 0, meas.vox_depth_sup_mm, meas.vox_depth_inf_mm) + np.float32(meas.spacing[0] / 2)
     ep_group = body * 2 + side
-    # The cortical endplate and rim are dark on every sequence (like sclerosis) and blur into the marrow:
-    # voxels within cortex_exclusion_mm of the body surface are not typed.
-    inner = (depth >= cfg.cortex_exclusion_mm) & (meas.vox_rim_mm >= cfg.cortex_exclusion_mm)
+    # The cortical endplate and rim are dark on every sequence (like sclerosis) and blur into the marrow, and the
+    # outermost sagittal slice averages marrow with what lies beside the body: voxels within cortex_exclusion_mm
+    # of the body surface are neither typed nor counted for edema (module doc).
+    inner = interior(meas, depth, cfg.cortex_exclusion_mm)
     cls[~inner] = CLASS_NONE
+    edema &= inner
     in_band = (((zone == ZONE_SUPERIOR) & (side == 0)) | ((zone == ZONE_INFERIOR) & (side == 1))) & inner
 
     band_n = np.bincount(ep_group[in_band], minlength=2 * n)
@@ -126,8 +145,13 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
         frac[:, c] = np.bincount(ep_group[in_band & (cls == c)], minlength=2 * n) / np.maximum(band_n, 1)
 
     body_n = np.maximum(meas.body_voxels, 1)
+    inner_count = np.bincount(body[inner], minlength=n)
+    inner_n = np.maximum(inner_count, 1)
     edema_n = np.bincount(body[edema], minlength=n)
-    edema_frac = edema_n / body_n
+    edema_frac = edema_n / inner_n
+    for b in np.flatnonzero(inner_count == 0):
+        warnings.append(f"{meas.levels[b]}: no voxel {cfg.cortex_exclusion_mm:g} mm inside the body surface: "
+                        "edema not judged")
     edema_in_band = np.bincount(body[edema & (zone >= ZONE_SUPERIOR)], minlength=n)
     diffuse = edema_frac * 100.0 >= cfg.diffuse_edema_volume_pct
     median_col_h = _group_median(meas.vox_col_height_mm, body, n)
@@ -177,22 +201,25 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
                 "confidence": round(conf, 3),
                 "n_voxels": int(band_n[g]),
             }
-        present = bool(edema_frac[b] >= cfg.edema_min_fraction and meas.vox_ratio.get(fluid_role) is not None)
+        present = bool(edema_n[b] > 0 and edema_frac[b] >= cfg.edema_min_fraction
+                       and meas.vox_ratio.get(fluid_role) is not None)
         if present:
             e_sel = edema & (body == b)
             rows = meas.vox_depth_sup_mm[e_sel]
-            ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / max(median_col_h[b], 1e-6) * 100)
+            # of the interior's height: edema through the whole interior is 100 %
+            inner_h = max(median_col_h[b] - 2 * cfg.cortex_exclusion_mm, meas.spacing[0], 1e-6)
+            ext_h = float((np.percentile(rows, 95) - np.percentile(rows, 5) + meas.spacing[0]) / inner_h * 100)
             adjacent = bool(edema_in_band[b] / max(edema_n[b], 1) >= cfg.edema_adjacent_fraction)
             free = e_sel & (cm_flat[meas.vox_index] == 0)
             cm_flat[meas.vox_index[free]] = CLASS_EDEMA
         else:
             ext_h, adjacent = 0.0, False
-        e_conf = _confidence_from_fraction(float(edema_frac[b]), cfg.edema_min_fraction, present, int(body_n[b]))
+        e_conf = _confidence_from_fraction(float(edema_frac[b]), cfg.edema_min_fraction, present, int(inner_n[b]))
         if fluid_role != "STIR":
             e_conf *= 0.7
         if single_slice:
             e_conf *= cfg.single_slice_confidence
-        if not edema_judged:
+        if not edema_judged or inner_count[b] == 0:
             e_conf = min(e_conf, UNJUDGED_CONFIDENCE)
         rec["edema"] = {
             "present": present,

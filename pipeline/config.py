@@ -73,6 +73,9 @@ class SegmentationConfig:
     smooth_mm: float = _f(5.0, 0.0, 10.0, doc="per body and slice, notches narrower than this are closed and holes filled (0: off)")
     refine_edges: bool = _f(True, doc="re-decide the voxels within 4 mm of each body surface at the input resolution "
                             "(edge classifier of the shipped model; onepass: by its probability, edge_threshold)")
+    extra_contrasts: bool = _f(True, doc="also run the body model on T1 / STIR near the bodies T2 found and keep the "
+                               "voxel-wise maximum (marrow that looks unlike a body on T2 rarely does on all); false: "
+                               "bodies from T2 alone (faster; T1 / STIR are still measured)")
     edge_threshold: float = _f(0.5, 0.0, 0.95, doc="onepass: body surfaces at the input resolution where the interpolated "
                                "probability crosses this (within 1.5 mm of the working-grid surface; 0: off)")
 
@@ -92,12 +95,12 @@ class ClassificationConfig:
     fluid_high: float = _f(1.5, 1.0, 10.0, doc="STIR (or T2) ratio above this is 'high' (edema, Modic I)")
     fluid_low: float = _f(0.8, 0.1, 1.0, doc="STIR ratio below this is 'low' (Modic II, III)")
     min_zone_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of an endplate band that must show a type for it to count")
-    cortex_exclusion_mm: float = _f(2.0, 0.0, 10.0, doc="voxels this close to the body surface (cortex, partial volume) are not typed")
+    cortex_exclusion_mm: float = _f(2.0, 0.0, 10.0, doc="voxels this close to the body surface (endplates, rim, lateral surface across slices: cortex, partial volume) are neither typed nor counted for edema")
     t2_low: float = _f(0.6, 0.1, 1.0, doc="T2 ratio below this is 'low' (Modic III); cross-validated on SPIDER (README)")
     t2_iso_min: float = _f(1.1, 0.1, 2.0, doc="T2 ratio at or above this is 'high' enough for Modic II when there is no "
                            "STIR (fat is bright on fast spin-echo T2); cross-validated on SPIDER (README)")
-    edema_min_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of a body's voxels that must be fluid-bright for edema")
-    diffuse_edema_volume_pct: float = _f(50.0, 10.0, 100.0, doc="edema above this % of the body is diffuse, not an endplate (Modic) change")
+    edema_min_fraction: float = _f(0.12, 0.0, 1.0, doc="fraction of a body's interior voxels (cortex_exclusion_mm inside its surface) that must be fluid-bright for edema")
+    diffuse_edema_volume_pct: float = _f(50.0, 10.0, 100.0, doc="edema above this % of the body's interior is diffuse, not an endplate (Modic) change")
     edema_adjacent_fraction: float = _f(0.3, 0.0, 1.0, doc="edema counts as endplate-adjacent when this fraction of it lies in the endplate bands")
     fracture_height_ratio: float = _f(0.8, 0.3, 1.0, doc="a height ratio at or below this (>= 20 % height loss) with edema flags a possible acute fracture")
     disc_bright_ratio: float = _f(1.3, 1.0, 5.0, doc="disc T2 median / median of the study's discs at or above this is 'bright'")

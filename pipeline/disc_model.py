@@ -32,7 +32,7 @@ def model_path(body_model: str = "unet") -> Path:
     """The shipped disc model trained on features measured with ``segmentation.body_model`` = ``body_model``."""
     return ONEPASS_MODEL_PATH if body_model == "onepass" else MODEL_PATH
 # Band voxels: deeper than the cortex / partial-volume rim, at most BAND_MM from the endplate.
-CORTEX_MM = 2.0
+CORTEX_MM = 2.0  # in-plane only, unlike classify.interior (lateral too): the shipped models learnt these features
 BAND_MM = 10.0
 PROFILE_MM = ((2.0, 4.0), (4.0, 7.0), (7.0, 12.0))  # depth bins of the profile away from the endplate
 # Ratio thresholds whose exceedance fractions are features (T1 high = fat, T1 low / T2 high = edema, T2 low).

@@ -5,6 +5,12 @@ Everything is computed over all bodies at once from the flat indices of body vox
 * A *column* is one (body, anterior-posterior position, slice) line along axis 0 (superior -> inferior).
   Its top (superior endplate) and bottom (inferior endplate) rows are the minimum and maximum row of its
   voxels, gathered without a loop on the dense (body, row, slice) grid of columns (``np.minimum.at``).
+* A voxel's *lateral depth* is its distance across slices (axis 2) to the body's outermost slice on its
+  (body, row, anterior-posterior position) line: 0 on that outermost slice, which always straddles the lateral
+  surface (a 3-4 mm sagittal slice averages marrow with whatever lies beside the body); infinite in a body
+  that spans fewer than 3 slices (a one- or two-slice volume), whose lateral surface is not resolved. It is
+  measured to the voxel's near face (the endplate depth to its centre): at 4 mm slices the outermost slice is
+  out, at 1 mm slices the outer two. A body cut by the field of view's first or last slice loses that slice too.
 * Zones: superior band = within ``endplate_band_mm`` of the column top (capped at a fraction of the
   column height), inferior band likewise from the bottom, core = far from both endplates and from the
   anterior / posterior rim.  ``zone_map`` = body label value * 10 + zone code (1 core, 2 superior, 3 inferior).
@@ -31,6 +37,8 @@ ZONE_CORE, ZONE_SUPERIOR, ZONE_INFERIOR = 1, 2, 3
 ZONE_NAMES = {ZONE_CORE: "core", ZONE_SUPERIOR: "superior", ZONE_INFERIOR: "inferior"}
 SEQUENCES = ("T1", "T2", "STIR")
 QUANTILES = (0.5, 0.10, 0.90, 0.25, 0.75)
+# A body's lateral surface is read across slices only when the body spans at least this many (vox_lateral_mm).
+MIN_LATERAL_SLICES = 3
 
 # Bodies that may contribute to the normal-marrow reference: the lumbar bodies and the lower thoracic
 # ones; the sacrum's marrow is normally fattier and partly out of the sagittal slab.
@@ -60,6 +68,9 @@ class StudyMeasurements:
     body_voxels: np.ndarray  # voxels per body
     labelling_confidence: float
     warnings: list[str] = field(default_factory=list)
+    # Distance (mm) from the voxel's near face to the body's lateral surface across slices (module doc); None:
+    # not measured (treated as deep).
+    vox_lateral_mm: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -152,6 +163,7 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
     rim_mm = np.minimum(j - jmin[ak_inv], jmax[ak_inv] - j).astype(np.float32) * np.float32(sp[1])
     core = (depth_sup >= margin) & (depth_inf >= margin) & (j - jmin[ak_inv] >= rim) & (jmax[ak_inv] - j >= rim)
     zone[core & (zone == 0)] = ZONE_CORE
+    lateral_mm = _lateral_depth_mm(body, i, j, k, n, ni, nj, nk, sp[2])
 
     zone_map = np.zeros(shape, dtype=np.int16)
     zflat = zone_map.reshape(-1)
@@ -226,8 +238,28 @@ def measure_study(images: dict[str, np.ndarray], seg: Segmentation, spacing, cfg
         zone_map=zone_map, vox_index=idx, vox_body=body, vox_zone=zone,
         vox_depth_sup_mm=depth_sup * np.float32(sp[0]), vox_depth_inf_mm=depth_inf * np.float32(sp[0]),
         vox_col_height_mm=col_h * np.float32(sp[0]), vox_rim_mm=rim_mm, vox_ratio=vox_ratio, body_voxels=body_voxels,
-        labelling_confidence=float(seg.labelling_confidence), warnings=warnings,
+        labelling_confidence=float(seg.labelling_confidence), warnings=warnings, vox_lateral_mm=lateral_mm,
     )
+
+
+def _lateral_depth_mm(body, i, j, k, n, ni, nj, nk, slice_mm) -> np.ndarray:
+    """Per body voxel, slices (in mm) between it and the outermost slice of its (body, row, AP position) line
+    (module doc); +inf in a body that spans fewer than ``MIN_LATERAL_SLICES`` slices (a one- or two-slice volume,
+    a body cut by the field of view): its lateral surface is not resolved, and excluding its outer slices would
+    leave nothing to read. The lines live on a dense (body, row, AP) grid, as the columns do on theirs."""
+    if nk < MIN_LATERAL_SLICES:
+        return np.full(body.size, np.inf, dtype=np.float32)
+    line = (body * ni + i) * nj + j
+    kmin = np.full(n * ni * nj, nk, dtype=np.int32)
+    kmax = np.full(n * ni * nj, -1, dtype=np.int32)
+    np.minimum.at(kmin, line, k.astype(np.int32))
+    np.maximum.at(kmax, line, k.astype(np.int32))
+    steps = np.minimum(k - kmin[line], kmax[line] - k)
+    depth = steps.astype(np.float32) * np.float32(slice_mm)
+    span = np.zeros(n, dtype=np.int64)
+    np.maximum.at(span, body, kmax[line] - kmin[line] + 1)
+    depth[span[body] < MIN_LATERAL_SLICES] = np.inf
+    return depth
 
 
 def _central_slices(body, k, n, nk, sp) -> tuple[np.ndarray, np.ndarray]:

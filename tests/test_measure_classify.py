@@ -227,3 +227,74 @@ def test_vertebra_records_validate_against_the_schema():
         validator = jsonschema.Draft202012Validator({**schema["$defs"][name], "$defs": schema["$defs"]})
         for item in items:
             assert not list(validator.iter_errors(item)), (name, item)
+
+
+def test_lateral_depth_counts_slices_to_the_outermost_slice_of_each_line():
+    def narrower_row(labels, imgs):
+        labels[40, 20, 1] = labels[40, 20, 7] = 0  # this (row, AP) line of L2 spans slices 2-6 only
+
+    seg, imgs = make_case(narrower_row)
+    meas = measure_study(imgs, seg, (1.0, 1.0, 4.0), MeasurementConfig())
+    lat = np.full(seg.labels.shape, -1.0, np.float32)
+    lat.reshape(-1)[meas.vox_index] = meas.vox_lateral_mm
+    assert lat[40, 23, 1:8].tolist() == [0.0, 4.0, 8.0, 12.0, 8.0, 4.0, 0.0]
+    assert lat[40, 20, 2:7].tolist() == [0.0, 4.0, 8.0, 4.0, 0.0]
+    # one sagittal slice: the lateral surface is not seen, nothing is lateral
+    one = Segmentation(seg.labels[:, :, 4:5].copy(), seg.bodies, 1.0, [])
+    meas1 = measure_study({k: v[:, :, 4:5].copy() for k, v in imgs.items()}, one, (1.0, 1.0, 4.0), MeasurementConfig())
+    assert np.isinf(meas1.vox_lateral_mm).all()
+
+
+def test_partial_volume_at_the_lateral_surface_is_not_edema():
+    """A 4 mm slice on a body's lateral edge averages marrow with the STIR-bright tissue beside it: a segmentation
+    that reaches one slice too far must not turn that into edema, while the same signal inside the body is."""
+    def bright_outer_slices(labels, imgs):
+        imgs["STIR"][30:50, 6:40, 1] = imgs["STIR"][30:50, 6:40, 7] = 40.0  # L2's two outermost slices, 2x normal
+
+    def bright_inner_slice(labels, imgs):
+        imgs["STIR"][30:50, 6:40, 4] = 40.0  # the same signal in L2's middle slice
+
+    spacing = (1.0, 1.0, 4.0)
+    seg, imgs = make_case(bright_outer_slices)
+    meas = measure_study(imgs, seg, spacing, MeasurementConfig())
+    outer = (meas.vox_body == 1) & (meas.vox_ratio["STIR"] > ClassificationConfig().fluid_high)
+    # the bright outer slices alone are well over the edema fraction: only the surface rule keeps them out
+    assert outer.sum() / meas.body_voxels[1] > 2 * ClassificationConfig().edema_min_fraction
+    f = classify_study(meas, ClassificationConfig(), "STIR")
+    assert not f.vertebrae[1]["edema"]["present"]
+    assert (f.class_map[:, :, [1, 7]] == 0).all()
+    seg, imgs = make_case(bright_inner_slice)
+    f = classify_study(measure_study(imgs, seg, spacing, MeasurementConfig()), ClassificationConfig(), "STIR")
+    assert f.vertebrae[1]["edema"]["present"]
+    assert [v["level"] for v in f.vertebrae if v["edema"]["present"]] == ["L2"]
+
+
+def test_a_body_two_slices_thick_keeps_its_interior_and_its_edema():
+    """With fewer than three slices a body's lateral surface is not resolved: the lateral rule would leave no interior,
+    so it is not applied, and whole-body edema is still found."""
+    def two_slices(labels, imgs):
+        labels[:, :, 3:] = 0
+        labels[:, :, :1] = 0  # every body on slices 1-2 only
+        imgs["STIR"][30:50, 6:40, 1:3] = 60.0  # L2 fluid-bright throughout
+
+    seg, imgs = make_case(two_slices)
+    meas = measure_study(imgs, seg, (1.0, 1.0, 4.0), MeasurementConfig())
+    assert np.isinf(meas.vox_lateral_mm).all()
+    f = classify_study(meas, ClassificationConfig(), "STIR")
+    assert f.vertebrae[1]["edema"]["present"] and f.vertebrae[1]["edema"]["extent_volume_pct"] > 90
+    assert not any(v["edema"]["present"] for i, v in enumerate(f.vertebrae) if i != 1)
+
+
+def test_a_body_with_no_interior_is_not_judged_for_edema():
+    def thin_l3(labels, imgs):
+        labels[56:76] = 0
+        labels[65:68, 6:40, 1:8] = level_value("L3")  # 3 mm tall: nothing lies 2 mm from both endplates
+        imgs["STIR"][65:68, 6:40, 1:8] = 60.0
+
+    seg, imgs = make_case(thin_l3)
+    meas = measure_study(imgs, seg, (1.0, 1.0, 1.0), MeasurementConfig())
+    f = classify_study(meas, ClassificationConfig(), "STIR")
+    l3 = f.vertebrae[2]
+    assert l3["level"] == "L3" and not l3["edema"]["present"]
+    assert l3["edema"]["confidence"] <= 0.1
+    assert any("L3" in w and "edema not judged" in w for w in f.warnings)

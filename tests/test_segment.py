@@ -562,3 +562,38 @@ def test_a_thin_single_slice_is_segmented_and_named_with_physical_volumes():
     assert len(lumbar) >= 4
     area_mm2 = [(seg.labels == b.value).sum() * t2.spacing[0] * t2.spacing[1] for b in lumbar]
     np.testing.assert_allclose([b.volume_mm3 for b in lumbar], np.array(area_mm2) * t2.spacing[2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra_contrasts", [True, False])
+def test_other_contrasts_are_segmented_only_when_configured(monkeypatch, extra_contrasts):
+    """``extra_contrasts``: T1 / STIR run through the body model near T2's bodies and their probability is the
+    voxel-wise maximum; off, the bodies come from T2 alone (and what only T1 calls body is not body)."""
+    import pipeline.segmentation.segment as segment
+
+    lab = _stack()
+    t2_prob = (lab > 0).astype(np.float32) * 0.9
+    strip = (lab > 0) & (np.arange(lab.shape[1]) < 11)[None, :, None]  # the bodies' anterior 6 px (9 mm)
+    t2_prob[strip] = 0.0  # T2 misses them (abnormal marrow); the other contrast sees them
+    t1_prob = (lab > 0).astype(np.float32) * 0.9
+    calls = []
+
+    def fake_probability(image, spacing, region=None, model=None, body_model="classifier"):
+        calls.append(region is not None)
+        prob = t2_prob if image is t2_image else t1_prob
+        return (prob.copy() if region is None else np.where(region, prob, 0).astype(np.float32)), (1.0, 1.0), None, None
+
+    t2_image = np.zeros(lab.shape, np.float32)
+    t1_image = np.ones(lab.shape, np.float32)
+    monkeypatch.setattr(segment, "body_probability", fake_probability)
+    cfg = SegmentationConfig(body_model="onepass", extra_contrasts=extra_contrasts, refine_edges=False)
+    seg = segment.segment_vertebrae(t2_image, (segment.WORK_MM, segment.WORK_MM, 4.0), cfg, extra_images=[t1_image])
+    assert calls == ([False, True] if extra_contrasts else [False])
+    found = seg.labels[strip]
+    assert (found > 0).mean() > 0.9 if extra_contrasts else (found == 0).all()
+
+
+def test_the_report_says_which_contrasts_the_bodies_came_from():
+    from pipeline.batch.study import segmentation_method
+
+    assert " on T2, T1 and STIR," in segmentation_method("onepass", True, True)
+    assert " on T2," in segmentation_method("onepass", True, False)

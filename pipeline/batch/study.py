@@ -37,10 +37,11 @@ BODY_MODELS = {"unet": "2.5-D U-Net (shipped model, ONNX Runtime)",
                "classifier": "gradient-boosted pixel classifier (shipped model)"}
 
 
-def segmentation_method(body_model: str, refine_edges: bool = True) -> str:
+def segmentation_method(body_model: str, refine_edges: bool = True, extra_contrasts: bool = True) -> str:
     """The report's one-line description of how the bodies were segmented."""
     edges = " body edges re-decided at the input resolution," if refine_edges and body_model != "onepass" else ""
-    return (f"modicscan.segment: {BODY_MODELS[body_model]} on T2, T1 and STIR, watershed split at the discs,{edges} "
+    on = "T2, T1 and STIR" if extra_contrasts else "T2"
+    return (f"modicscan.segment: {BODY_MODELS[body_model]} on {on}, watershed split at the discs,{edges} "
             "levels counted up from the lumbosacral junction")
 
 
@@ -286,7 +287,8 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     else:
         extra = [volumes[r].data for r in ("T1", "STIR") if r in volumes]
         seg = segment_vertebrae(reference.data, reference.spacing, cfg.segmentation, extra_images=extra)
-        seg_method = segmentation_method(cfg.segmentation.body_model, cfg.segmentation.refine_edges)
+        seg_method = segmentation_method(cfg.segmentation.body_model, cfg.segmentation.refine_edges,
+                                         cfg.segmentation.extra_contrasts)
     if not seg.bodies:
         raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found in the sagittal T2 series")
     # No lumbar level named: surely so, or fewer than three bodies (any lumbar sagittal shows a column of them; one

@@ -101,7 +101,7 @@ PRIVATE_CONCEPTS: dict[str, str] = {
     "MODIC-EXT-VOLUME": "Modic change extent, percent of endplate zone volume",
     "MODIC-CONFIDENCE": "Modic classification confidence",
     "DISC-MODIC-TYPE": "Modic type of the disc level (both endplates)",
-    "EDEMA-EXT-VOLUME": "Marrow edema extent, percent of vertebral body volume",
+    "EDEMA-EXT-VOLUME": "Marrow edema extent, percent of vertebral body interior volume",
     "EDEMA-EXT-HEIGHT": "Marrow edema extent, percent of vertebral body height",
     "EDEMA-CONFIDENCE": "Marrow edema classification confidence",
 }

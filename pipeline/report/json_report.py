@@ -20,7 +20,7 @@ UNITS = {
     "heights_mm": "mm",
     "volume_mm3": "mm^3",
     "extent_height_pct": "% of the local vertebral body height",
-    "extent_volume_pct": "% of the vertebral body volume",
+    "extent_volume_pct": "% of the vertebral body volume (edema: of the body's interior, the voxels at least classification.cortex_exclusion_mm from its surface)",
     "ratio": "zone median / study normal-marrow reference median, same sequence (1 = like normal marrow)",
     "signal": "scanner units after DICOM rescale (relative only)",
     "confidence": "0..1, higher is more certain",

@@ -253,7 +253,7 @@ def level_caption(report: dict, level: str) -> str:
                                                     f"{e['confidence']:.2f})" if t != "0" else ""))
     lines.append(f"{level}: " + "; ".join(eps))
     ed = v["edema"]
-    lines.append("edema: " + (f"yes ({ed['source']}), {ed['extent_volume_pct']:.0f} % of volume, "
+    lines.append("edema: " + (f"yes ({ed['source']}), {ed['extent_volume_pct']:.0f} % of interior, "
                               f"{ed['extent_height_pct']:.0f} % of height"
                               + (", next to an endplate" if ed.get("adjacent_to_endplate") else "")
                               if ed["present"] else f"no ({ed['source']})") + f", confidence {ed['confidence']:.2f}")

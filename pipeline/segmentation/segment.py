@@ -100,7 +100,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
 
     ``extra_images`` (same grid, other contrasts, e.g. T1 and STIR) are classified too and the voxel-wise
     maximum of the body probabilities is used: abnormal marrow (edema, sclerosis) that looks unlike a body on one contrast
-    rarely does on all of them.
+    rarely does on all of them (unless ``cfg.extra_contrasts`` is off).
 
     ``model``: a trained model dict (default: the shipped one, :func:`load_model`).
     """
@@ -112,7 +112,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         raise StudyError("SEGMENTATION_FAILED", f"expected a 3-D image, got shape {image.shape}")
     prob, zoom, region, l5_map = body_probability(image, spacing, model=model, body_model=cfg.body_model)
     slab_mm = rule_slab_mm(image.shape[2], spacing[2])  # the slice thickness the size rules (ml) use
-    if extra_images:
+    if extra_images and cfg.extra_contrasts:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
         # T2 found (abnormal marrow sits in or beside a body): everything else is skipped.
         # When T2 finds less than a few bodies' worth (unusual scaling, artefacts), the others are classified
