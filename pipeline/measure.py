@@ -246,12 +246,21 @@ def _lateral_depth_mm(body, i, j, k, n, ni, nj, nk, slice_mm) -> np.ndarray:
     """Per body voxel, slices (in mm) between it and the outermost slice of its (body, row, AP position) line
     (module doc); +inf in a body that spans fewer than ``MIN_LATERAL_SLICES`` slices (a one- or two-slice volume,
     a body cut by the field of view): its lateral surface is not resolved, and excluding its outer slices would
-    leave nothing to read. The lines live on a dense (body, row, AP) grid, as the columns do on theirs."""
+    leave nothing to read. The lines live on a dense grid of each body's own (row, AP) bounding box, one after the
+    other (a few bodies' boxes, not bodies x the whole plane)."""
     if nk < MIN_LATERAL_SLICES:
         return np.full(body.size, np.inf, dtype=np.float32)
-    line = (body * ni + i) * nj + j
-    kmin = np.full(n * ni * nj, nk, dtype=np.int32)
-    kmax = np.full(n * ni * nj, -1, dtype=np.int32)
+    lo_i, hi_i = np.full(n, ni, np.int64), np.full(n, -1, np.int64)
+    lo_j, hi_j = np.full(n, nj, np.int64), np.full(n, -1, np.int64)
+    np.minimum.at(lo_i, body, i)
+    np.maximum.at(hi_i, body, i)
+    np.minimum.at(lo_j, body, j)
+    np.maximum.at(hi_j, body, j)
+    rows, cols = np.maximum(hi_i - lo_i + 1, 0), np.maximum(hi_j - lo_j + 1, 0)
+    start = np.concatenate([[0], np.cumsum(rows * cols)])
+    line = start[body] + (i - lo_i[body]) * cols[body] + (j - lo_j[body])
+    kmin = np.full(int(start[-1]), nk, dtype=np.int32)
+    kmax = np.full(int(start[-1]), -1, dtype=np.int32)
     np.minimum.at(kmin, line, k.astype(np.int32))
     np.maximum.at(kmax, line, k.astype(np.int32))
     steps = np.minimum(k - kmin[line], kmax[line] - k)
