@@ -597,3 +597,32 @@ def test_the_report_says_which_contrasts_the_bodies_came_from():
 
     assert " on T2, T1 and STIR," in segmentation_method("onepass", True, True)
     assert " on T2," in segmentation_method("onepass", True, False)
+
+
+def test_another_contrast_near_t2s_bodies_skips_stage1_and_stays_in_the_region(monkeypatch):
+    """With a region (T1 / STIR near the bodies T2 found) the U-Net runs on the region's columns without stage 1,
+    whose only job there was to find the column the region already gives; its probability is zero outside it."""
+    import pipeline.segmentation.probability as probability
+    import pipeline.segmentation.unet as unet
+
+    def no_stage1(*a, **k):
+        raise AssertionError("stage 1 ran on another contrast")
+
+    seen = {}
+
+    def fake_unet(norm, slice_mm, columns=None, session=None, needed=None, **kw):
+        seen["columns"], seen["needed"] = columns, needed
+        return np.full(norm.shape, 0.9, np.float32)
+
+    monkeypatch.setattr(probability, "stage1_probability", no_stage1)
+    monkeypatch.setattr(probability, "load_model", lambda: {"stage1": None})
+    monkeypatch.setattr(unet, "unet_probability", fake_unet)
+    image = np.random.default_rng(0).random((60, 200, 5)).astype(np.float32)
+    sp = (probability.WORK_MM, probability.WORK_MM, 4.0)
+    region = np.zeros(image.shape, bool)
+    region[10:40, 90:110, 1:3] = True
+    prob, _, column, _ = probability.body_probability(image, sp, region=region, body_model="unet")
+    assert column is None and (prob[region] == np.float32(0.9)).all() and (prob[~region] == 0).all()
+    margin = int(round(24.0 / probability.WORK_MM))
+    assert seen["columns"] == slice(90 - margin, 110 + margin)
+    assert seen["needed"].tolist() == [False, True, True, False, False]

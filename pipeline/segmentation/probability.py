@@ -115,6 +115,16 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
     return prob, column_region(dist, prob.shape), l5
 
 
+def _unet_in_region(norm: np.ndarray, sp, cols: slice, region: np.ndarray) -> np.ndarray:
+    """The U-Net's P(body) on ``cols``, only on the slices ``region`` touches, zero outside ``region``."""
+    from pipeline.segmentation.unet import unet_probability
+
+    prob = (unet_probability(norm, sp[2], cols, needed=region.any(axis=(0, 1))) if cols.stop > cols.start
+            else np.zeros(norm.shape, np.float32))
+    prob[~region] = 0
+    return prob
+
+
 def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
                      body_model: str = "classifier"
                      ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None, np.ndarray | None]:
@@ -137,18 +147,19 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         prob, column, l5 = onepass_probability(norm, sp, region)
         return prob, zoom, column, l5
     model = model or load_model()
+    if body_model == "unet" and region is not None:
+        # Another contrast near the bodies T2 found: ``region`` already says where the column is, so stage 1 (which
+        # only finds the column for the U-Net's crop) is not run on it; the net runs on the region's columns.
+        cols = _unet_columns(None, region, norm.shape[1])
+        return _unet_in_region(norm, sp, cols, region), zoom, None, None
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     dist = column_distance(p1, sp)
     column = column_region(dist, p1.shape)
-    if body_model == "unet":
+    if body_model == "unet":  # (no region here: see above)
         from pipeline.segmentation.unet import unet_probability
 
-        cols = _unet_columns(dist, region, norm.shape[1])
-        needed = None if region is None else region.any(axis=(0, 1))  # slices without region are zeroed below
-        prob = (unet_probability(norm, sp[2], cols, needed=needed) if cols.stop > cols.start
-                else np.zeros(norm.shape, np.float32))
-        if region is not None:
-            prob[~region] = 0
+        cols = _unet_columns(dist, None, norm.shape[1])
+        prob = (unet_probability(norm, sp[2], cols) if cols.stop > cols.start else np.zeros(norm.shape, np.float32))
         return prob, zoom, column, None
     cand = stage2_candidates(p1, norm)
     if column is not None:
