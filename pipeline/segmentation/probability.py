@@ -103,11 +103,7 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
 
     session = load_session(body_model="onepass")
     if region is not None:
-        cols = _unet_columns(None, region, norm.shape[1])
-        prob = (unet_probability(norm, sp[2], cols, session=session, needed=region.any(axis=(0, 1)))
-                if cols.stop > cols.start else np.zeros(norm.shape, np.float32))
-        prob[~region] = 0
-        return prob, None, None
+        return _net_on_columns(norm, sp[2], _unet_columns(None, region, norm.shape[1]), region, session), None, None
     prob, l5 = unet_probability(norm, sp[2], session=session, level_map=True)
     dist = column_distance(prob, sp)
     if dist is not None:
@@ -115,13 +111,18 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
     return prob, column_region(dist, prob.shape), l5
 
 
-def _unet_in_region(norm: np.ndarray, sp, cols: slice, region: np.ndarray) -> np.ndarray:
-    """The U-Net's P(body) on ``cols``, only on the slices ``region`` touches, zero outside ``region``."""
+def _net_on_columns(norm: np.ndarray, slice_mm: float, cols: slice, region: np.ndarray | None = None,
+                    session=None) -> np.ndarray:
+    """A net's P(body) on the AP columns ``cols`` (zero elsewhere, and everywhere when ``cols`` is empty); with a
+    ``region``, only on the slices it touches and zero outside it. ``session``: the net (default: the U-Net's)."""
     from pipeline.segmentation.unet import unet_probability
 
-    prob = (unet_probability(norm, sp[2], cols, needed=region.any(axis=(0, 1))) if cols.stop > cols.start
-            else np.zeros(norm.shape, np.float32))
-    prob[~region] = 0
+    if cols.stop <= cols.start:
+        return np.zeros(norm.shape, np.float32)
+    needed = None if region is None else region.any(axis=(0, 1))
+    prob = unet_probability(norm, slice_mm, cols, session=session, needed=needed)
+    if region is not None:
+        prob[~region] = 0
     return prob
 
 
@@ -146,21 +147,16 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     if body_model == "onepass":
         prob, column, l5 = onepass_probability(norm, sp, region)
         return prob, zoom, column, l5
-    model = model or load_model()
     if body_model == "unet" and region is not None:
         # Another contrast near the bodies T2 found: ``region`` already says where the column is, so stage 1 (which
         # only finds the column for the U-Net's crop) is not run on it; the net runs on the region's columns.
-        cols = _unet_columns(None, region, norm.shape[1])
-        return _unet_in_region(norm, sp, cols, region), zoom, None, None
+        return _net_on_columns(norm, sp[2], _unet_columns(None, region, norm.shape[1]), region), zoom, None, None
+    model = model or load_model()
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     dist = column_distance(p1, sp)
     column = column_region(dist, p1.shape)
     if body_model == "unet":  # (no region here: see above)
-        from pipeline.segmentation.unet import unet_probability
-
-        cols = _unet_columns(dist, None, norm.shape[1])
-        prob = (unet_probability(norm, sp[2], cols) if cols.stop > cols.start else np.zeros(norm.shape, np.float32))
-        return prob, zoom, column, None
+        return _net_on_columns(norm, sp[2], _unet_columns(dist, None, norm.shape[1])), zoom, column, None
     cand = stage2_candidates(p1, norm)
     if column is not None:
         cand &= column
