@@ -55,10 +55,11 @@ class RolesConfig:
 
 @dataclass
 class SegmentationConfig:
-    body_model: str = _f("unet", choices=("classifier", "unet", "onepass"), doc="what gives the body probability: "
-                         "the 2.5-D U-Net after the classifier's column search, with an edge refiner (ONNX Runtime; "
-                         "better outlines and level names on the real scans), the one-pass net alone on whole slices "
-                         "(trained with domain randomisation), or the two-stage pixel classifier")
+    body_model: str = _f("auto", choices=("auto", "classifier", "unet", "onepass"), doc="what gives the body "
+                         "probability: the 2.5-D U-Net after the classifier's column search, with an edge refiner "
+                         "(ONNX Runtime; better outlines and level names on the real volumes), the one-pass net alone "
+                         "on whole slices (trained with domain randomisation and on single-slice crops), the two-stage "
+                         "pixel classifier, or auto: the one-pass net for a single-slice study, the U-Net otherwise")
     min_body_volume_ml: float = _f(4.0, 0.1, 200.0, doc="connected components smaller than this are not vertebral bodies")
     max_body_volume_ml: float = _f(150.0, 1.0, 1000.0, doc="components larger than this are split or discarded")
     probability_threshold: float = _f(0.5, 0.05, 0.95, doc="voxels with body probability above this form the body mask")

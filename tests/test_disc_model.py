@@ -179,3 +179,15 @@ def test_training_rejects_a_missing_config(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(tmp_path / "missing.yaml"), "--no-save", "--repeats", "0"])
     assert exc.value.code == 2
+
+
+def test_a_disc_model_is_trained_on_one_body_models_features():
+    """``auto`` resolves per case, so train_modic saves the disc model of the body model the cases really ran and
+    refuses a mix (one model's outlines differ from the other's: their features must not be pooled)."""
+    from pipeline.training.train_modic import trained_body_model
+
+    spider_like = [{"x": 1, "body_model": "onepass"}, {"x": 1, "body_model": "onepass"}, {"case": "failed"}]
+    assert trained_body_model(spider_like, "auto") == "onepass"
+    assert trained_body_model([{"x": 1}], "unet") == "unet"  # rows cached before the field: the configured model
+    with pytest.raises(SystemExit, match="different body models"):
+        trained_body_model(spider_like + [{"x": 1, "body_model": "unet"}], "auto")

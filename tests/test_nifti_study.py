@@ -60,6 +60,9 @@ def test_single_slice_phantom_on_two_grids_finds_the_planted_modic_ii(tmp_path):
     analysis = analyse_volumes(volumes, cfg)
     assert analysis.single_slice and is_single_slice(analysis.volumes)
     assert "SINGLE_SLICE" in analysis.qc_flags
+    # the default body model ("auto") is the one-pass net on a single slice, and the report says so
+    assert Config().segmentation.body_model == "auto"
+    assert analysis.body_model == "onepass" and "one-pass" in analysis.seg_method
     assert analysis.volumes["T1"].shape == analysis.volumes["T2"].shape  # T1 brought onto the T2 grid
     discs = {d["level"]: d["modic"] for d in analysis.findings.discs}
     assert discs["L5-S1"]["modic_type"] == "II"

@@ -626,3 +626,28 @@ def test_another_contrast_near_t2s_bodies_skips_stage1_and_stays_in_the_region(m
     margin = int(round(24.0 / probability.WORK_MM))
     assert seen["columns"] == slice(90 - margin, 110 + margin)
     assert seen["needed"].tolist() == [False, True, True, False, False]
+
+
+def test_auto_runs_the_one_pass_net_on_a_single_slice_and_the_unet_on_a_volume(monkeypatch):
+    """``body_model: auto`` (the default): a single sagittal slice goes to the one-pass net (trained also on
+    single-slice crops), a volume to the U-Net cascade; a named body model is used as named."""
+    import pipeline.segmentation.segment as segment
+
+    assert segment.resolve_body_model("auto", 1) == "onepass"
+    assert segment.resolve_body_model("auto", 15) == "unet"
+    assert segment.resolve_body_model("unet", 1) == "unet" and segment.resolve_body_model("onepass", 15) == "onepass"
+    assert SegmentationConfig().body_model == "auto"
+    asked = []
+
+    def fake_probability(image, spacing, region=None, model=None, body_model="classifier"):
+        asked.append(body_model)
+        lab = _stack(depth=image.shape[2] - 2) if image.shape[2] > 2 else _stack(depth=1)[:, :, 1:2]
+        return (lab > 0).astype(np.float32) * 0.9, (1.0, 1.0), None, None
+
+    monkeypatch.setattr(segment, "body_probability", fake_probability)
+    monkeypatch.setattr(segment, "load_model", lambda: {})
+    sp = (segment.WORK_MM, segment.WORK_MM, 4.0)
+    for n_slices in (1, 7):
+        shape = _stack(depth=max(n_slices - 2, 1)).shape[:2] + (n_slices,)
+        segment.segment_vertebrae(np.zeros(shape, np.float32), sp, SegmentationConfig(refine_edges=False))
+    assert asked == ["onepass", "unet"]

@@ -12,7 +12,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +241,7 @@ class StudyAnalysis:
     qc_flags: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     disc_patches: Any = None  # (n_discs, 2, *disc_cnn.PATCH_MM) T1 / T2 patches when the disc model read them
+    body_model: str = ""  # the body model the study ran (segmentation.body_model with "auto" resolved)
 
 
 def segmentation_from_masks_dir(task: StudyTask, reference: Volume):
@@ -257,7 +258,7 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     from pipeline import classify, measure
     from pipeline.io.nifti import resample_to
     from pipeline.io.nifti_study import is_single_slice
-    from pipeline.segmentation.segment import segment_vertebrae
+    from pipeline.segmentation.segment import resolve_body_model, segment_vertebrae
 
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -281,14 +282,15 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     timings["resample"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # one body model for the whole study: the segmentation and the disc model trained on its outlines
+    seg_cfg = replace(cfg.segmentation, body_model=resolve_body_model(cfg.segmentation.body_model, reference.shape[2]))
     if masks is not None:
         seg = masks(reference)
         seg_method = "external label image (--masks)"
     else:
         extra = [volumes[r].data for r in ("T1", "STIR") if r in volumes]
-        seg = segment_vertebrae(reference.data, reference.spacing, cfg.segmentation, extra_images=extra)
-        seg_method = segmentation_method(cfg.segmentation.body_model, cfg.segmentation.refine_edges,
-                                         cfg.segmentation.extra_contrasts)
+        seg = segment_vertebrae(reference.data, reference.spacing, seg_cfg, extra_images=extra)
+        seg_method = segmentation_method(seg_cfg.body_model, seg_cfg.refine_edges, seg_cfg.extra_contrasts)
     if not seg.bodies:
         raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found in the sagittal T2 series")
     # No lumbar level named: surely so, or fewer than three bodies (any lumbar sagittal shows a column of them; one
@@ -311,12 +313,12 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
 
         patches = disc_patches(images, seg.labels, [int(v) for v in meas.values], reference.spacing, meas.reference)
     findings = classify.classify_study(meas, cfg.classification, fluid_role, single_slice=single_slice,
-                                       body_model=cfg.segmentation.body_model, disc_patches=patches)
+                                       body_model=seg_cfg.body_model, disc_patches=patches)
     warnings += list(getattr(meas, "warnings", []) or []) + list(findings.warnings)
     timings["classify"] = time.perf_counter() - t
     return StudyAnalysis(volumes=volumes, resampled=resampled, segmentation=seg, seg_method=seg_method,
                          measurements=meas, findings=findings, single_slice=single_slice, warnings=warnings,
-                         qc_flags=qc_flags, timings=timings, disc_patches=patches)
+                         qc_flags=qc_flags, timings=timings, disc_patches=patches, body_model=seg_cfg.body_model)
 
 
 def process_study(task: StudyTask) -> StudyOutcome:

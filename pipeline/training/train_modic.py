@@ -1,6 +1,7 @@
 """Train the per-disc Modic presence models shipped as ``pipeline/models/disc_modic.joblib`` (features measured on
-the cascade's bodies, the default) and ``disc_modic_onepass.joblib`` (``--config`` with ``segmentation: body_model:
-onepass``) (``python -m pipeline.training.train_modic [--config C]``).
+the cascade's bodies: ``--config`` with ``segmentation: body_model: unet``) and ``disc_modic_onepass.joblib`` (the
+one-pass net's bodies: the default ``auto`` on SPIDER's single slices, or ``body_model: onepass``)
+(``python -m pipeline.training.train_modic [--config C]``).
 
 Training data: the SPIDER patients of ``../shared/data/modic-spider/`` (van der Graaf et al., Sci Data 2024;11:264;
 one mid-sagittal T1 + T2 slice each, per-disc Modic gradings). Every case goes through the real stages after
@@ -59,7 +60,8 @@ def case_rows(row: dict, cfg: Config) -> dict:
         dominant.append(int(np.argmax(fr)) + 1 if fr.max() > 0 else 2)
     images = {role: vol.data for role, vol in an.volumes.items()}
     patches = disc_patches(images, an.segmentation.labels, [int(v) for v in meas.values], meas.spacing, meas.reference)
-    return {"case": row["case"], "x": x[keep], "ivd": np.array([anchor - a for a in keep], dtype=int),
+    return {"case": row["case"], "body_model": an.body_model,
+            "x": x[keep], "ivd": np.array([anchor - a for a in keep], dtype=int),
             # half precision: ~5e-4 relative, far under the training's intensity noise (0.03); a quarter of the disk
             "patches": patches[keep].astype(np.float16), "patch_version": (PATCH_VERSION, PATCH_MM),
             "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),
@@ -95,6 +97,17 @@ def _extract(row, cfg, cache: Path | None) -> dict:
         with open(path, "wb") as fh:
             pickle.dump(rec, fh)
     return rec
+
+
+def trained_body_model(recs: list[dict], configured: str) -> str:
+    """The one body model whose outlines the features were measured on (``auto`` resolves per case: the one-pass
+    net for single slices such as SPIDER's, the U-Net for volumes). A disc model is trained on one body model's
+    features only: cases measured under both stop the training."""
+    models = {rec.get("body_model") or configured for rec in recs if "x" in rec}
+    if len(models) > 1:
+        raise SystemExit(f"the cases were segmented by different body models ({', '.join(sorted(models))}: "
+                         "segmentation.body_model auto); pass --config with one body_model")
+    return models.pop() if models else configured
 
 
 def make_model(c: float):
@@ -311,6 +324,7 @@ def main(argv=None) -> int:
             thr_score.append(rec["thr_score"][i])
             dominant.append(rec["dominant"][i])
             patch_rows.append(rec["patches"][i])
+    body_model = trained_body_model(recs, cfg.segmentation.body_model)
     x, t = np.array(xs), np.array(types)
     patches = np.array(patch_rows, dtype=np.float32)
     y, g = (t > 0).astype(int), np.array(groups)
@@ -346,10 +360,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         threshold = choose_threshold(x, y, g, args.C)
         estimator = make_model(args.C).fit(x, y)
-        out = args.out or model_path(cfg.segmentation.body_model)
+        out = args.out or model_path(body_model)
         bundle = {"estimator": estimator, "threshold": threshold, "features": feature_names(),
                   "trained_on": f"SPIDER modic-spider: {len(set(g))} patients, {len(y)} graded discs",
-                  "sklearn": sklearn.__version__, "C": args.C, "body_model": cfg.segmentation.body_model,
+                  "sklearn": sklearn.__version__, "C": args.C, "body_model": body_model,
                   "cv": _means(report.get("cv"))}
         if args.cnn:
             from pipeline.disc_cnn import patch_valid
