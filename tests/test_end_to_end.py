@@ -141,6 +141,26 @@ def test_rerun_resumes_and_force_recomputes(sample_run, tmp_path):
     assert batch["counts"] == {"skipped": len(_truth())}
 
 
+def test_a_report_of_another_schema_version_is_redone_on_resume(sample_run, tmp_path):
+    """Resume keeps a study's report only when it was written under the current schema version: the fields of an
+    older one may mean something else (1.2.0: edema over the body's interior)."""
+    from pipeline.report.schema import SCHEMA_VERSION
+
+    _, out = sample_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    old = sorted(copy.glob("*/report.json"))[0]
+    report = json.loads(old.read_text())
+    assert report["schema_version"] == SCHEMA_VERSION
+    report["schema_version"] = "1.1.0"
+    old.write_text(json.dumps(report))
+    res = CliRunner().invoke(main, ["run", str(SAMPLE), "-o", str(copy), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    batch = json.loads((copy / "batch.json").read_text())
+    assert batch["counts"] == {"skipped": len(_truth()) - 1, "analysed": 1}
+    assert json.loads(old.read_text())["schema_version"] == SCHEMA_VERSION
+
+
 def _copy_study(src: Path, dst: Path) -> Path:
     shutil.copytree(src / "DICOM", dst / "DICOM")
     return dst

@@ -21,7 +21,7 @@ from pipeline.errors import StudyError
 from pipeline.io.atomic import is_disk_full, make_staging_dir, publish_dir, write_json_atomic
 from pipeline.report.identity import Identity, Redactor, public_path
 from pipeline.report.json_report import build_error_record, build_report
-from pipeline.report.schema import validate_report
+from pipeline.report.schema import SCHEMA_VERSION, validate_report
 from pipeline.types import StudyFiles, Volume
 
 log = logging.getLogger("modicscan")
@@ -128,14 +128,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 def already_done(task: StudyTask, config_hash: str) -> StudyOutcome | None:
-    """The outcome recorded by an earlier run for the same input and config, if any (resume)."""
+    """The outcome recorded by an earlier run for the same input, config and schema version, if any (resume). A
+    record of another schema version is redone: its fields may mean something else (schema 1.2.0: edema over the
+    interior), and a cohort table must not mix the two."""
     if task.force:
         return None
     for name, status in (("report.json", "analysed"), ("error.json", "failed")):
         rec = _read_json(task.out_dir / name)
         if not rec:
             continue
-        same = rec.get("study", {}).get("input_hash") == task.input_hash and rec.get("config", {}).get("hash") == config_hash
+        same = (rec.get("study", {}).get("input_hash") == task.input_hash
+                and rec.get("config", {}).get("hash") == config_hash and rec.get("schema_version") == SCHEMA_VERSION)
         if not same:
             continue
         if status == "failed":

@@ -9,7 +9,9 @@ from typing import Any
 
 import jsonschema
 
-SCHEMA_VERSION = "1.1.0"
+# 1.0.0 first release; 1.1.0 per-disc Modic findings (discs[].modic), single-slice studies; 1.2.0 edema (present,
+# extents) measured over the body's interior only (2026-12-07): same fields, new meaning (docs/outputs.md).
+SCHEMA_VERSION = "1.2.0"
 
 
 REPORT_SCHEMA = "report.schema.json"
