@@ -577,7 +577,7 @@ def test_other_contrasts_are_segmented_only_when_configured(monkeypatch, extra_c
     t1_prob = (lab > 0).astype(np.float32) * 0.9
     calls = []
 
-    def fake_probability(image, spacing, region=None, model=None, body_model="classifier"):
+    def fake_probability(image, spacing, region=None, model=None, body_model="classifier", int8=False):
         calls.append(region is not None)
         prob = t2_prob if image is t2_image else t1_prob
         return (prob.copy() if region is None else np.where(region, prob, 0).astype(np.float32)), (1.0, 1.0), None, None
@@ -597,6 +597,8 @@ def test_the_report_says_which_contrasts_the_bodies_came_from():
 
     assert " on T2, T1 and STIR," in segmentation_method("onepass", True, True)
     assert " on T2," in segmentation_method("onepass", True, False)
+    assert "(shipped model, int8, ONNX Runtime)" in segmentation_method("unet", True, True, int8=True)
+    assert "int8" not in segmentation_method("unet", True, True, int8=False)
 
 
 def test_another_contrast_near_t2s_bodies_skips_stage1_and_stays_in_the_region(monkeypatch):
@@ -639,7 +641,7 @@ def test_auto_runs_the_one_pass_net_on_a_single_slice_and_the_unet_on_a_volume(m
     assert SegmentationConfig().body_model == "auto"
     asked = []
 
-    def fake_probability(image, spacing, region=None, model=None, body_model="classifier"):
+    def fake_probability(image, spacing, region=None, model=None, body_model="classifier", int8=False):
         asked.append(body_model)
         lab = _stack(depth=image.shape[2] - 2) if image.shape[2] > 2 else _stack(depth=1)[:, :, 1:2]
         return (lab > 0).astype(np.float32) * 0.9, (1.0, 1.0), None, None

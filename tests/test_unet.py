@@ -132,7 +132,7 @@ def test_onepass_runs_whole_slices_and_keeps_only_the_column_it_finds(monkeypatc
     from pipeline.segmentation.grid import WORK_MM
 
     fake = FakeSession()
-    monkeypatch.setattr(unet, "load_session", lambda path=None, body_model="unet": fake)
+    monkeypatch.setattr(unet, "load_session", lambda path=None, body_model="unet", int8=False: fake)
     monkeypatch.setattr(probability, "load_model", lambda: pytest.fail("onepass must not load the classifier"))
     h, w, k = 200, 240, 5
     norm = np.zeros((h, w, k), np.float32)
@@ -182,6 +182,71 @@ def test_the_shipped_net_finds_the_bodies_of_a_phantom_t2(tmp_path):
     between = np.zeros_like(body)
     between[rows[0]:rows[-1] + 1] = True
     assert (found & ~(lab > 0) & between).sum() < 0.2 * body.sum()  # little else: discs, canal, muscle
+
+
+@pytest.mark.parametrize("body_model", ["unet", "onepass"])
+def test_the_shipped_int8_nets_decide_like_the_float_nets_on_a_phantom_t2(tmp_path, body_model):
+    """``segmentation.int8``: each body model's shipped int8 net (quantize_nets) gives the float net's body / not
+    body decision on nearly every voxel of an unseen phantom T2 (seed 7), and its probability stays close."""
+    from pipeline.evaluation.cases import load_case
+    from pipeline.segmentation.grid import normalise
+    from pipeline.training.samples import phantom_rows
+
+    (row,) = [r for r in phantom_rows(tmp_path, 1, first_seed=7) if "T2" in r["case"].upper()]
+    work, _, sp = load_case(row)
+    norm = normalise(work)
+    assert unet.net_path(body_model, int8=True) == unet.int8_path(body_model) != unet.net_path(body_model)
+    p32 = unet.unet_probability(norm, sp[2], session=unet.load_session(body_model=body_model))
+    p8 = unet.unet_probability(norm, sp[2], session=unet.load_session(body_model=body_model, int8=True))
+    a, b = p32 > 0.5, p8 > 0.5
+    assert a.sum() > 1000
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97
+    assert np.abs(p32 - p8).mean() < 0.02
+
+
+def test_segmentation_runs_the_int8_nets_only_when_configured(monkeypatch):
+    """``segmentation.int8`` picks the int8 file for every net pass: T2's and the other contrasts'."""
+    from pipeline.config import SegmentationConfig
+    from pipeline.segmentation import probability, segment
+
+    asked = []
+    real = unet.load_session
+
+    def recording(path=None, body_model="unet", int8=False):
+        asked.append(int8)
+        return real(path, body_model, int8)
+
+    monkeypatch.setattr(unet, "load_session", recording)
+    rng = np.random.default_rng(0)
+    image = rng.random((120, 120, 3)).astype(np.float32)
+    for int8 in (False, True):
+        asked.clear()
+        cfg = SegmentationConfig(body_model="onepass", int8=int8, refine_edges=False)
+        try:
+            segment.segment_vertebrae(image, (probability.WORK_MM, probability.WORK_MM, 4.0), cfg,
+                                      extra_images=[image.copy()])
+        except Exception:  # noise has no spine: only which nets ran matters here
+            pass
+        assert asked and set(asked) == {int8}
+
+
+def test_quantize_writes_an_int8_net_onnx_runtime_runs(tmp_path):
+    """quantize_nets.quantize: a QDQ int8 copy of a float net, calibrated on the given inputs, that ONNX Runtime
+    runs with an output close to the float net's on those inputs."""
+    import onnx
+
+    from pipeline.training.quantize_nets import quantize
+
+    rng = np.random.default_rng(1)
+    chunks = [rng.random((2, 3, 64, 48)).astype(np.float32) for _ in range(3)]
+    dst = tmp_path / "net_int8.onnx"
+    quantize(unet.ONEPASS_PATH, dst, chunks)
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x = chunks[0]
+    f = unet.run_net(unet.load_session(str(unet.ONEPASS_PATH)), x)
+    q = unet.run_net(unet.load_session(str(dst)), x)
+    assert q.shape == f.shape and np.corrcoef(f.ravel(), q.ravel())[0, 1] > 0.9
 
 
 # ------------------------------------------------------------------------------------------- real scans

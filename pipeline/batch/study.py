@@ -37,11 +37,15 @@ BODY_MODELS = {"unet": "2.5-D U-Net (shipped model, ONNX Runtime)",
                "classifier": "gradient-boosted pixel classifier (shipped model)"}
 
 
-def segmentation_method(body_model: str, refine_edges: bool = True, extra_contrasts: bool = True) -> str:
+def segmentation_method(body_model: str, refine_edges: bool = True, extra_contrasts: bool = True,
+                        int8: bool = False) -> str:
     """The report's one-line description of how the bodies were segmented."""
     edges = " body edges re-decided at the input resolution," if refine_edges and body_model != "onepass" else ""
     on = "T2, T1 and STIR" if extra_contrasts else "T2"
-    return (f"modicscan.segment: {BODY_MODELS[body_model]} on {on}, watershed split at the discs,{edges} "
+    model = BODY_MODELS[body_model]
+    if int8 and body_model != "classifier":
+        model = model.replace("(shipped model,", "(shipped model, int8,")
+    return (f"modicscan.segment: {model} on {on}, watershed split at the discs,{edges} "
             "levels counted up from the lumbosacral junction")
 
 
@@ -293,7 +297,8 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     else:
         extra = [volumes[r].data for r in ("T1", "STIR") if r in volumes]
         seg = segment_vertebrae(reference.data, reference.spacing, seg_cfg, extra_images=extra)
-        seg_method = segmentation_method(seg_cfg.body_model, seg_cfg.refine_edges, seg_cfg.extra_contrasts)
+        seg_method = segmentation_method(seg_cfg.body_model, seg_cfg.refine_edges, seg_cfg.extra_contrasts,
+                                         seg_cfg.int8)
     if not seg.bodies:
         raise StudyError("SEGMENTATION_FAILED", "no vertebral body was found in the sagittal T2 series")
     # No lumbar level named: surely so, or fewer than three bodies (any lumbar sagittal shows a column of them; one

@@ -89,7 +89,7 @@ def _unet_columns(dist: np.ndarray | None, region: np.ndarray | None, width: int
     return slice(int(cols[0]), int(cols[-1]) + 1) if cols.size else slice(0, 0)
 
 
-def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
+def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None, int8: bool = False
                         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """P(body) from the one-pass net alone (``body_model: onepass``), the column region, and P(L5) from the net's
     second output (None with ``region``, or for a net without one).
@@ -101,7 +101,7 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None
     """
     from pipeline.segmentation.unet import COLUMN_HALF_MM, load_session, unet_probability
 
-    session = load_session(body_model="onepass")
+    session = load_session(body_model="onepass", int8=int8)
     if region is not None:
         return _net_on_columns(norm, sp[2], _unet_columns(None, region, norm.shape[1]), region, session), None, None
     prob, l5 = unet_probability(norm, sp[2], session=session, level_map=True)
@@ -126,8 +126,14 @@ def _net_on_columns(norm: np.ndarray, slice_mm: float, cols: slice, region: np.n
     return prob
 
 
+def _unet(int8: bool):
+    from pipeline.segmentation.unet import load_session
+
+    return load_session(body_model="unet", int8=int8)
+
+
 def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = None, model: dict | None = None,
-                     body_model: str = "classifier"
+                     body_model: str = "classifier", int8: bool = False
                      ) -> tuple[np.ndarray, tuple[float, float], np.ndarray | None, np.ndarray | None]:
     """P(vertebral body) on the working grid; returns (probability, zoom, column region, P(L5) or None).
 
@@ -139,24 +145,25 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
     ``COLUMN_HALF_WIDTH_MM`` of the column stage 1 found, and inside ``region`` when given; its features are
     computed on the bounding box of those voxels (plus the features' reach), so the cost follows the spine, not
     the field of view. Either way the probability is zero outside ``region``. ``model``: a trained classifier
-    dict (default: the shipped one).
+    dict (default: the shipped one). ``int8``: the nets' int8 versions (``segmentation.int8``).
     """
     work, zoom = to_work_grid(image, spacing)
     norm = normalise(work)
     sp = (WORK_MM, WORK_MM, float(spacing[2]))
     if body_model == "onepass":
-        prob, column, l5 = onepass_probability(norm, sp, region)
+        prob, column, l5 = onepass_probability(norm, sp, region, int8)
         return prob, zoom, column, l5
     if body_model == "unet" and region is not None:
         # Another contrast near the bodies T2 found: ``region`` already says where the column is, so stage 1 (which
         # only finds the column for the U-Net's crop) is not run on it; the net runs on the region's columns.
-        return _net_on_columns(norm, sp[2], _unet_columns(None, region, norm.shape[1]), region), zoom, None, None
+        return (_net_on_columns(norm, sp[2], _unet_columns(None, region, norm.shape[1]), region, _unet(int8)),
+                zoom, None, None)
     model = model or load_model()
     p1 = stage1_probability(model["stage1"], norm, sp[2])
     dist = column_distance(p1, sp)
     column = column_region(dist, p1.shape)
     if body_model == "unet":  # (no region here: see above)
-        return _net_on_columns(norm, sp[2], _unet_columns(dist, None, norm.shape[1])), zoom, column, None
+        return _net_on_columns(norm, sp[2], _unet_columns(dist, None, norm.shape[1]), None, _unet(int8)), zoom, column, None
     cand = stage2_candidates(p1, norm)
     if column is not None:
         cand &= column

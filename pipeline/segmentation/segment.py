@@ -128,7 +128,7 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
     cfg = replace(cfg, body_model=resolve_body_model(cfg.body_model, image.shape[2]))
     if model is None and cfg.body_model != "onepass":  # the one-pass net needs no classifier (1 s, 140 MiB to load)
         model = load_model()
-    prob, zoom, region, l5_map = body_probability(image, spacing, model=model, body_model=cfg.body_model)
+    prob, zoom, region, l5_map = body_probability(image, spacing, model=model, body_model=cfg.body_model, int8=cfg.int8)
     slab_mm = rule_slab_mm(image.shape[2], spacing[2])  # the slice thickness the size rules (ml) use
     if extra_images and cfg.extra_contrasts:
         # Other contrasts only matter where T2 does not already call the voxel body, and only near the bodies
@@ -145,7 +145,8 @@ def segment_vertebrae(image: np.ndarray, spacing, cfg: SegmentationConfig | None
         else:
             near = region
         for extra in extra_images:
-            p2, _, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model)
+            p2, _, _, _ = body_probability(extra, spacing, region=near, model=model, body_model=cfg.body_model,
+                                           int8=cfg.int8)
             np.maximum(prob, p2, out=prob)
     sp_work = (spacing[0] / zoom[0], spacing[1] / zoom[1], slab_mm)
     voxel_ml = sp_work[0] * sp_work[1] * sp_work[2] / 1000.0

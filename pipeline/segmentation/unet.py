@@ -55,10 +55,19 @@ def _threads() -> int:
         return 1
 
 
-def net_path(body_model: str = "unet") -> Path:
-    """The net file a body model runs: the one :func:`use_network` chose for this process, else the shipped one."""
+def int8_path(body_model: str = "unet") -> Path:
+    """The shipped int8 version of a body model's net (``python -m pipeline.training.quantize_nets``)."""
+    base = ONEPASS_PATH if body_model == "onepass" else UNET_PATH
+    return base.with_name(base.stem + "_int8.onnx")
+
+
+def net_path(body_model: str = "unet", int8: bool = False) -> Path:
+    """The net file a body model runs: the one :func:`use_network` chose for this process, else the shipped one
+    (its int8 version with ``int8``: ``segmentation.int8``)."""
     if _OVERRIDE is not None:
         return _OVERRIDE
+    if int8:
+        return int8_path(body_model)
     return ONEPASS_PATH if body_model == "onepass" else UNET_PATH
 
 
@@ -79,9 +88,9 @@ def _session(path: str):
         raise StudyError("SEGMENTATION_FAILED", f"segmentation network {p} cannot be loaded: {exc}") from exc
 
 
-def load_session(path: str | None = None, body_model: str = "unet"):
+def load_session(path: str | None = None, body_model: str = "unet", int8: bool = False):
     """ONNX Runtime session of ``path`` (default: :func:`net_path` of the body model); cached per path."""
-    return _session(str(path) if path else str(net_path(body_model)))
+    return _session(str(path) if path else str(net_path(body_model, int8)))
 
 
 def use_network(path) -> None:
