@@ -204,6 +204,18 @@ def test_the_shipped_int8_nets_decide_like_the_float_nets_on_a_phantom_t2(tmp_pa
     assert np.abs(p32 - p8).mean() < 0.02
 
 
+@pytest.mark.parametrize("body_model", ["unet", "onepass"])
+def test_each_shipped_int8_net_was_quantised_from_the_shipped_float_net(body_model):
+    """A float net retrained without running quantize_nets again would leave a stale int8 net as the default: the
+    int8 file records the digest of the float net it came from."""
+    onnx = pytest.importorskip("onnx")
+    from pipeline.training.quantize_nets import float_net_digest
+
+    meta = {p.key: p.value for p in onnx.load(str(unet.int8_path(body_model))).metadata_props}
+    assert meta.get("float_net_sha256") == float_net_digest(unet.net_path(body_model)), (
+        "re-run python -m pipeline.training.quantize_nets after retraining the float net")
+
+
 def test_segmentation_runs_the_int8_nets_only_when_configured(monkeypatch):
     """``segmentation.int8`` picks the int8 file for every net pass: T2's and the other contrasts'."""
     from pipeline.config import SegmentationConfig
@@ -235,14 +247,17 @@ def test_quantize_writes_an_int8_net_onnx_runtime_runs(tmp_path):
     runs with an output close to the float net's on those inputs."""
     import onnx
 
-    from pipeline.training.quantize_nets import quantize
+    from pipeline.training.quantize_nets import float_net_digest, quantize
 
     rng = np.random.default_rng(1)
     chunks = [rng.random((2, 3, 64, 48)).astype(np.float32) for _ in range(3)]
     dst = tmp_path / "net_int8.onnx"
     quantize(unet.ONEPASS_PATH, dst, chunks)
-    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    model = onnx.load(str(dst))
+    ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["float_net_sha256"] == float_net_digest(unet.ONEPASS_PATH) and meta["float_net"] == unet.ONEPASS_PATH.name
     x = chunks[0]
     f = unet.run_net(unet.load_session(str(unet.ONEPASS_PATH)), x)
     q = unet.run_net(unet.load_session(str(dst)), x)

@@ -82,8 +82,31 @@ def record_net_inputs(body_model: str, images) -> list[np.ndarray]:
     return chunks
 
 
+def float_net_digest(path: Path) -> str:
+    """SHA-256 of a float net's file: recorded in its int8 version (``metadata_props``: ``float_net_sha256``), so a
+    float net retrained without quantising it again is caught (tests/test_unet.py)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def record_source(dst: Path, src: Path) -> None:
+    """Write the float net's digest into the int8 file's metadata (the weights are left as they are)."""
+    import onnx
+
+    model = onnx.load(str(dst))
+    props = {p.key: p.value for p in model.metadata_props}
+    props["float_net_sha256"] = float_net_digest(src)
+    props["float_net"] = Path(src).name
+    del model.metadata_props[:]
+    for key, value in sorted(props.items()):
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(dst))
+
+
 def quantize(src: Path, dst: Path, chunks: list[np.ndarray]) -> None:
-    """Write the QDQ int8 version of the float net ``src`` to ``dst``, ranges from ``chunks``."""
+    """Write the QDQ int8 version of the float net ``src`` to ``dst``, ranges from ``chunks``; the float net's
+    digest goes into its metadata (:func:`record_source`)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -100,6 +123,7 @@ def quantize(src: Path, dst: Path, chunks: list[np.ndarray]) -> None:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    record_source(dst, src)
 
 
 def main(argv=None) -> int:
