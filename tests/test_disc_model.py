@@ -191,3 +191,5 @@ def test_a_disc_model_is_trained_on_one_body_models_features():
     assert trained_body_model([{"x": 1}], "unet") == "unet"  # rows cached before the field: the configured model
     with pytest.raises(SystemExit, match="different body models"):
         trained_body_model(spider_like + [{"x": 1, "body_model": "unet"}], "auto")
+    with pytest.raises(SystemExit, match="unknown"):  # never saved as the disc model of "auto"
+        trained_body_model([{"x": 1}], "auto")

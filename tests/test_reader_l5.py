@@ -141,6 +141,27 @@ def test_a_read_case_that_does_not_segment_is_left_out_not_fatal(tmp_path, monke
     assert reader_case_slices({"case": "c", "root": str(tmp_path), "t2": "t2.nii.gz", "l5_row_mm": 20.0}) == []
 
 
+def test_read_slices_are_segmented_by_the_cascades_float_nets_whatever_the_default(tmp_path, monkeypatch):
+    """The L5 targets come from the cascade (the one-pass net must not learn from itself: the default ``auto``
+    would run it on these single slices) and from its float nets, not the int8 copies."""
+    import nibabel as nib
+
+    from pipeline.errors import StudyError
+    from pipeline.segmentation import segment
+    from pipeline.training.reader_l5 import reader_case_slices
+
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 1), np.float32), np.eye(4)), tmp_path / "t2.nii.gz")
+    used = []
+
+    def record(image, spacing, cfg=None, **kw):
+        used.append((cfg.body_model, cfg.int8))
+        raise StudyError("SEGMENTATION_FAILED", "recorded")
+
+    monkeypatch.setattr(segment, "segment_vertebrae", record)
+    reader_case_slices({"case": "c", "root": str(tmp_path), "t2": "t2.nii.gz", "l5_row_mm": 20.0})
+    assert used == [("unet", False)]
+
+
 def test_train_unet_wants_the_reading_with_the_read_cases_and_the_one_pass_net(tmp_path, capsys):
     from pipeline.training.train_unet import main
 

@@ -231,15 +231,47 @@ def test_segmentation_runs_the_int8_nets_only_when_configured(monkeypatch):
     monkeypatch.setattr(unet, "load_session", recording)
     rng = np.random.default_rng(0)
     image = rng.random((120, 120, 3)).astype(np.float32)
-    for int8 in (False, True):
+    for body_model, int8 in (("onepass", False), ("onepass", True), ("unet", False), ("unet", True)):
         asked.clear()
-        cfg = SegmentationConfig(body_model="onepass", int8=int8, refine_edges=False)
+        cfg = SegmentationConfig(body_model=body_model, int8=int8, refine_edges=False)
         try:
             segment.segment_vertebrae(image, (probability.WORK_MM, probability.WORK_MM, 4.0), cfg,
                                       extra_images=[image.copy()])
         except Exception:  # noise has no spine: only which nets ran matters here
             pass
         assert asked and set(asked) == {int8}
+
+
+def test_calibration_records_the_float_nets_inputs_and_refuses_to_quantise_nothing(monkeypatch):
+    """quantize_nets records what the float net sees (an int8 copy must not calibrate its own successor, and may not
+    exist yet); no recorded input stops it with a reason."""
+    from pipeline.training.quantize_nets import record_net_inputs
+
+    asked = []
+    real = unet.load_session
+
+    def recording(path=None, body_model="unet", int8=False):
+        asked.append(int8)
+        return real(path, body_model, int8)
+
+    monkeypatch.setattr(unet, "load_session", recording)
+    image = np.random.default_rng(2).random((96, 96, 2)).astype(np.float32)
+    chunks = record_net_inputs("onepass", [(image, (1.5, 1.5, 4.0), [])])
+    assert chunks and chunks[0].shape[1] == 3 and set(asked) == {False}
+    with pytest.raises(SystemExit, match="no calibration input"):
+        record_net_inputs("onepass", [])
+
+
+def test_levels_refuses_a_net_whose_body_model_auto_would_guess(tmp_path):
+    """``levels --unet NET`` on single slices: ``auto`` would run any net as the one-pass net; the body model the
+    net is must be named."""
+    from pipeline.evaluation.levels import main as levels_main
+
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,t2\n")
+    with pytest.raises(SystemExit) as exc:
+        levels_main([str(cases), "-o", str(tmp_path / "out"), "--unet", str(unet.UNET_PATH)])
+    assert exc.value.code == 2
 
 
 def test_quantize_writes_an_int8_net_onnx_runtime_runs(tmp_path):

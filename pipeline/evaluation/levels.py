@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.unet:
         from pipeline.segmentation.unet import use_network
 
+        if (cfg.body_model if cfg else "auto") == "auto":
+            # auto runs the one-pass net on these single slices: a cascade fold net would be run in its place
+            ap.error("--unet needs --config with segmentation.body_model unet or onepass (the model the net is)")
         use_network(args.unet)
     print(evaluate_levels(args.cases_csv, args.out, args.reading, not args.no_png, cfg=cfg, limit=args.limit,
                           fold=args.fold, gradings=args.gradings))

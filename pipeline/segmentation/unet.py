@@ -3,8 +3,8 @@
 The net (``models/body_unet.onnx``, 1.9 M parameters, trained by :mod:`pipeline.training.train_unet`) sees one sagittal
 slice of the normalised working grid (1.5 mm in-plane, :func:`pipeline.segmentation.grid.normalise`) and the slices
 ``CONTEXT_MM`` to either side (three channels: lateral context at the same physical distance for 1 mm and 4 mm
-slices), and gives one logit per pixel: vertebral body or not. With ``segmentation.body_model: unet`` (the
-default) it takes the place of the classifier's stage 2 (held-out per-body Dice on the 42 real scans, 3-fold case
+slices), and gives one logit per pixel: vertebral body or not. With ``segmentation.body_model: unet`` (what the
+default ``auto`` runs on volumes) it takes the place of the classifier's stage 2 (held-out per-body Dice on the 42 real scans, 3-fold case
 split: 0.815 -> 0.888 with the same post-processing, 0.891 with its own edge refiner): a body's shape and its disc
 above and below are seen at once, not through hand-made features.
 
@@ -65,7 +65,7 @@ def net_path(body_model: str = "unet", int8: bool = False) -> Path:
     """The net file a body model runs: the one :func:`use_network` chose for this process, else the shipped one
     (its int8 version with ``int8``: ``segmentation.int8``)."""
     if _OVERRIDE is not None:
-        return _OVERRIDE
+        return _OVERRIDE  # as given, float or int8: held-out evaluations name the exact file they score
     if int8:
         return int8_path(body_model)
     return ONEPASS_PATH if body_model == "onepass" else UNET_PATH

@@ -29,18 +29,23 @@ CALIBRATION_EVERY = 3  # every third annotated scan (14 of 42, all three sources
 PHANTOM_SEEDS = (101, 102)  # synthetic studies (T2, T1, STIR) whose fractures and lesions widen the ranges
 
 
-def calibration_images(cases_csv: Path, work: Path) -> list[tuple[np.ndarray, tuple, list[np.ndarray]]]:
-    """(T2 image, spacing, [other contrasts]) on the segmenter's frame: real annotated scans and phantoms."""
+def calibration_images(cases_csv: Path, work: Path, fold: int | None = None, source: str | None = None
+                       ) -> list[tuple[np.ndarray, tuple, list[np.ndarray]]]:
+    """(T2 image, spacing, [other contrasts]) on the segmenter's frame: real annotated scans and phantoms. ``fold``
+    / ``source``: leave that fold's (or source's) scans out (for a held-out net's int8 copy)."""
     from pipeline import phantom
     from pipeline.config import Config
-    from pipeline.evaluation.cases import load_case, read_cases
+    from pipeline.evaluation.cases import held_out, load_case, read_cases
     from pipeline.io.discovery import discover
     from pipeline.io.volumes import load_series
     from pipeline.roles import assign_roles
 
     out = []
     if cases_csv.is_file():
-        for row in read_cases(cases_csv)[::CALIBRATION_EVERY]:
+        rows = read_cases(cases_csv)
+        if fold is not None or source is not None:
+            rows = [r for r, out in zip(rows, held_out(rows, fold=fold, source=source), strict=True) if not out]
+        for row in rows[::CALIBRATION_EVERY]:
             image, _, spacing = load_case(row)
             out.append((image, spacing, []))
     cfg = Config()
@@ -55,6 +60,7 @@ def calibration_images(cases_csv: Path, work: Path) -> list[tuple[np.ndarray, tu
 
 def record_net_inputs(body_model: str, images) -> list[np.ndarray]:
     """Every input chunk the float net of ``body_model`` runs on while the images are segmented."""
+    from pipeline.errors import StudyError
     from pipeline.segmentation import unet
     from pipeline.segmentation.segment import segment_vertebrae
 
@@ -71,14 +77,16 @@ def record_net_inputs(body_model: str, images) -> list[np.ndarray]:
 
     unet.run_net = recording
     try:
-        cfg = SegmentationConfig(body_model=body_model, refine_edges=False)
+        cfg = SegmentationConfig(body_model=body_model, refine_edges=False, int8=False)  # the float net
         for image, spacing, extra in images:
             try:
                 segment_vertebrae(image, spacing, cfg, extra_images=extra)
-            except Exception:  # a case that fails later in segmentation still calibrated the net
+            except StudyError:  # a case that fails later in segmentation still calibrated the net
                 pass
     finally:
         unet.run_net = real_run
+    if not chunks:
+        raise SystemExit(f"no calibration input was recorded for the {body_model} net: nothing to quantise")
     return chunks
 
 
@@ -132,14 +140,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.training.quantize_nets", description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=Path, default=DATA / "cases.csv", help="annotated scans for the calibration")
     ap.add_argument("--nets", nargs="+", choices=("unet", "onepass"), default=["unet", "onepass"])
+    ap.add_argument("--net-file", type=Path, help="quantise this float net (e.g. a held-out fold's) instead of the "
+                                                  "shipped one; needs one --nets and --out")
+    ap.add_argument("--out", type=Path, help="with --net-file: where to write its int8 copy")
+    ap.add_argument("--fold", type=int, choices=(0, 1, 2), help="calibrate without this fold's scans")
+    ap.add_argument("--source", help="calibrate without this source's scans")
     args = ap.parse_args(argv)
+    if args.net_file and (len(args.nets) != 1 or not args.out):
+        ap.error("--net-file needs exactly one --nets (the body model it is) and --out")
     if not args.cases.is_file():
         print(f"note: {args.cases} not found: calibrating on phantoms only")
     with tempfile.TemporaryDirectory() as tmp:
-        images = calibration_images(args.cases, Path(tmp))
+        images = calibration_images(args.cases, Path(tmp), args.fold, args.source)
+    if args.net_file:
+        unet.use_network(args.net_file)  # the net run while recording is the one quantised
     for body_model in args.nets:
         chunks = record_net_inputs(body_model, images)
-        src, dst = unet.net_path(body_model), unet.int8_path(body_model)
+        src = args.net_file or unet.net_path(body_model)
+        dst = args.out or unet.int8_path(body_model)
         quantize(src, dst, chunks)
         print(f"{dst}: from {src.name}, {sum(c.shape[0] for c in chunks)} calibration slices")
     return 0

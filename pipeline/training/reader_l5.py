@@ -60,8 +60,10 @@ def reader_case_slices(row: dict, cfg: SegmentationConfig | None = None) -> list
 
     t2, extra = load_case_images(row, Path(row["root"]))
     try:
-        seg = segment_vertebrae(t2.data, t2.spacing, cfg or SegmentationConfig(), extra_images=extra,
-                                keep_below_s1=True)
+        # the cascade's float nets, whatever the package default: the one-pass net must not learn from itself
+        # (segmentation.body_model auto would pick it on these single slices), nor from an int8 copy
+        seg = segment_vertebrae(t2.data, t2.spacing, cfg or SegmentationConfig(body_model="unet", int8=False),
+                                extra_images=extra, keep_below_s1=True)
     except StudyError:  # e.g. no body found: a case to leave out, not a reason to stop a training
         return []
     l5 = reader_l5_mask(seg.labels, row["l5_row_mm"], t2.spacing)

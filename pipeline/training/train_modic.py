@@ -107,7 +107,10 @@ def trained_body_model(recs: list[dict], configured: str) -> str:
     if len(models) > 1:
         raise SystemExit(f"the cases were segmented by different body models ({', '.join(sorted(models))}: "
                          "segmentation.body_model auto); pass --config with one body_model")
-    return models.pop() if models else configured
+    model = models.pop() if models else configured
+    if model == "auto":  # no case was measured (or only rows cached before the field): the model is unknown
+        raise SystemExit("which body model measured the features is unknown; pass --config with one body_model")
+    return model
 
 
 def make_model(c: float):
