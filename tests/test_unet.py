@@ -216,12 +216,9 @@ def test_each_shipped_int8_net_was_quantised_from_the_shipped_float_net(body_mod
         "re-run python -m pipeline.training.quantize_nets after retraining the float net")
 
 
-def test_segmentation_runs_the_int8_nets_only_when_configured(monkeypatch):
-    """``segmentation.int8`` picks the int8 file for every net pass: T2's and the other contrasts'."""
-    from pipeline.config import SegmentationConfig
-    from pipeline.segmentation import probability, segment
-
-    asked = []
+def _int8_requests(monkeypatch) -> list[bool]:
+    """Record the ``int8`` flag of every net session asked for (the sessions are the real ones)."""
+    asked: list[bool] = []
     real = unet.load_session
 
     def recording(path=None, body_model="unet", int8=False):
@@ -229,6 +226,15 @@ def test_segmentation_runs_the_int8_nets_only_when_configured(monkeypatch):
         return real(path, body_model, int8)
 
     monkeypatch.setattr(unet, "load_session", recording)
+    return asked
+
+
+def test_segmentation_runs_the_int8_nets_only_when_configured(monkeypatch):
+    """``segmentation.int8`` picks the int8 file for every net pass: T2's and the other contrasts'."""
+    from pipeline.config import SegmentationConfig
+    from pipeline.segmentation import probability, segment
+
+    asked = _int8_requests(monkeypatch)
     rng = np.random.default_rng(0)
     image = rng.random((120, 120, 3)).astype(np.float32)
     for body_model, int8 in (("onepass", False), ("onepass", True), ("unet", False), ("unet", True)):
@@ -247,14 +253,7 @@ def test_calibration_records_the_float_nets_inputs_and_refuses_to_quantise_nothi
     exist yet); no recorded input stops it with a reason."""
     from pipeline.training.quantize_nets import record_net_inputs
 
-    asked = []
-    real = unet.load_session
-
-    def recording(path=None, body_model="unet", int8=False):
-        asked.append(int8)
-        return real(path, body_model, int8)
-
-    monkeypatch.setattr(unet, "load_session", recording)
+    asked = _int8_requests(monkeypatch)
     image = np.random.default_rng(2).random((96, 96, 2)).astype(np.float32)
     chunks = record_net_inputs("onepass", [(image, (1.5, 1.5, 4.0), [])])
     assert chunks and chunks[0].shape[1] == 3 and set(asked) == {False}
