@@ -6,7 +6,7 @@ Why: the annotated volumes show S1 whole on 9 scans only (vb2). On SPIDER's mid-
 small remnant S1-S2 disc, and a net that never saw that called S1 "L5" (spider-016: P(L5) 0.78 on S1). A reader
 who saw the whole slice says where L5 is; nothing else on these slices is annotated.
 
-Each case is segmented with the default cascade (T2, the T1 resampled onto it:
+Each case is segmented with the cascade and its float nets, whatever the default (T2, the T1 resampled onto it:
 :func:`pipeline.evaluation.levels.load_case_images`, as ``segment_case``, but keeping the body-sized pieces below S1: where our names are
 wrong, the reader's L5 may be one of them); the component whose centroid row lies nearest the reader's L5 row,
 within ``levels.L5_TOLERANCE_MM``, is the L5 target; every other pixel of the slice is "not L5". The body output
