@@ -32,9 +32,8 @@ MIN_UNNAMED_COLUMN = 3  # unnamed bodies fewer than this are no spinal column (s
 # Failures worth retrying on a rerun even without --force: they depend on the machine, not the input.
 TRANSIENT_CODES = {"INTERNAL_ERROR", "WORKER_CRASHED", "TIMEOUT", "DISK_FULL", "OUT_OF_MEMORY"}
 
-BODY_MODELS = {"unet": "2.5-D U-Net (shipped model, ONNX Runtime)",
-               "onepass": "one-pass 2.5-D U-Net on whole slices (shipped model, ONNX Runtime)",
-               "classifier": "gradient-boosted pixel classifier (shipped model)"}
+BODY_MODELS = {"unet": "2.5-D U-Net", "onepass": "one-pass 2.5-D U-Net on whole slices",
+               "classifier": "gradient-boosted pixel classifier"}
 
 
 def segmentation_method(body_model: str, refine_edges: bool = True, extra_contrasts: bool = True,
@@ -42,10 +41,8 @@ def segmentation_method(body_model: str, refine_edges: bool = True, extra_contra
     """The report's one-line description of how the bodies were segmented."""
     edges = " body edges re-decided at the input resolution," if refine_edges and body_model != "onepass" else ""
     on = "T2, T1 and STIR" if extra_contrasts else "T2"
-    model = BODY_MODELS[body_model]
-    if int8 and body_model != "classifier":
-        model = model.replace("(shipped model,", "(shipped model, int8,")
-    return (f"modicscan.segment: {model} on {on}, watershed split at the discs,{edges} "
+    runtime = "" if body_model == "classifier" else (", int8" if int8 else "") + ", ONNX Runtime"  # the nets only
+    return (f"modicscan.segment: {BODY_MODELS[body_model]} (shipped model{runtime}) on {on}, watershed split at the discs,{edges} "
             "levels counted up from the lumbosacral junction")
 
 

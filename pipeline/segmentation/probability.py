@@ -111,10 +111,11 @@ def onepass_probability(norm: np.ndarray, sp, region: np.ndarray | None = None, 
     return prob, column_region(dist, prob.shape), l5
 
 
-def _net_on_columns(norm: np.ndarray, slice_mm: float, cols: slice, region: np.ndarray | None = None,
-                    session=None) -> np.ndarray:
+def _net_on_columns(norm: np.ndarray, slice_mm: float, cols: slice, region: np.ndarray | None,
+                    session) -> np.ndarray:
     """A net's P(body) on the AP columns ``cols`` (zero elsewhere, and everywhere when ``cols`` is empty); with a
-    ``region``, only on the slices it touches and zero outside it. ``session``: the net (default: the U-Net's)."""
+    ``region``, only on the slices it touches and zero outside it. ``session``: the net, always given (which body
+    model, float or int8, is the caller's to say)."""
     from pipeline.segmentation.unet import unet_probability
 
     if cols.stop <= cols.start:

@@ -55,9 +55,13 @@ def _threads() -> int:
         return 1
 
 
+def _float_path(body_model: str) -> Path:
+    return ONEPASS_PATH if body_model == "onepass" else UNET_PATH
+
+
 def int8_path(body_model: str = "unet") -> Path:
     """The shipped int8 version of a body model's net (``python -m pipeline.training.quantize_nets``)."""
-    base = ONEPASS_PATH if body_model == "onepass" else UNET_PATH
+    base = _float_path(body_model)
     return base.with_name(base.stem + "_int8.onnx")
 
 
@@ -66,9 +70,7 @@ def net_path(body_model: str = "unet", int8: bool = False) -> Path:
     (its int8 version with ``int8``: ``segmentation.int8``)."""
     if _OVERRIDE is not None:
         return _OVERRIDE  # as given, float or int8: held-out evaluations name the exact file they score
-    if int8:
-        return int8_path(body_model)
-    return ONEPASS_PATH if body_model == "onepass" else UNET_PATH
+    return int8_path(body_model) if int8 else _float_path(body_model)
 
 
 @functools.cache

@@ -2,8 +2,8 @@
 
 Post-training static quantisation with ONNX Runtime (``onnxruntime.quantization.quantize_static``, QDQ format):
 weights int8 per output channel, activations uint8, their ranges (min / max) recorded while the float net
-segments calibration cases. The calibration inputs are exactly what the net sees in the pipeline: every
-``unet.run_net`` chunk while :func:`pipeline.segmentation.segment.segment_vertebrae` segments every third real
+segments calibration cases. The calibration inputs are exactly what the net sees in the pipeline: every input its
+ONNX Runtime session is fed while :func:`pipeline.segmentation.segment.segment_vertebrae` segments every third real
 annotated scan of ``../shared/data/vertebral-bodies`` (14 of 42, all three sources) and two synthetic phantoms
 (T2, T1 and STIR). Weights use 7 of their 8 bits (``reduce_range``): without it, CPUs without VNNI instructions
 can saturate int16 intermediate sums in the uint8 x int8 kernels, and a study's result would then depend on the
@@ -44,7 +44,7 @@ def calibration_images(cases_csv: Path, work: Path, fold: int | None = None, sou
     if cases_csv.is_file():
         rows = read_cases(cases_csv)
         if fold is not None or source is not None:
-            rows = [r for r, out in zip(rows, held_out(rows, fold=fold, source=source), strict=True) if not out]
+            rows = [r for r, held in zip(rows, held_out(rows, fold=fold, source=source), strict=True) if not held]
         for row in rows[::CALIBRATION_EVERY]:
             image, _, spacing = load_case(row)
             out.append((image, spacing, []))
@@ -65,17 +65,22 @@ def record_net_inputs(body_model: str, images) -> list[np.ndarray]:
     from pipeline.segmentation.segment import segment_vertebrae
 
     chunks: list[np.ndarray] = []
-    real_run = unet.run_net
+    real_load = unet.load_session
 
-    def recording(session, x, all_channels=False):
-        h, w = x.shape[2:]
-        m = 2 ** unet.DOWNSAMPLINGS
-        for s in range(0, x.shape[0], unet.SLICES_PER_RUN):  # as run_net pads and chunks them
-            c = x[s:s + unet.SLICES_PER_RUN]
-            chunks.append(np.pad(c, ((0, 0), (0, 0), (0, -h % m), (0, -w % m))).astype(np.float32))
-        return real_run(session, x, all_channels)
+    class Recording:
+        """The net's session, keeping a copy of every input it is fed (padded and chunked by ``unet.run_net``)."""
 
-    unet.run_net = recording
+        def __init__(self, session):
+            self._session = session
+
+        def get_inputs(self):
+            return self._session.get_inputs()
+
+        def run(self, names, feeds):
+            chunks.extend(np.array(x, np.float32) for x in feeds.values())
+            return self._session.run(names, feeds)
+
+    unet.load_session = lambda *a, **k: Recording(real_load(*a, **k))
     try:
         cfg = SegmentationConfig(body_model=body_model, refine_edges=False, int8=False)  # the float net
         for image, spacing, extra in images:
@@ -84,7 +89,7 @@ def record_net_inputs(body_model: str, images) -> list[np.ndarray]:
             except StudyError:  # a case that fails later in segmentation still calibrated the net
                 pass
     finally:
-        unet.run_net = real_run
+        unet.load_session = real_load
     if not chunks:
         raise SystemExit(f"no calibration input was recorded for the {body_model} net: nothing to quantise")
     return chunks
