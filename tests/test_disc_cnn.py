@@ -241,6 +241,11 @@ def test_the_auxiliary_head_learns_its_gradings_and_the_exported_net_gives_modic
     assert logit.shape == (test.sum(),) and aux_logit.shape == (test.sum(), 2)
     assert roc_auc_score(dark[test], aux_logit[:, 0].numpy()) > 0.9
     assert roc_auc_score(dark[test], -aux_logit[:, 1].numpy()) > 0.9
+    # the unknown half is masked, not read as "0": the dark discs' predicted level stays high (about 0.4 when the
+    # unknowns count as zeros, 0.8 when masked)
+    assert torch.sigmoid(aux_logit[dark[test] == 1, 0]).mean() > 0.65
+    with pytest.raises(ValueError, match="rows"):
+        train_net(patches[:8], y[:8], seed=0, epochs=1, aux=aux[:7])
     assert roc_auc_score(y[test], predict([net], patches[test])) > 0.85
     path = tmp_path / "cnn.onnx"
     export_onnx([net], path)

@@ -313,9 +313,7 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
     patches = None
-    # Patches only for a disc the model will judge: two bodies at least, and a reference on T1 and the fluid series.
-    if (cfg.classification.disc_model == "model" and "T1" in images and len(meas.values) >= 2
-            and classify.modic_judgeable(meas, fluid_role)):
+    if "T1" in images and classify.disc_model_runs(meas, cfg.classification, fluid_role):  # else nothing reads them
         from pipeline.disc_cnn import disc_patches
 
         patches = disc_patches(images, seg.labels, [int(v) for v in meas.values], reference.spacing, meas.reference)

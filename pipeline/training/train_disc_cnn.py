@@ -12,7 +12,7 @@ The shipped net is the four nets of a 4-fold split grouped by patient (each trai
 patients); their out-of-fold probabilities choose the decision threshold, and the exported graph averages the
 four nets over the patch and its AP mirror image. ~35 s of one CPU core per net on ~420 discs.
 
-Auxiliary gradings (multi-task, 2026-12-08): SPIDER's readers graded more than Modic per disc: the Pfirrmann grade,
+Auxiliary gradings (multi-task, 2026-12-07): SPIDER's readers graded more than Modic per disc: the Pfirrmann grade,
 endplate changes above and below, disc narrowing and bulging. Each is strongly tied to Modic changes (Pfirrmann 5:
 97 % of discs have one, Pfirrmann 1-2: 12 %) and is one more expert label on the same patch, so during training a
 second linear head on the same pooled features predicts them (``AUX_GRADINGS``; binary cross-entropy, Pfirrmann as
@@ -133,6 +133,8 @@ def train_net(patches: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCH
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = as_tensor(torch, patches)
+    if aux is not None and len(aux) != len(y):
+        raise ValueError(f"aux has {len(aux)} rows for {len(y)} discs: subset it as the patches")
     use_aux = aux is not None and aux.shape[1] > 0 and np.isfinite(aux).any()
     net = make_net(torch, n_aux=aux.shape[1] if use_aux else 0)
     if use_aux:
