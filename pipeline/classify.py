@@ -107,6 +107,17 @@ def _confidence_from_fraction(frac: float, threshold: float, present: bool, n_vo
     return float(np.clip(c, 0.0, 1.0))
 
 
+def modic_judgeable(meas: StudyMeasurements, fluid_role: str) -> bool:
+    """Whether Modic types can be judged at all: the normal-marrow reference is defined on T1 and on the fluid
+    series (without it every type would be a guess)."""
+    return meas.vox_ratio.get("T1") is not None and meas.vox_ratio.get(fluid_role) is not None
+
+
+def disc_model_runs(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str) -> bool:
+    """Whether the per-disc Modic model decides this study's discs (and so reads their image patches)."""
+    return cfg.disc_model == "model" and modic_judgeable(meas, fluid_role) and bool(meas.discs)
+
+
 def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_role: str,
                    single_slice: bool = False, body_model: str = "unet",
                    disc_patches: np.ndarray | None = None) -> StudyFindings:
@@ -122,7 +133,7 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
     warnings: list[str] = []
     if fluid_role != "STIR":
         warnings.append("no STIR / fat-saturated series: edema and Modic I are judged from T2 with lower confidence")
-    modic_judged = meas.vox_ratio.get("T1") is not None and meas.vox_ratio.get(fluid_role) is not None
+    modic_judged = modic_judgeable(meas, fluid_role)
     edema_judged = meas.vox_ratio.get(fluid_role) is not None
     if not modic_judged:
         warnings.append("normal-marrow reference undefined on T1 or the fluid series: no Modic type or edema could be judged")
@@ -236,7 +247,7 @@ def classify_study(meas: StudyMeasurements, cfg: ClassificationConfig, fluid_rol
     for d in discs:
         d["bright"] = bool(d["t2_ratio_to_discs"] is not None and d["t2_ratio_to_discs"] >= cfg.disc_bright_ratio)
     add_disc_modic(vertebrae, discs, cfg.diffuse_edema_volume_pct)
-    if cfg.disc_model == "model" and modic_judged and discs:
+    if disc_model_runs(meas, cfg, fluid_role):
         model_disc_modic(meas, vertebrae, discs, cfg, single_slice, body_model, disc_patches)
     flags = review_flags(vertebrae, discs, cfg)
     return StudyFindings(vertebrae=vertebrae, discs=discs, reference=dict(meas.reference), flags=flags,

@@ -184,3 +184,69 @@ def test_nested_cv_of_regression_and_cnn_reads_a_signal_only_the_patches_carry()
     assert p.shape == call.shape == p_cnn.shape == (n,)
     assert roc_auc_score(y, p_cnn) > 0.85  # the CNN of the outer training split, on patients it never saw
     assert balanced_accuracy_score(y, call) > 0.7  # diluted by the noise regression, still far above chance
+
+
+def test_aux_targets_scale_the_gradings_and_mask_what_is_missing(tmp_path):
+    from pipeline.training.train_disc_cnn import AUX_GRADINGS, aux_targets
+    from pipeline.training.train_modic import grading_rows
+
+    cols = [c for c, _, _ in AUX_GRADINGS]
+    rows = [{"pfirrmann": "5", "up_endplate": "1", "low_endplate": "0", "disc_narrowing": "1", "disc_bulging": "0"},
+            {"pfirrmann": "1", "up_endplate": "", "low_endplate": "7"},  # empty, out of range, absent columns
+            {}]
+    a = aux_targets(rows)
+    assert a.shape == (3, len(AUX_GRADINGS))
+    assert a[0, cols.index("pfirrmann")] == 1.0 and a[1, cols.index("pfirrmann")] == 0.0
+    assert a[0, cols.index("up_endplate")] == 1.0 and a[0, cols.index("low_endplate")] == 0.0
+    assert np.isnan(a[1, cols.index("up_endplate")]) and np.isnan(a[1, cols.index("low_endplate")])
+    assert np.isnan(a[2]).all()
+    # as train_modic reads them: one row per (case, ivd) of the gradings CSV; Modic-only gradings give no targets
+    csv_file = tmp_path / "g.csv"
+    csv_file.write_text("case,ivd,modic,pfirrmann,up_endplate\nc1,1,2,4,1\nc1,x,0,1,0\nc2,2,0,,0\n")
+    rows = grading_rows(csv_file)
+    assert set(rows) == {("c1", 1), ("c2", 2)}
+    b = aux_targets([rows["c1", 1], rows["c2", 2]])
+    assert b[0, cols.index("pfirrmann")] == 0.75 and b[0, cols.index("up_endplate")] == 1.0
+    assert np.isnan(b[1, cols.index("pfirrmann")]) and b[1, cols.index("up_endplate")] == 0.0
+    modic_only = tmp_path / "m.csv"
+    modic_only.write_text("case,ivd,modic\nc1,1,2\n")
+    assert np.isnan(aux_targets(list(grading_rows(modic_only).values()))).all()
+
+
+def test_the_auxiliary_head_learns_its_gradings_and_the_exported_net_gives_modic_only(tmp_path):
+    """A second planted change (a dark T2 disc, independent of the Modic band) given as an auxiliary grading, half
+    of them unknown: the net's auxiliary head learns it for patients it never saw, the Modic output still reads
+    the band, and the exported graph has the Modic output alone, as without auxiliary gradings."""
+    torch = pytest.importorskip("torch", reason="PyTorch is only needed to train (pip install -e '.[train]')")
+    pytest.importorskip("onnx", reason="exporting needs onnx (pip install -e '.[train]')")
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.training.train_disc_cnn import as_tensor, augment, export_onnx, predict, train_net
+
+    n = 160
+    y, patches = planted_patches(n, seed=5)
+    dark = (np.random.default_rng(6).random(n) < 0.5).astype(int)
+    cu = PATCH_MM[0] // 2
+    patches[dark == 1, 1, cu - 4:cu + 4] = 0.6  # the disc dark on T2 ("degenerated")
+    aux = np.full((n, 2), np.nan, np.float32)
+    aux[:, 0] = dark
+    aux[::2, 0] = np.nan  # half unknown: masked out of the loss
+    aux[:, 1] = 1.0 - dark  # a second column, fully known
+    train, test = np.arange(n) < 120, np.arange(n) >= 120
+    net = train_net(patches[train], y[train], seed=0, epochs=10, aux=aux[train])
+    plain = train_net(patches[train], y[train], seed=0, epochs=1)
+    assert net.aux_head is not None and net.aux_head.out_features == 2 and plain.aux_head is None
+    with torch.no_grad():
+        logit, aux_logit = net.forward_all(augment(torch, as_tensor(torch, patches[test]), None, False))
+    assert logit.shape == (test.sum(),) and aux_logit.shape == (test.sum(), 2)
+    assert roc_auc_score(dark[test], aux_logit[:, 0].numpy()) > 0.9
+    assert roc_auc_score(dark[test], -aux_logit[:, 1].numpy()) > 0.9
+    # the unknown half is masked, not read as "0": the dark discs' predicted level stays high (about 0.4 when the
+    # unknowns count as zeros, 0.8 when masked)
+    assert torch.sigmoid(aux_logit[dark[test] == 1, 0]).mean() > 0.65
+    with pytest.raises(ValueError, match="rows"):
+        train_net(patches[:8], y[:8], seed=0, epochs=1, aux=aux[:7])
+    assert roc_auc_score(y[test], predict([net], patches[test])) > 0.85
+    path = tmp_path / "cnn.onnx"
+    export_onnx([net], path)
+    np.testing.assert_allclose(cnn_probability(patches[test][:6], path), predict([net], patches[test][:6]), atol=1e-4)

@@ -94,6 +94,20 @@ def test_default_disc_model_keeps_the_phantom_endplate_types(tmp_path):
     assert patch_valid(analysis.disc_patches).all()
 
 
+def test_no_disc_patches_are_cut_when_modic_cannot_be_judged(tmp_path):
+    """A T1 with no usable normal-marrow reference (all zero): no Modic type can be judged, so the disc model's
+    patches are not cut (they would be read by nothing), and every disc says so with the lowest confidence."""
+    import dataclasses
+
+    volumes = load_nifti_study(phantom_slices(1, tmp_path))
+    volumes["T1"] = dataclasses.replace(volumes["T1"], data=np.zeros_like(volumes["T1"].data))
+    analysis = analyse_volumes(volumes, Config())
+    assert analysis.findings.discs
+    assert analysis.disc_patches is None
+    assert any("no Modic type" in w for w in analysis.warnings)
+    assert all(d["modic"]["modic_type"] == "0" and d["modic"]["confidence"] <= 0.1 for d in analysis.findings.discs)
+
+
 def test_two_d_nifti_is_one_sagittal_slice(tmp_path):
     img = np.random.default_rng(0).uniform(0, 200, (40, 50)).astype(np.float32)
     aff = np.array([[0, 0, 4.0, 0], [0, -0.8, 0, 0], [-0.8, 0, 0, 0], [0, 0, 0, 1]])

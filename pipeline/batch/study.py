@@ -313,7 +313,7 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
     patches = None
-    if cfg.classification.disc_model == "model" and "T1" in images:
+    if "T1" in images and classify.disc_model_runs(meas, cfg.classification, fluid_role):  # else nothing reads them
         from pipeline.disc_cnn import disc_patches
 
         patches = disc_patches(images, seg.labels, [int(v) for v in meas.values], reference.spacing, meas.reference)

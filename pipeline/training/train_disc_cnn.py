@@ -11,6 +11,13 @@ gamma (x/ 1.25) and noise (0.03): the 8-bit, per-slice-scaled SPIDER slices vary
 The shipped net is the four nets of a 4-fold split grouped by patient (each trained on three quarters of the
 patients); their out-of-fold probabilities choose the decision threshold, and the exported graph averages the
 four nets over the patch and its AP mirror image. ~35 s of one CPU core per net on ~420 discs.
+
+Auxiliary gradings (multi-task, 2026-12-07): SPIDER's readers graded more than Modic per disc: the Pfirrmann grade,
+endplate changes above and below, disc narrowing and bulging. Each is strongly tied to Modic changes (Pfirrmann 5:
+97 % of discs have one, Pfirrmann 1-2: 12 %) and is one more expert label on the same patch, so during training a
+second linear head on the same pooled features predicts them (``AUX_GRADINGS``; binary cross-entropy, Pfirrmann as
+(grade - 1) / 4, a missing grade masked) and their loss, weighted ``AUX_WEIGHT``, is added to the Modic loss. The
+head is dropped after training: the exported graph, its input and its output are unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +32,25 @@ from pipeline.disc_cnn import CROP_MM, MAX_RATIO
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 40, 32, 3e-3, 1e-2
 WIDTHS = (16, 24, 32, 48)
 INNER_FOLDS = 4
+# Columns of the gradings CSV learnt beside Modic, each as (column, lowest grade, highest grade): scaled to 0-1.
+AUX_GRADINGS = (("pfirrmann", 1, 5), ("up_endplate", 0, 1), ("low_endplate", 0, 1), ("disc_narrowing", 0, 1),
+                ("disc_bulging", 0, 1))
+AUX_WEIGHT = 0.5
+
+
+def aux_targets(rows: list[dict]) -> np.ndarray:
+    """(n, len(AUX_GRADINGS)) training targets in 0-1 from gradings rows (dicts of column -> text); a missing,
+    empty or out-of-range grade is NaN (masked out of the loss)."""
+    out = np.full((len(rows), len(AUX_GRADINGS)), np.nan, np.float32)
+    for i, row in enumerate(rows):
+        for j, (col, lo, hi) in enumerate(AUX_GRADINGS):
+            try:
+                v = float(row.get(col, ""))
+            except (TypeError, ValueError):
+                continue
+            if lo <= v <= hi:
+                out[i, j] = (v - lo) / (hi - lo)
+    return out
 
 
 def _torch():
@@ -34,7 +60,8 @@ def _torch():
     return torch
 
 
-def make_net(torch, cin: int = 2, widths=WIDTHS, p_drop: float = 0.3):
+def make_net(torch, cin: int = 2, widths=WIDTHS, p_drop: float = 0.3, n_aux: int = 0):
+    """The disc net; ``forward`` gives the Modic logit, ``forward_all`` also the ``n_aux`` auxiliary logits."""
     nn = torch.nn
 
     class DiscNet(nn.Module):
@@ -49,9 +76,14 @@ def make_net(torch, cin: int = 2, widths=WIDTHS, p_drop: float = 0.3):
             self.features = nn.Sequential(*layers)
             self.drop = nn.Dropout(p_drop)
             self.head = nn.Linear(c, 1)
+            self.aux_head = nn.Linear(c, n_aux) if n_aux else None
+
+        def forward_all(self, x):
+            pooled = self.drop(self.features(x).mean(dim=(2, 3)))
+            return self.head(pooled)[:, 0], (self.aux_head(pooled) if self.aux_head is not None else None)
 
         def forward(self, x):
-            return self.head(self.drop(self.features(x).mean(dim=(2, 3))))[:, 0]
+            return self.forward_all(x)[0]
 
     return DiscNet()
 
@@ -93,14 +125,21 @@ def as_tensor(torch, patches: np.ndarray):
     return torch.from_numpy(np.clip(patches, 0.0, MAX_RATIO).astype(np.float32))
 
 
-def train_net(patches: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCHS):
-    """One net trained on all of (patches, y); returned in eval mode."""
+def train_net(patches: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCHS, aux: np.ndarray | None = None):
+    """One net trained on all of (patches, y); returned in eval mode. ``aux``: (n, k) auxiliary targets in 0-1
+    (:func:`aux_targets`, NaN = unknown) learnt beside Modic with weight ``AUX_WEIGHT``; None: Modic alone."""
     torch = _torch()
     functional = torch.nn.functional
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = as_tensor(torch, patches)
-    net = make_net(torch)
+    if aux is not None and len(aux) != len(y):
+        raise ValueError(f"aux has {len(aux)} rows for {len(y)} discs: subset it as the patches")
+    use_aux = aux is not None and aux.shape[1] > 0 and np.isfinite(aux).any()
+    net = make_net(torch, n_aux=aux.shape[1] if use_aux else 0)
+    if use_aux:
+        aux_known = torch.from_numpy(np.isfinite(aux))
+        aux_target = torch.from_numpy(np.nan_to_num(aux, nan=0.0).astype(np.float32))
     opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     n = len(y)
     steps = math.ceil(n / BATCH)
@@ -114,8 +153,13 @@ def train_net(patches: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCH
             idx = perm[i * BATCH:(i + 1) * BATCH]
             if len(idx) < 2:  # batch norm needs two
                 continue
-            loss = functional.binary_cross_entropy_with_logits(net(augment(torch, x[idx], gen, True)), target[idx],
-                                                               pos_weight=pos_weight)
+            logit, aux_logit = net.forward_all(augment(torch, x[idx], gen, True))
+            loss = functional.binary_cross_entropy_with_logits(logit, target[idx], pos_weight=pos_weight)
+            if use_aux:
+                known = aux_known[idx]
+                if known.any():
+                    each = functional.binary_cross_entropy_with_logits(aux_logit, aux_target[idx], reduction="none")
+                    loss = loss + AUX_WEIGHT * each[known].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -140,14 +184,16 @@ def fold_ids(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return np.array([fold[c] for c in groups])
 
 
-def grouped_nets(patches: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, epochs: int = EPOCHS):
+def grouped_nets(patches: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, epochs: int = EPOCHS,
+                 aux: np.ndarray | None = None):
     """The ``INNER_FOLDS`` nets of a split grouped by patient and their out-of-fold probabilities (every disc
-    scored by the net that did not see its patient)."""
+    scored by the net that did not see its patient). ``aux``: auxiliary targets per disc (:func:`train_net`)."""
     fid = fold_ids(groups, INNER_FOLDS, seed)
     oof = np.zeros(len(y))
     nets = []
     for k in range(INNER_FOLDS):
-        net = train_net(patches[fid != k], y[fid != k], seed=1000 * seed + k, epochs=epochs)
+        net = train_net(patches[fid != k], y[fid != k], seed=1000 * seed + k, epochs=epochs,
+                        aux=None if aux is None else aux[fid != k])
         oof[fid == k] = predict([net], patches[fid == k])
         nets.append(net)
     return nets, oof

@@ -32,7 +32,7 @@ from pipeline.config import Config
 from pipeline.disc_cnn import PATCH_MM, PATCH_VERSION, disc_patches
 from pipeline.disc_model import disc_features, discs_anchor, feature_names, model_path
 from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
-from pipeline.training.train_disc_cnn import fold_ids
+from pipeline.training.train_disc_cnn import AUX_GRADINGS, aux_targets, fold_ids
 
 DATA = Path("../shared/data/modic-spider")
 FOLDS = 5
@@ -67,6 +67,21 @@ def case_rows(row: dict, cfg: Config) -> dict:
             "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),
             "thr_score": np.array([an.findings.discs[a]["modic"]["score"] for a in keep], dtype=float),
             "dominant": np.array(dominant, dtype=int)}
+
+
+def grading_rows(gradings_csv: Path) -> dict[tuple[str, int], dict]:
+    """(case, ivd) -> the gradings row (column -> text): the readers' other gradings for the CNN's auxiliary
+    targets (``train_disc_cnn.aux_targets``). Rows without a readable ivd are skipped (read_gradings checks them)."""
+    import csv
+
+    with open(gradings_csv, newline="", encoding="utf-8") as fh:
+        out = {}
+        for r in csv.DictReader(fh):
+            try:
+                out[r["case"].strip(), int(r["ivd"])] = r
+            except (KeyError, ValueError):
+                continue
+    return out
 
 
 def config_fingerprint(cfg: Config) -> str:
@@ -162,13 +177,14 @@ def cross_validate(x, y, groups, c: float, repeats: int) -> list[tuple[np.ndarra
     return out
 
 
-def cross_validate_with_cnn(x, patches, y, groups, c: float, repeats: int, epochs: int):
+def cross_validate_with_cnn(x, patches, y, groups, c: float, repeats: int, epochs: int, aux: np.ndarray | None = None):
     """As :func:`cross_validate` for the mean of the regression's and the CNN's probabilities: inside each outer
     training split, the 4 grouped CNNs (``train_disc_cnn.grouped_nets``) and the regression's out-of-fold
     probabilities on the same folds choose the threshold; the outer test rows get the regression fitted on the
     whole training split and the mean of the 4 CNNs (the shipped procedure, ``DiscModel.decide``: a disc without a
     patch is left out of the CNN's training and scored by the regression alone at its own threshold). Also
-    returns the CNN's own test probabilities (NaN without a patch)."""
+    returns the CNN's own test probabilities (NaN without a patch). ``aux``: the readers' other gradings per disc,
+    learnt beside Modic by the CNNs (``train_disc_cnn.aux_targets``; training rows only, never read at test)."""
     from pipeline.disc_cnn import patch_valid
 
     valid = patch_valid(patches)
@@ -178,7 +194,8 @@ def cross_validate_with_cnn(x, patches, y, groups, c: float, repeats: int, epoch
         p, p_cnn, call = np.zeros(len(y)), np.full(len(y), np.nan), np.zeros(len(y), dtype=int)
         for k in range(FOLDS):
             tr, te = fid != k, fid == k
-            fitted = fit_with_cnn(x[tr], patches[tr], y[tr], groups[tr], c, seed=rep, epochs=epochs)
+            fitted = fit_with_cnn(x[tr], patches[tr], y[tr], groups[tr], c, seed=rep, epochs=epochs,
+                                  aux=None if aux is None else aux[tr])
             p[te], p_cnn[te & valid], threshold = fitted.decide(x[te], patches[te])
             call[te] = p[te] >= threshold
             print(f"  CNN CV repeat {rep} fold {k}: {time.process_time():.0f} s CPU", flush=True)
@@ -206,16 +223,18 @@ class FittedWithCnn:
         return p, p_cnn, np.where(ok, self.t_both, self.t_regression)
 
 
-def fit_with_cnn(x, patches, y, groups, c: float, seed: int, epochs: int) -> FittedWithCnn:
+def fit_with_cnn(x, patches, y, groups, c: float, seed: int, epochs: int, aux: np.ndarray | None = None
+                 ) -> FittedWithCnn:
     """Fit the shipped procedure on (x, patches, y): grouped out-of-fold regression and CNN probabilities (the
     same 4 folds by patient) choose the two thresholds; the regression is refitted on all rows; the 4 fold nets
-    are the CNN. Discs without a patch train the regression only."""
+    are the CNN (``aux``: auxiliary gradings they also learn). Discs without a patch train the regression only."""
     from pipeline.disc_cnn import patch_valid
     from pipeline.training.train_disc_cnn import grouped_nets
 
     ok = patch_valid(patches)
     oof_reg = oof_regression(x, y, groups, c, seed=seed)
-    nets, oof_cnn = grouped_nets(patches[ok], y[ok], groups[ok], seed=seed, epochs=epochs)
+    nets, oof_cnn = grouped_nets(patches[ok], y[ok], groups[ok], seed=seed, epochs=epochs,
+                                 aux=None if aux is None else aux[ok])
     return FittedWithCnn(make_model(c).fit(x, y), best_threshold(y, oof_reg), nets,
                          best_threshold(y[ok], (oof_reg[ok] + oof_cnn) / 2), oof_cnn)
 
@@ -272,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-repeats", type=int, default=0, help="shuffles of the nested CV estimate of regression + "
                                                                "CNN (each: 20 CNNs, ~12 min of one core)")
     ap.add_argument("--epochs", type=int, default=None, help="CNN epochs (default train_disc_cnn.EPOCHS)")
+    ap.add_argument("--no-aux", action="store_true", help="the CNN learns Modic alone, not also the gradings' "
+                                                         "other columns (train_disc_cnn.AUX_GRADINGS)")
     args = ap.parse_args(argv)
     import joblib
     import sklearn
@@ -302,6 +323,7 @@ def main(argv=None) -> int:
     cfg.classification.disc_model = "thresholds"  # the features do not depend on it; never needs the old model
     rows = read_cases(args.cases)
     truth = read_gradings(args.gradings)
+    other_gradings = {} if args.no_aux else grading_rows(args.gradings)
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -310,7 +332,7 @@ def main(argv=None) -> int:
     else:
         recs = [_extract(r, cfg, args.cache) for r in rows]
     t_extract = time.perf_counter() - start
-    xs, types, groups, thr_code, thr_score, dominant, patch_rows = [], [], [], [], [], [], []
+    xs, types, groups, thr_code, thr_score, dominant, patch_rows, aux_rows = [], [], [], [], [], [], [], []
     found = set()
     for rec in recs:
         if "x" not in rec:
@@ -327,10 +349,14 @@ def main(argv=None) -> int:
             thr_score.append(rec["thr_score"][i])
             dominant.append(rec["dominant"][i])
             patch_rows.append(rec["patches"][i])
+            aux_rows.append(other_gradings.get(key, {}))
     body_model = trained_body_model(recs, cfg.segmentation.body_model)
     x, t = np.array(xs), np.array(types)
     patches = np.array(patch_rows, dtype=np.float32)
     y, g = (t > 0).astype(int), np.array(groups)
+    aux = aux_targets(aux_rows) if other_gradings else None
+    if aux is not None and not np.isfinite(aux).any():
+        aux = None  # the gradings have none of the auxiliary columns: Modic alone
     thr_code, thr_score, dominant = np.array(thr_code), np.array(thr_score), np.array(dominant)
     cases_in = {r["case"] for r in rows}
     missing = np.array([v for k, v in truth.items() if k[0] in cases_in and k not in found], dtype=int)
@@ -351,7 +377,7 @@ def main(argv=None) -> int:
         report["cv_seconds"] = round(time.perf_counter() - t0, 1)
     if args.cnn and args.cnn_repeats:
         t0 = time.process_time()
-        both, cnn_only = cross_validate_with_cnn(x, patches, y, g, args.C, args.cnn_repeats, args.epochs)
+        both, cnn_only = cross_validate_with_cnn(x, patches, y, g, args.C, args.cnn_repeats, args.epochs, aux=aux)
         runs = [_metrics(t, call, p, model_types(call), missing) for p, call in both]
         report["cv_with_cnn"] = _summarise("regression + CNN", runs, args.cnn_repeats, report["thresholds"])
         report["cv_cnn_alone_auc_found"] = [round(float(roc_auc_score(y[np.isfinite(pc)], pc[np.isfinite(pc)])), 4)
@@ -372,11 +398,12 @@ def main(argv=None) -> int:
             from pipeline.disc_cnn import patch_valid
             from pipeline.training.train_disc_cnn import export_onnx
 
-            fitted = fit_with_cnn(x, patches, y, g, args.C, seed=0, epochs=args.epochs)
+            fitted = fit_with_cnn(x, patches, y, g, args.C, seed=0, epochs=args.epochs, aux=aux)
             cnn_file = out.with_name(out.stem + "_cnn.onnx")
             export_onnx(fitted.nets, cnn_file)
             both = fitted.t_both
             bundle["cnn"] = {"file": cnn_file.name, "threshold": both, "epochs": args.epochs,
+                             "aux_gradings": [] if aux is None else [col for col, _, _ in AUX_GRADINGS],
                              "oof_auc_found": round(float(roc_auc_score(y[patch_valid(patches)], fitted.oof_cnn)), 4),
                              "cv": _means(report.get("cv_with_cnn"))}
             print(f"saved {cnn_file} (CNN out-of-fold AUC {bundle['cnn']['oof_auc_found']:.3f}, threshold of the "
