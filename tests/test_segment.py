@@ -630,6 +630,35 @@ def test_another_contrast_near_t2s_bodies_skips_stage1_and_stays_in_the_region(m
     assert seen["needed"].tolist() == [False, True, True, False, False]
 
 
+def test_stage1_finds_the_unets_column_on_a_coarser_slice_lattice_than_the_classifiers(monkeypatch):
+    """For the U-Net stage 1 only finds the column for its crop (every ~6 mm of slices); the classifier's stage 2
+    reads the stage-1 map as a feature and keeps it every ~3 mm."""
+    import pipeline.segmentation.probability as probability
+    import pipeline.segmentation.unet as unet
+
+    lattices = []
+
+    def recording(n, slice_mm, pitch_mm):
+        ks = classified_slices(n, slice_mm, pitch_mm)
+        lattices.append(ks.tolist())
+        return ks
+
+    class _Half:
+        def predict_proba(self, X):
+            return np.tile([0.5, 0.5], (X.shape[0], 1))
+
+    monkeypatch.setattr(probability, "classified_slices", recording)
+    monkeypatch.setattr(unet, "load_session", lambda **kw: None)
+    monkeypatch.setattr(unet, "unet_probability", lambda norm, *a, **kw: np.zeros(norm.shape, np.float32))
+    image = np.random.default_rng(0).uniform(0.1, 1.0, (40, 40, 25)).astype(np.float32)
+    sp = (probability.WORK_MM, probability.WORK_MM, 1.0)  # 1 mm slices
+    probability.body_probability(image, sp, model={"stage1": _Half(), "stage2": None}, body_model="unet")
+    assert lattices == [[0, 6, 12, 18, 24]]  # stage 1 only: the U-Net path runs no stage 2
+    lattices.clear()
+    probability.stage1_probability(_Half(), probability.normalise(image), 1.0)  # the classifier's stage 1
+    assert lattices == [[0, 3, 6, 9, 12, 15, 18, 21, 24]]
+
+
 def test_auto_runs_the_one_pass_net_on_a_single_slice_and_the_unet_on_a_volume(monkeypatch):
     """``body_model: auto`` (the default): a single sagittal slice goes to the one-pass net (trained also on
     single-slice crops), a volume to the U-Net cascade; a named body model is used as named."""

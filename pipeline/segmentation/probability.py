@@ -18,6 +18,10 @@ MODEL_PATH = Path(__file__).resolve().parent / "models" / "body_classifier.jobli
 
 # Thin slices are classified on a sub-lattice about this far apart; the slices between are interpolated.
 STAGE1_SLICE_MM = 3.0  # stage 1 only has to say roughly where the bodies are
+# For the U-Net, stage 1 only finds the column for its crop: every ~6 mm is enough. On the 42 annotated scans
+# (in-sample): per-body Dice 0.9194 -> 0.9193, the same level names, one extra body fewer; 0.17 -> 0.11 s a
+# 15 x 512^2 study. (Stage 2 of the classifier reads the stage-1 map as a feature: it keeps 3 mm.)
+STAGE1_COLUMN_SLICE_MM = 6.0
 
 
 # Stage 2 every 3 mm instead of 2 mm: held-out Dice 0.7616 -> 0.7664 (3-fold, refiner retrained), a third fewer voxels.
@@ -41,14 +45,14 @@ def load_model():
     return model
 
 
-def stage1_probability(model, norm: np.ndarray, slice_mm: float) -> np.ndarray:
+def stage1_probability(model, norm: np.ndarray, slice_mm: float, pitch_mm: float = STAGE1_SLICE_MM) -> np.ndarray:
     """Stage-1 P(body) on the working grid.
 
-    Classified on the 3 mm in-plane grid and, for thin slices, on every slice ~``STAGE1_SLICE_MM`` apart only
-    (linear interpolation between them): stage 1 only has to say roughly where the bodies are.
+    Classified on the 3 mm in-plane grid and, for slices thinner than ``pitch_mm``, on every slice ~``pitch_mm``
+    apart only (linear interpolation between them): stage 1 only has to say roughly where the bodies are.
     """
     n3 = down2(norm)
-    ks = classified_slices(n3.shape[2], slice_mm, STAGE1_SLICE_MM)
+    ks = classified_slices(n3.shape[2], slice_mm, pitch_mm)
     sub = np.ascontiguousarray(n3[:, :, ks])
     X = stage1_features(sub)
     cand = (sub > 0.02).reshape(-1)
@@ -160,7 +164,8 @@ def body_probability(image: np.ndarray, spacing, region: np.ndarray | None = Non
         return (_net_on_columns(norm, sp[2], _unet_columns(None, region, norm.shape[1]), region, _unet(int8)),
                 zoom, None, None)
     model = model or load_model()
-    p1 = stage1_probability(model["stage1"], norm, sp[2])
+    p1 = stage1_probability(model["stage1"], norm, sp[2],
+                            STAGE1_COLUMN_SLICE_MM if body_model == "unet" else STAGE1_SLICE_MM)
     dist = column_distance(p1, sp)
     column = column_region(dist, p1.shape)
     if body_model == "unet":  # (no region here: see above)
