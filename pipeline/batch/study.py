@@ -313,7 +313,8 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
     patches = None
-    if "T1" in images and classify.disc_model_runs(meas, cfg.classification, fluid_role):  # else nothing reads them
+    # (a T1 reference is part of the test, so T1 is there whenever it passes); else nothing reads the patches
+    if classify.disc_model_runs(meas, cfg.classification, fluid_role):
         from pipeline.disc_cnn import disc_patches
 
         patches = disc_patches(images, seg.labels, [int(v) for v in meas.values], reference.spacing, meas.reference)

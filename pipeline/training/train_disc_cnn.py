@@ -135,7 +135,7 @@ def train_net(patches: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCH
     x = as_tensor(torch, patches)
     if aux is not None and len(aux) != len(y):
         raise ValueError(f"aux has {len(aux)} rows for {len(y)} discs: subset it as the patches")
-    use_aux = aux is not None and aux.shape[1] > 0 and np.isfinite(aux).any()
+    use_aux = aux is not None and np.isfinite(aux).any()  # no known grading (or no column): Modic alone
     net = make_net(torch, n_aux=aux.shape[1] if use_aux else 0)
     if use_aux:
         aux_known = torch.from_numpy(np.isfinite(aux))
