@@ -187,8 +187,8 @@ def test_nested_cv_of_regression_and_cnn_reads_a_signal_only_the_patches_carry()
 
 
 def test_aux_targets_scale_the_gradings_and_mask_what_is_missing(tmp_path):
+    from pipeline.evaluation.findings import read_grading_rows, read_gradings
     from pipeline.training.train_disc_cnn import AUX_GRADINGS, aux_targets
-    from pipeline.training.train_modic import grading_rows
 
     cols = [c for c, _, _ in AUX_GRADINGS]
     rows = [{"pfirrmann": "5", "up_endplate": "1", "low_endplate": "0", "disc_narrowing": "1", "disc_bulging": "0"},
@@ -202,15 +202,20 @@ def test_aux_targets_scale_the_gradings_and_mask_what_is_missing(tmp_path):
     assert np.isnan(a[2]).all()
     # as train_modic reads them: one row per (case, ivd) of the gradings CSV; Modic-only gradings give no targets
     csv_file = tmp_path / "g.csv"
-    csv_file.write_text("case,ivd,modic,pfirrmann,up_endplate\nc1,1,2,4,1\nc1,x,0,1,0\nc2,2,0,,0\n")
-    rows = grading_rows(csv_file)
+    csv_file.write_text("case,ivd,modic,pfirrmann,up_endplate\nc1,1,2,4,1\nc2,2,0,,0\n")
+    rows = read_grading_rows(csv_file)
     assert set(rows) == {("c1", 1), ("c2", 2)}
+    assert read_gradings(csv_file) == {("c1", 1): 2, ("c2", 2): 0}  # the Modic column of the same rows
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case,ivd,modic,pfirrmann\nc1,x,0,1\n")
+    with pytest.raises(ValueError, match="line 2"):  # one reader, one check: training no longer skips it silently
+        read_grading_rows(bad)
     b = aux_targets([rows["c1", 1], rows["c2", 2]])
     assert b[0, cols.index("pfirrmann")] == 0.75 and b[0, cols.index("up_endplate")] == 1.0
     assert np.isnan(b[1, cols.index("pfirrmann")]) and b[1, cols.index("up_endplate")] == 0.0
     modic_only = tmp_path / "m.csv"
     modic_only.write_text("case,ivd,modic\nc1,1,2\n")
-    assert np.isnan(aux_targets(list(grading_rows(modic_only).values()))).all()
+    assert np.isnan(aux_targets(list(read_grading_rows(modic_only).values()))).all()
 
 
 def test_the_auxiliary_head_learns_its_gradings_and_the_exported_net_gives_modic_only(tmp_path):

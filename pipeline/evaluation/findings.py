@@ -61,23 +61,31 @@ def read_cases(cases_csv: Path) -> list[dict]:
     return out
 
 
-def read_gradings(gradings_csv: Path) -> dict[tuple[str, int], int]:
-    """(case, ivd) -> Modic type 0-3. Raises ValueError on a missing column or a value out of range."""
+def read_grading_rows(gradings_csv: Path) -> dict[tuple[str, int], dict]:
+    """(case, ivd) -> the whole gradings row (column -> text), so that training can also read the readers' other
+    gradings (Pfirrmann, endplate changes, ...). Raises ValueError on a missing column, an ivd or modic that is not
+    an integer, or a Modic type out of 0-3."""
+    name = Path(gradings_csv).name
     with open(gradings_csv, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = {"case", "ivd", "modic"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{Path(gradings_csv).name}: missing column(s) {', '.join(sorted(missing))}")
+            raise ValueError(f"{name}: missing column(s) {', '.join(sorted(missing))}")
         out = {}
         for n, r in enumerate(reader, start=2):
             try:
                 ivd, modic = int(r["ivd"]), int(r["modic"])
-            except ValueError as exc:
-                raise ValueError(f"{Path(gradings_csv).name} line {n}: ivd and modic must be integers") from exc
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{name} line {n}: ivd and modic must be integers") from exc
             if modic not in (0, 1, 2, 3):
-                raise ValueError(f"{Path(gradings_csv).name} line {n}: modic must be 0-3, got {modic}")
-            out[r["case"].strip(), ivd] = modic
+                raise ValueError(f"{name} line {n}: modic must be 0-3, got {modic}")
+            out[r["case"].strip(), ivd] = r
     return out
+
+
+def read_gradings(gradings_csv: Path) -> dict[tuple[str, int], int]:
+    """(case, ivd) -> Modic type 0-3 (:func:`read_grading_rows`, same checks)."""
+    return {key: int(r["modic"]) for key, r in read_grading_rows(gradings_csv).items()}
 
 
 def discs_from_bottom(levels: list[str]) -> tuple[int, str]:

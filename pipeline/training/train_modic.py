@@ -31,7 +31,7 @@ from pipeline.classify import disc_endplates, disc_type_fractions
 from pipeline.config import Config
 from pipeline.disc_cnn import PATCH_MM, PATCH_VERSION, disc_patches
 from pipeline.disc_model import disc_features, discs_anchor, feature_names, model_path
-from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_gradings
+from pipeline.evaluation.findings import TYPE_CODE, presence_metrics, read_cases, read_grading_rows
 from pipeline.training.train_disc_cnn import AUX_GRADINGS, aux_targets, fold_ids
 
 DATA = Path("../shared/data/modic-spider")
@@ -67,21 +67,6 @@ def case_rows(row: dict, cfg: Config) -> dict:
             "thr_code": np.array([TYPE_CODE[an.findings.discs[a]["modic"]["modic_type"]] for a in keep], dtype=int),
             "thr_score": np.array([an.findings.discs[a]["modic"]["score"] for a in keep], dtype=float),
             "dominant": np.array(dominant, dtype=int)}
-
-
-def grading_rows(gradings_csv: Path) -> dict[tuple[str, int], dict]:
-    """(case, ivd) -> the gradings row (column -> text): the readers' other gradings for the CNN's auxiliary
-    targets (``train_disc_cnn.aux_targets``). Rows without a readable ivd are skipped (read_gradings checks them)."""
-    import csv
-
-    with open(gradings_csv, newline="", encoding="utf-8") as fh:
-        out = {}
-        for r in csv.DictReader(fh):
-            try:
-                out[r["case"].strip(), int(r["ivd"])] = r
-            except (KeyError, ValueError):
-                continue
-    return out
 
 
 def config_fingerprint(cfg: Config) -> str:
@@ -322,8 +307,9 @@ def main(argv=None) -> int:
         cfg = Config()
     cfg.classification.disc_model = "thresholds"  # the features do not depend on it; never needs the old model
     rows = read_cases(args.cases)
-    truth = read_gradings(args.gradings)
-    other_gradings = {} if args.no_aux else grading_rows(args.gradings)
+    grading_table = read_grading_rows(args.gradings)
+    truth = {key: int(r["modic"]) for key, r in grading_table.items()}
+    other_gradings = {} if args.no_aux else grading_table
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
