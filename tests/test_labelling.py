@@ -331,3 +331,37 @@ def test_the_nets_l5_evidence_names_the_column_when_the_sacrum_was_missed():
     assert "LEVELS_UNCERTAIN" in flags and any("network" in n for n in notes) and conf < 0.7
     sure = label_levels(cents, geo, vols, CFG, fov_end_mm=cents[-1] + 100, l5_evidence=np.r_[0, 0, 0, 0, 0, 0.9, 0])
     assert sure[0] == ["T12", *LUMBAR, "S1"] and "LEVELS_UNCERTAIN" not in sure[2]
+
+
+def test_a_confidently_wrong_net_does_not_overrule_a_clear_shape_reading():
+    """Two held-out scans (labelling inputs recorded from the one-pass nets that did not see them, 2026-12-08):
+    vb3-11 (vb3 left out: an unseen water-fat contrast; S1 cut by the image's edge) and vb2-19 (fold 1; S1 seen
+    whole). The endplate shapes read the junction right and clearly; the net is sure of the body above (vb3-11) or
+    calls S1 'L5' (vb2-19). With ``L5_NET_WEIGHT`` 3 both were named one level off; the names now follow the
+    shapes, and the disagreement is flagged."""
+    vb3_11 = dict(
+        cents=np.array([13.75, 44.62, 76.63, 112.28, 150.17, 184.91, 207.95]),
+        vols=np.array([31.23, 40.07, 45.62, 49.3, 44.12, 42.66, 13.13]),
+        geo=np.array([[0.0, 6.12, 24.0, 30.0], [16.54, 7.62, 24.0, 60.0], [17.93, 8.64, 24.0, 93.0],
+                      [5.1, -7.93, 25.5, 129.0], [-12.49, -21.62, 25.5, 168.0], [-25.55, -28.42, 26.25, 205.5],
+                      [-16.53, 4.71, 13.5, 217.5]]),
+        cut=np.array([0, 0, 0, 0, 0, 0, 1], bool), fov=223.5, others=np.zeros(0),
+        discs=np.array([44.47, 57.38, 57.88, 53.34, 43.53, 65.02]),
+        l5=np.array([0, 0, 0, 0, 0.72, 0.12, 0]), truth=["L1", "L2", "L3", "L4", "L5", "S1"], first=1)
+    vb2_19 = dict(
+        cents=np.array([11.39, 41.28, 72.01, 104.1, 139.07, 175.68, 213.05, 251.29, 280.77]),
+        vols=np.array([20.88, 22.67, 26.8, 30.9, 37.35, 42.79, 45.79, 40.68, 24.57]),
+        geo=np.array([[0.0, 10.3, 21.75, 25.5], [10.28, 7.51, 21.0, 54.0], [11.19, 6.58, 22.5, 91.5],
+                      [6.27, 1.89, 24.0, 120.0], [10.52, -1.02, 25.5, 153.0], [5.1, -0.82, 25.5, 190.5],
+                      [-0.0, -6.72, 27.0, 229.5], [-15.57, -28.18, 25.5, 271.5], [-30.92, 14.77, 21.0, 298.5]]),
+        cut=np.zeros(9, bool), fov=381.0, others=np.array([304.09]),
+        discs=np.array([12.47, 15.23, 15.19, 15.95, 15.39, 16.58, 15.3, 7.81]),
+        l5=np.array([0, 0, 0, 0, 0, 0, 0, 0.39, 0.64]),
+        truth=["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"], first=1)
+    for case in (vb3_11, vb2_19):
+        names, _, flags, notes = label_levels(case["cents"], case["geo"], case["vols"], CFG, case["others"],
+                                              case["cut"], fov_end_mm=case["fov"], discs=case["discs"],
+                                              l5_evidence=case["l5"])
+        f = case["first"]
+        assert names[f:f + len(case["truth"])] == case["truth"], names
+        assert "LEVELS_UNCERTAIN" in flags and any("network" in n for n in notes)

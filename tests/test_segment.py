@@ -339,6 +339,17 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
     # may carry a wrong name
     assert summary["level_naming"]["vb2"] == {"correct": 7, "wrong": 0, "unnamed": 0}
     assert summary["level_naming"]["vb3"]["wrong"] == 0 and "vb1" not in summary["level_naming"]
+    # the same named bodies, split by whether their study was flagged LEVELS_UNCERTAIN (per_case.csv says which)
+    by_flag = summary["level_naming_by_flag"]
+    for k in ("correct", "wrong", "unnamed"):
+        assert by_flag["LEVELS_UNCERTAIN"][k] + by_flag["not_flagged"][k] == sum(
+            v[k] for v in summary["level_naming"].values())
+    import csv
+
+    cases = {r["case"]: r for r in csv.DictReader(open(tmp_path / "per_case.csv"))}
+    for b in csv.DictReader(open(tmp_path / "per_body.csv")):
+        assert (b["levels_uncertain"] == "True") == ("LEVELS_UNCERTAIN" in cases[b["case"]]["level_flags"].split())
+    assert all(0.0 < float(r["labelling_confidence"]) <= 1.0 for r in cases.values())
 
 
 # A regression floor for the pixel classifier on these three cases (0.54 with the one-stage classifier on 2026-11-25, 0.78 with the

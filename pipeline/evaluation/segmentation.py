@@ -139,10 +139,12 @@ def _eval_case(args) -> dict:
         seg = segment_vertebrae(img.data, img.spacing, cfg, keep_below_s1=True)
         pred = seg.labels.astype(np.int32)
         level_of = {b.value: b.level for b in seg.bodies}
+        flags, confidence, notes = list(seg.flags), float(seg.labelling_confidence), list(seg.notes)
         err = None
     except Exception as exc:  # noqa: BLE001 - a failed case scores 0 and says why
         pred = np.zeros_like(truth)
         level_of = {}
+        flags, confidence, notes = [], None, []
         err = f"{type(exc).__name__}: {exc}"
     secs = time.perf_counter() - t
     err = "; ".join(x for x in (err, note, level_note) if x) or None
@@ -156,7 +158,7 @@ def _eval_case(args) -> dict:
         _png(img.data, truth, pred, Path(out_dir) / "png" / f"{row['case']}.png", row["case"],
              np.mean([b["dice"] for b in bodies]) if bodies else 0.0)
     return {"case": row["case"], "source": row["source"], "seconds": secs, "bodies": bodies, "extra": n_extra,
-            "error": err}
+            "error": err, "flags": flags, "labelling_confidence": confidence, "notes": notes}
 
 
 def _png(image, truth, pred, path: Path, title: str, dice: float) -> None:
@@ -215,9 +217,12 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
                          "min_dice": float(np.min(dices)) if dices else 0.0,
                          "missed": sum(not b["detected"] for b in res["bodies"]), "extra": res["extra"],
                          "hd95_mm_median": float(np.median(hds)) if hds else None,
+                         "labelling_confidence": res["labelling_confidence"],
+                         "level_flags": " ".join(res["flags"]), "level_notes": "; ".join(res["notes"]),
                          "seconds": round(res["seconds"], 3), "error": res["error"] or ""})
+        uncertain = "LEVELS_UNCERTAIN" in res["flags"]
         for b in res["bodies"]:
-            per_body.append({"case": res["case"], "source": res["source"], **b})
+            per_body.append({"case": res["case"], "source": res["source"], **b, "levels_uncertain": uncertain})
     write_csv_atomic(out_dir / "per_case.csv", per_case, empty_header=())
     write_csv_atomic(out_dir / "per_body.csv", per_body, empty_header=())
     dices = np.array([b["dice"] for b in per_body]) if per_body else np.zeros(0)
@@ -243,6 +248,12 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
         summary["level_naming"] = {
             s: {k: sum(b["level_outcome"] == k for b in per_body if b["source"] == s) for k in ("correct", "wrong", "unnamed")}
             for s in sources if s in first_levels}
+        # does the flag find the wrong names? (a user checks the flagged studies' overlays, trusts the others)
+        summary["level_naming_by_flag"] = {
+            name: {k: sum(b["level_outcome"] == k for b in per_body
+                          if b["levels_uncertain"] == flagged and b["source"] in first_levels)
+                   for k in ("correct", "wrong", "unnamed")}
+            for name, flagged in (("LEVELS_UNCERTAIN", True), ("not_flagged", False))}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
