@@ -106,7 +106,8 @@ def test_evaluate_segmentation_shows_progress(tmp_path, monkeypatch, capsys):
 
     def fake_case(args):
         row = args[0]
-        return {"case": row["case"], "source": row["source"], "seconds": 0.01, "bodies": [], "extra": 0, "error": None}
+        return {"case": row["case"], "source": row["source"], "seconds": 0.01, "bodies": [], "extra": 0, "error": None,
+                "flags": [], "labelling_confidence": None, "notes": []}
 
     monkeypatch.setattr(evaluate, "_eval_case", fake_case)
     rows = [{"case": f"vb1-0{i}", "source": "vb1"} for i in range(3)]
