@@ -338,7 +338,8 @@ def test_a_confidently_wrong_net_does_not_overrule_a_clear_shape_reading():
     vb3-11 (vb3 left out: an unseen water-fat contrast; S1 cut by the image's edge) and vb2-19 (fold 1; S1 seen
     whole). The endplate shapes read the junction right and clearly; the net is sure of the body above (vb3-11) or
     calls S1 'L5' (vb2-19). With ``L5_NET_WEIGHT`` 3 both were named one level off; the names now follow the
-    shapes, and the disagreement is flagged."""
+    shapes, and the disagreement is flagged. A third (vb3-33, fold 1) needs the net to win against wrong shapes:
+    the three bound the weight from both sides (this test fails at 1.5 and at 3)."""
     vb3_11 = dict(
         cents=np.array([13.75, 44.62, 76.63, 112.28, 150.17, 184.91, 207.95]),
         vols=np.array([31.23, 40.07, 45.62, 49.3, 44.12, 42.66, 13.13]),
@@ -358,7 +359,18 @@ def test_a_confidently_wrong_net_does_not_overrule_a_clear_shape_reading():
         discs=np.array([12.47, 15.23, 15.19, 15.95, 15.39, 16.58, 15.3, 7.81]),
         l5=np.array([0, 0, 0, 0, 0, 0, 0, 0.39, 0.64]),
         truth=["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"], first=1)
-    for case in (vb3_11, vb2_19):
+    # and the other way round (fold 1's vb3-33): the shapes read one level off (the real L5 is taken for the top of
+    # the sacrum), the net is right (0.78 on L5): the net must still decide there (wrong below a weight of 2)
+    vb3_33 = dict(
+        cents=np.array([2.12, 24.1, 56.5, 89.2, 124.39, 161.79, 191.69]),
+        vols=np.array([5.24, 32.46, 39.04, 43.67, 48.1, 44.79, 26.43]),
+        geo=np.array([[0.0, 10.12, 4.5, 6.0], [16.24, 17.96, 24.0, 40.5], [14.75, 16.78, 25.5, 73.5],
+                      [22.5, 15.0, 24.0, 105.0], [6.96, -3.79, 24.0, 139.5], [-17.63, -32.01, 25.5, 183.0],
+                      [-26.06, 13.29, 16.5, 208.5]]),
+        cut=np.zeros(7, bool), fov=223.5, others=np.array([166.84]),
+        discs=np.array([31.75, 23.72, 36.91, 31.37, 31.91, 52.84]),
+        l5=np.array([0, 0, 0, 0, 0, 0.13, 0.78]), truth=["L1", "L2", "L3", "L4", "L5"], first=2)
+    for case in (vb3_11, vb2_19, vb3_33):
         names, _, flags, notes = label_levels(case["cents"], case["geo"], case["vols"], CFG, case["others"],
                                               case["cut"], fov_end_mm=case["fov"], discs=case["discs"],
                                               l5_evidence=case["l5"])

@@ -342,7 +342,7 @@ def test_real_scans_one_per_source_reach_a_dice_floor(vertebral_bodies_dir, tmp_
     # the same named bodies, split by whether their study was flagged LEVELS_UNCERTAIN (per_case.csv says which)
     by_flag = summary["level_naming_by_flag"]
     for k in ("correct", "wrong", "unnamed"):
-        assert by_flag["LEVELS_UNCERTAIN"][k] + by_flag["not_flagged"][k] == sum(
+        assert by_flag["LEVELS_UNCERTAIN"][k] + by_flag["not_levels_uncertain"][k] == sum(
             v[k] for v in summary["level_naming"].values())
     import csv
 

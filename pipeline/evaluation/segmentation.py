@@ -217,8 +217,9 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
                          "min_dice": float(np.min(dices)) if dices else 0.0,
                          "missed": sum(not b["detected"] for b in res["bodies"]), "extra": res["extra"],
                          "hd95_mm_median": float(np.median(hds)) if hds else None,
-                         "labelling_confidence": res["labelling_confidence"],
-                         "level_flags": " ".join(res["flags"]), "level_notes": "; ".join(res["notes"]),
+                         "labelling_confidence": (None if res["labelling_confidence"] is None
+                                                  else round(res["labelling_confidence"], 2)),
+                         "level_flags": " ".join(res["flags"]), "level_notes": " | ".join(res["notes"]),
                          "seconds": round(res["seconds"], 3), "error": res["error"] or ""})
         uncertain = "LEVELS_UNCERTAIN" in res["flags"]
         for b in res["bodies"]:
@@ -253,7 +254,7 @@ def evaluate_rows(rows: list[dict], out_dir: Path, *, jobs: int = 1, cfg: Segmen
             name: {k: sum(b["level_outcome"] == k for b in per_body
                           if b["levels_uncertain"] == flagged and b["source"] in first_levels)
                    for k in ("correct", "wrong", "unnamed")}
-            for name, flagged in (("LEVELS_UNCERTAIN", True), ("not_flagged", False))}
+            for name, flagged in (("LEVELS_UNCERTAIN", True), ("not_levels_uncertain", False))}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
