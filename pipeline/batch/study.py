@@ -313,7 +313,7 @@ def analyse_volumes(volumes: dict[str, Volume], cfg: Config, masks=None) -> Stud
     t = time.perf_counter()
     fluid_role = "STIR" if "STIR" in volumes else "T2"
     patches = None
-    # (a T1 reference is part of the test, so T1 is there whenever it passes); else nothing reads the patches
+    # Patches only when the disc model will read them (its test needs a T1 reference, so T1 is in ``images``).
     if classify.disc_model_runs(meas, cfg.classification, fluid_role):
         from pipeline.disc_cnn import disc_patches
 
