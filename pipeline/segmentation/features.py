@@ -57,51 +57,9 @@ def down2(a: np.ndarray) -> np.ndarray:
     return a[:r, :c].reshape(r // 2, 2, c // 2, 2, -1).mean(axis=(1, 3))
 
 
-def _zoom_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scipy ``zoom(order=1, grid_mode=False, mode="constant")`` along one axis, as its C code computes it: the
-    source coordinate ``i * (n_in - 1) / (n_out - 1)`` in float64, the lower and upper sample (the upper one
-    mirrored at the end, where its weight is 0), the weights ``1 - frac`` and ``1 - (1 - frac)``, and whether the
-    coordinate fell outside ``[0, n_in - 1]`` by rounding (then the whole output voxel is the constant 0)."""
-    zoom = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
-    cc = np.arange(n_out, dtype=np.float64) * zoom
-    outside = (cc < 0) | (cc > n_in - 1)
-    lo = np.floor(cc)
-    w0 = 1.0 - (cc - lo)
-    lo = np.clip(lo.astype(np.intp), 0, n_in - 1)
-    hi = lo + 1
-    hi[hi >= n_in] = max(n_in - 2, 0)  # scipy's mirror at the edge (weight 0 there)
-    return lo, hi, w0, 1.0 - w0, outside
-
-
-def _zoom2_inplane(p: np.ndarray) -> np.ndarray:
-    """``ndimage.zoom(p, (2, 2, 1), order=1, prefilter=False)`` bit for bit, as gathers of whole rows and columns
-    (a third of its time: zoom visits 8 corners per voxel, the 4 of the next slice with weight 0 here).
-
-    scipy's arithmetic: value x row weight x column weight in float64, summed over the corners in its order
-    (row-major; the next slice's corners add +-0, no change), from +0.0, rounded to ``p``'s dtype.
-    """
-    r0, r1, wr0, wr1, r_out = _zoom_axis(p.shape[0], 2 * p.shape[0])
-    c0, c1, wc0, wc1, c_out = _zoom_axis(p.shape[1], 2 * p.shape[1])
-    wc0, wc1 = wc0[None, :, None], wc1[None, :, None]
-    # value x row weight on the input's columns (half the output's), then gathered per output column: the same
-    # products in the same order, (value x row weight) x column weight
-    top, bottom = p[r0] * wr0[:, None, None], p[r1] * wr1[:, None, None]
-    t = top[:, c0] * wc0
-    t += top[:, c1] * wc1
-    t += bottom[:, c0] * wc0
-    t += bottom[:, c1] * wc1
-    t += 0.0  # scipy's sum starts at +0.0: a -0.0 total becomes +0.0
-    t[r_out] = 0.0
-    t[:, c_out] = 0.0
-    return t.astype(p.dtype)
-
-
 def up2(p: np.ndarray, shape) -> np.ndarray:
     """Stage-1 grid -> working grid (bilinear in-plane), edge rows / columns repeated to ``shape``."""
-    if p.dtype.kind == "f" and p.ndim == 3 and min(p.shape) > 0 and np.isfinite(p).all():
-        z = _zoom2_inplane(p)
-    else:  # (not reached by the pipeline: its stage-1 maps are finite floats; infinities would break the shortcut)
-        z = ndimage.zoom(p, (2, 2, 1), order=1, prefilter=False)
+    z = ndimage.zoom(p, (2, 2, 1), order=1, prefilter=False)
     r, c = min(shape[0], z.shape[0]), min(shape[1], z.shape[1])
     out = np.empty(shape, np.float32)
     out[:r, :c] = z[:r, :c]

@@ -87,8 +87,8 @@ def _sample_in_slice(a: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: np.nd
     scipy's arithmetic, reproduced: weights from the unclamped coordinate (w0 = 1 - frac, w1 = 1 - w0), corner
     indices clamped into the array ("nearest"), products value x row weight x column weight in float64 summed in
     its corner order (row-major; the zero-weight corners of the next slice add +-0, which changes nothing), the sum
-    started from +0.0 and rounded to ``a``'s dtype. Checked against map_coordinates on 30 M random points, edges and
-    out-of-range coordinates included (tests/test_edge_refiner.py).
+    started from +0.0 and rounded to ``a``'s dtype. Checked bit for bit against map_coordinates on 30 M random
+    points, edges and out-of-range coordinates included (2026-12-08); tests/test_edge_refiner.py keeps a smaller check.
     """
     nr, nc, nk = a.shape
     r0, c0 = np.floor(rows), np.floor(cols)
