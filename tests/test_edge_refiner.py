@@ -153,3 +153,90 @@ def test_probability_edges_move_a_surface_to_the_probability_crossing_within_the
     prob[30:50, 30:50] = 0.0  # a dark lesion deep inside the body (beyond the band): kept as body
     out2 = probability_edges(deep, prob, sp, None, threshold=0.5)
     assert (out2[30:50, 30:50] == 7).all()
+
+
+# The fast paths of refine.py must give what the scipy filters they replace give (the pipeline's outputs were
+# checked bit for bit against them; these keep it so).
+
+def _random_bodies(rng, shape=(40, 36, 5)) -> np.ndarray:
+    """Labels 1..3: blobs of random noise, smoothed and thresholded, some touching the array's edge."""
+    out = np.zeros(shape, np.int16)
+    for v in (1, 2, 3):
+        blob = ndimage.gaussian_filter(rng.random(shape), (2.0, 2.0, 0.0)) > 0.52
+        out[blob & (out == 0)] = v
+    return out
+
+
+def test_sample_in_slice_is_map_coordinates_bilinear_nearest():
+    from pipeline.segmentation.refine import _sample_in_slice
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(17, 13, 4)).astype(np.float32)
+    n = 5000
+    rows = rng.uniform(-3, 20, n)  # inside, at and past the edges
+    cols = rng.uniform(-3, 16, n)
+    rows[:50], cols[:50] = np.round(rows[:50]), np.round(cols[:50])  # on the grid
+    k = rng.integers(0, 4, n)
+    want = ndimage.map_coordinates(a, [rows, cols, k.astype(np.float32)], order=1, mode="nearest")
+    assert np.allclose(_sample_in_slice(a, rows, cols, k), want, atol=1e-6)
+
+
+def test_signed_distance_matches_two_distance_transforms():
+    from pipeline.segmentation.refine import _signed_distance
+
+    rng = np.random.default_rng(1)
+    for sp in ((1.0, 1.0, 1.0), (0.7, 0.9, 4.0)):
+        body = _random_bodies(rng) > 0
+        inside = ndimage.distance_transform_edt(body, sampling=sp)
+        outside, idx = ndimage.distance_transform_edt(~body, sampling=sp, return_indices=True)
+        sd, got_idx = _signed_distance(body, sp)
+        assert np.allclose(sd, np.where(body, inside, -outside).astype(np.float32), atol=1e-5)
+        assert np.array_equal(got_idx, idx)
+
+
+def test_fill_holes_matches_binary_fill_holes_per_slice():
+    from pipeline.segmentation.refine import _fill_holes
+
+    per_slice = np.zeros((3, 3, 3), bool)
+    per_slice[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        mask = _random_bodies(rng) == 1
+        mask[10:20, 10:20, 2] = True
+        mask[13:16, 13:16, 2] = False  # a hole for sure
+        want = ndimage.binary_fill_holes(mask, per_slice)
+        got = _fill_holes(mask, per_slice)
+        assert got[14, 14, 2] and np.array_equal(got, want)
+
+
+def test_probability_edges_matches_whole_crop_filters():
+    """probability_edges re-decides only the voxels that can change; the result is what the whole-crop filters
+    (dilation, erosion with border 1, grey dilation over the in-plane ellipse) give."""
+    from pipeline.segmentation.refine import probability_edges
+
+    def reference(view, p, spacing, threshold, band_mm=1.5):
+        view = view.copy()
+        inside = view > 0
+        reach = [max(1, int(round(band_mm / float(s)))) for s in spacing[:2]]
+        plane = np.zeros((2 * reach[0] + 1, 2 * reach[1] + 1, 1), bool)
+        rr, cc = np.ogrid[-reach[0]:reach[0] + 1, -reach[1]:reach[1] + 1]
+        plane[:, :, 0] = (rr / reach[0]) ** 2 + (cc / reach[1]) ** 2 <= 1.0
+        near = ndimage.grey_dilation(view, footprint=plane)
+        band = ndimage.binary_dilation(inside, plane) & ~ndimage.binary_erosion(inside, plane, border_value=1)
+        view[band & inside & (p <= threshold)] = 0
+        add = band & ~inside & (p > threshold)
+        view[add] = near[add]
+        return keep_largest_and_fill(view, np.unique(view[view > 0]))
+
+    rng = np.random.default_rng(3)
+    changed = 0
+    for spacing in ((0.5, 0.5, 4.0), (1.0, 0.8, 3.0)):
+        for _ in range(10):
+            labels = _random_bodies(rng)
+            prob = np.clip(ndimage.gaussian_filter((labels > 0).astype(np.float32), 1.5)
+                           + rng.normal(0, 0.15, labels.shape), 0, 1).astype(np.float32)
+            box = tuple(slice(0, n) for n in labels.shape)  # the whole array: its edges are the crop's border
+            got = probability_edges(labels, prob, spacing, box, 0.5)
+            assert np.array_equal(got, reference(labels, prob, spacing, 0.5))
+            changed += int((got != labels).sum())
+    assert changed > 0  # the comparison saw edges move

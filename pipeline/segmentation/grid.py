@@ -117,8 +117,14 @@ def to_input_grid(work_labels: np.ndarray, shape) -> np.ndarray:
         rs, cs = found[0], found[1]
         rows = np.flatnonzero((r1 >= rs.start) & (r0 < rs.stop))  # output rows touching the body
         cols = np.flatnonzero((c1 >= cs.start) & (c0 < cs.stop))
-        m = (work_labels == value).astype(np.float32)
-        val = _bilinear(m, tuple(w[rows] for w in rw), tuple(w[cols] for w in cw))
+        if rows.size == 0 or cols.size == 0:  # a body between the output's samples (coarser input grid)
+            continue
+        # the body's mask on the working rows / columns those output pixels read only (same values, a box
+        # instead of the whole working grid)
+        ra, rb = int(r0[rows].min()), int(r1[rows].max()) + 1
+        ca, cb = int(c0[cols].min()), int(c1[cols].max()) + 1
+        m = (work_labels[ra:rb, ca:cb] == value).astype(np.float32)
+        val = _bilinear(m, (r0[rows] - ra, r1[rows] - ra, rw[2][rows]), (c0[cols] - ca, c1[cols] - ca, cw[2][cols]))
         sub = np.ix_(rows, cols)
         b = best[sub]
         take = val > b

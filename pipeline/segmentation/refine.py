@@ -58,6 +58,58 @@ def _lattice(shape, spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.arange(0, n, st) for n, st in zip(shape, steps, strict=True))
 
 
+def _signed_distance(body: np.ndarray, sp: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distance (mm, float32; > 0 inside) to the other side of the body surface, and the index of the nearest
+    body voxel of every voxel (a body voxel's own): ``distance_transform_edt`` inside and outside, bit for bit.
+
+    Both feature transforms are scipy's (so ties pick the same voxels); the distances are computed once from the
+    feature each voxel reads (inside: the nearest background voxel, outside: the nearest body voxel) with scipy's
+    own arithmetic (offsets x sampling, squared, summed over the axes in order, square root, in float64), instead
+    of once per side over the whole crop: a third of the time of the two full transforms.
+    """
+    ft_in = ndimage.distance_transform_edt(body, sampling=sp, return_distances=False, return_indices=True)
+    ft_out = ndimage.distance_transform_edt(~body, sampling=sp, return_distances=False, return_indices=True)
+    dt = np.where(body, ft_in, ft_out)
+    del ft_in
+    dt -= np.indices(body.shape, dtype=dt.dtype)
+    dt = dt.astype(np.float64)
+    for axis, s in enumerate(sp):
+        dt[axis] *= s
+    np.multiply(dt, dt, dt)
+    dist = np.sqrt(np.add.reduce(dt, axis=0))
+    return np.where(body, dist, -dist).astype(np.float32), ft_out
+
+
+def _sample_in_slice(a: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``ndimage.map_coordinates(a, [rows, cols, k], order=1, mode="nearest")`` for whole slice numbers ``k``, bit
+    for bit, as four gathers (a quarter of its time: it visits 8 corners per point, 4 of them with weight 0 here).
+
+    scipy's arithmetic, reproduced: weights from the unclamped coordinate (w0 = 1 - frac, w1 = 1 - w0), corner
+    indices clamped into the array ("nearest"), products value x row weight x column weight in float64 summed in
+    its corner order (row-major; the zero-weight corners of the next slice add +-0, which changes nothing), the sum
+    started from +0.0 and rounded to ``a``'s dtype. Checked bit for bit against map_coordinates on 30 M random
+    points, edges and out-of-range coordinates included (2026-12-08); tests/test_edge_refiner.py keeps a smaller check.
+    """
+    nr, nc, nk = a.shape
+    r0, c0 = np.floor(rows), np.floor(cols)
+    wr0 = 1.0 - (rows - r0)
+    wc0 = 1.0 - (cols - c0)
+    wr1, wc1 = 1.0 - wr0, 1.0 - wc0
+    r0, c0 = r0.astype(np.intp), c0.astype(np.intp)
+    # flat indices of the four corners (np.take on them: a third of the time of indexing with three arrays)
+    row0 = np.clip(r0, 0, nr - 1) * (nc * nk)
+    row1 = np.clip(r0 + 1, 0, nr - 1) * (nc * nk)
+    col0 = np.clip(c0, 0, nc - 1) * nk + k
+    col1 = np.clip(c0 + 1, 0, nc - 1) * nk + k
+    flat = a.reshape(-1)
+    t = np.take(flat, row0 + col0) * wr0 * wc0
+    t += np.take(flat, row0 + col1) * wr0 * wc1
+    t += np.take(flat, row1 + col0) * wr1 * wc0
+    t += np.take(flat, row1 + col1) * wr1 * wc1
+    t += 0.0  # scipy's sum starts at +0.0: a -0.0 total becomes +0.0
+    return t.astype(a.dtype)
+
+
 def band_features(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features of the voxels within ``BAND_MM`` of a body surface.
 
@@ -66,10 +118,7 @@ def band_features(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spaci
     """
     sp = tuple(float(s) for s in spacing)
     body = labels > 0
-    inside = ndimage.distance_transform_edt(body, sampling=sp)
-    outside, idx = ndimage.distance_transform_edt(~body, sampling=sp, return_indices=True)
-    sd = np.where(body, inside, -outside).astype(np.float32)
-    del inside, outside
+    sd, idx = _signed_distance(body, sp)
     band = np.abs(sd) <= BAND_MM
     r, c, k = np.nonzero(band)
     near = labels[idx[0][band], idx[1][band], idx[2][band]].astype(np.int64)  # a body voxel is its own nearest
@@ -112,9 +161,8 @@ def band_features(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spaci
     gr_b, gc_b = g_r[band], g_c[band]
     feats = [sd[band], prob[band].astype(np.float32), n[band], (n[band] - m_b) / q_b, (smooth[band] - m_b) / q_b,
              np.hypot(gr_b, gc_b) / q_b, (gr_b * n_r + gc_b * n_c) / q_b]
-    k_f = k.astype(np.float32)
     for t in PROFILE_MM:
-        v = ndimage.map_coordinates(smooth, [r + t * n_r / sp[0], c + t * n_c / sp[1], k_f], order=1, mode="nearest")
+        v = _sample_in_slice(smooth, r + t * n_r / sp[0], c + t * n_c / sp[1], k)
         feats.append((v - m_b) / q_b)
     feats += [(r - centre[near, 0]) / half[near, 0], (c - centre[near, 1]) / half[near, 1],
               np.abs(k - centre[near, 2]) / half[near, 2]]
@@ -177,9 +225,24 @@ def keep_largest_and_fill(labels: np.ndarray, ids) -> np.ndarray:
             continue
         view = out[boxes[i - 1]]
         keep_largest_piece(view, i)
-        holes = ndimage.binary_fill_holes(view == i, per_slice) & (view == 0)
+        holes = _fill_holes(view == i, per_slice) & (view == 0)
         view[holes] = i
     return out
+
+
+def _fill_holes(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes(mask, structure)`` for a structure without links across slices (axis 2), by
+    labelling: the background pieces (connected by ``structure``) that touch the in-plane border are not holes,
+    everything else is filled. binary_fill_holes floods the background from the border one dilation at a time;
+    one labelling is several times faster on a body's box, same voxels."""
+    if structure[:, :, 0].any() or structure[:, :, 2].any():
+        return ndimage.binary_fill_holes(mask, structure)
+    background, n = ndimage.label(~mask, structure)
+    filled = np.ones(n + 1, bool)
+    for face in (background[0], background[-1], background[:, 0], background[:, -1]):
+        filled[face] = False
+    filled[0] = True  # the mask itself
+    return filled[background]
 
 
 def refine_labels(image: np.ndarray, labels: np.ndarray, prob: np.ndarray, spacing, model,
@@ -227,13 +290,63 @@ def probability_edges(labels: np.ndarray, prob: np.ndarray, spacing, box: tuple[
     plane = np.zeros((2 * reach[0] + 1, 2 * reach[1] + 1, 1), bool)
     rr, cc = np.ogrid[-reach[0]:reach[0] + 1, -reach[1]:reach[1] + 1]
     plane[:, :, 0] = (rr / reach[0]) ** 2 + (cc / reach[1]) ** 2 <= 1.0  # an ellipse of band_mm in mm
-    near = ndimage.grey_dilation(view, footprint=plane)  # the body next to a voxel outside (discs keep them apart)
-    band = ndimage.binary_dilation(inside, plane) & ~ndimage.binary_erosion(inside, plane, border_value=1)
-    view[band & inside & (p <= threshold)] = 0
-    add = band & ~inside & (p > threshold)
-    view[add] = near[add]
+    # Only the voxels whose probability disagrees with their side can change, a thin shell: the band tests and the
+    # nearest body are evaluated there alone, over the ellipse's offsets (what binary_dilation / binary_erosion
+    # (border_value=1) / grey_dilation compute for the whole crop; the out-of-crop border takes the value that
+    # changes nothing: no background, no body, the lowest label).
+    shell = _FootprintProbe(view.shape, plane)
+    remove = shell.where(inside & (p <= threshold))
+    remove = tuple(x[shell.any(~inside, remove, False)] for x in remove)  # a body voxel with background nearby
+    add = shell.where(~inside & (p > threshold))
+    add = tuple(x[shell.any(inside, add, False)] for x in add)  # a background voxel with a body nearby
+    near = shell.max(view, add)  # the body next to it (discs keep them apart)
+    view[remove] = 0
+    view[add] = near
     out[box] = keep_largest_and_fill(view, np.unique(labels[box][labels[box] > 0]))
     return out
+
+
+class _FootprintProbe:
+    """Any / max of an array over an in-plane footprint's offsets around chosen voxels only (the footprint
+    symmetric, as an ellipse is): the values at those voxels of binary_dilation (any), binary_erosion with
+    border_value=1 of the complement (not any), grey_dilation (max; its mirrored border only repeats values inside
+    the footprint), without filtering the whole array. The array is padded by the footprint's reach with a value
+    that changes nothing (``fill``), so the offsets need no bounds checks."""
+
+    def __init__(self, shape, footprint: np.ndarray):
+        self.shape = shape
+        self.pad = (footprint.shape[0] // 2, footprint.shape[1] // 2)
+        self.cols = shape[1] + 2 * self.pad[1]
+        dr, dc = np.nonzero(footprint[:, :, 0])
+        self.offsets = ((dr - self.pad[0]) * self.cols + (dc - self.pad[1])) * shape[2]
+
+    def where(self, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        return np.nonzero(mask)
+
+    def _flat(self, a: np.ndarray, fill) -> np.ndarray:
+        (pr, pc), (nr, nc, nk) = self.pad, self.shape
+        out = np.full((nr + 2 * pr, self.cols, nk), fill, a.dtype)
+        out[pr:pr + nr, pc:pc + nc] = a
+        return out.reshape(-1)
+
+    def _centres(self, at: tuple[np.ndarray, ...]) -> np.ndarray:
+        r, c, k = at
+        return ((r + self.pad[0]) * self.cols + (c + self.pad[1])) * self.shape[2] + k
+
+    def any(self, a: np.ndarray, at: tuple[np.ndarray, ...], fill) -> np.ndarray:
+        flat, centre = self._flat(a, fill), self._centres(at)
+        hit = np.zeros(centre.size, bool)
+        for o in self.offsets:  # loop over the footprint's ~30 offsets, not voxels
+            hit |= flat[centre + o]
+        return hit
+
+    def max(self, a: np.ndarray, at: tuple[np.ndarray, ...]) -> np.ndarray:
+        low = np.iinfo(a.dtype).min if a.dtype.kind in "iu" else -np.inf
+        flat, centre = self._flat(a, low), self._centres(at)
+        best = np.full(centre.size, low, a.dtype)
+        for o in self.offsets:
+            np.maximum(best, flat[centre + o], out=best)
+        return best
 
 
 def edge_refiner_for(model: dict, body_model: str):
