@@ -295,9 +295,9 @@ def probability_edges(labels: np.ndarray, prob: np.ndarray, spacing, box: tuple[
     # (border_value=1) / grey_dilation compute for the whole crop; the out-of-crop border takes the value that
     # changes nothing: no background, no body, the lowest label).
     shell = _FootprintProbe(view.shape, plane)
-    remove = shell.where(inside & (p <= threshold))
+    remove = np.nonzero(inside & (p <= threshold))
     remove = tuple(x[shell.any(~inside, remove, False)] for x in remove)  # a body voxel with background nearby
-    add = shell.where(~inside & (p > threshold))
+    add = np.nonzero(~inside & (p > threshold))
     add = tuple(x[shell.any(inside, add, False)] for x in add)  # a background voxel with a body nearby
     near = shell.max(view, add)  # the body next to it (discs keep them apart)
     view[remove] = 0
@@ -319,9 +319,6 @@ class _FootprintProbe:
         self.cols = shape[1] + 2 * self.pad[1]
         dr, dc = np.nonzero(footprint[:, :, 0])
         self.offsets = ((dr - self.pad[0]) * self.cols + (dc - self.pad[1])) * shape[2]
-
-    def where(self, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        return np.nonzero(mask)
 
     def _flat(self, a: np.ndarray, fill) -> np.ndarray:
         (pr, pc), (nr, nc, nk) = self.pad, self.shape
